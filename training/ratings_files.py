@@ -1,0 +1,297 @@
+"""Reading and checking ratings files: which layout a path holds, and every bad value by line.
+
+Layouts are the ones GroupLens ships MovieLens in (Harper & Konstan, "The MovieLens Datasets",
+ACM TiiS 2015) plus any CSV/Parquet table whose columns are named:
+
+- ``u.data`` (tab-separated ``user item rating timestamp``, no header) + ``u.item`` (latin-1,
+  ``|``-separated ``id|title|...``, bare quotes in titles) — MovieLens 100K;
+- ``ratings.csv`` (``userId,movieId,rating,timestamp``) + ``movies.csv`` (``movieId,title,genres``,
+  quoted titles with commas, LF or CRLF, UTF-8) — the CSV releases (ml-latest, 20M, 25M, 32M);
+- a ``.csv`` / ``.parquet`` file whose columns you name (or that uses one of the common names).
+
+Everything is read with pandas/pyarrow in one vectorised pass; line numbers in messages are
+1-based editor lines counting the header (Parquet: 1-based rows). A line inside a quoted multi-line
+field would shift the count, which ratings files never have.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from training.errors import TrainingError
+
+#: Declared rating range of each known format (the GroupLens READMEs); tables declare none.
+FORMAT_RANGES = {"ml-100k": (1.0, 5.0), "movielens-csv": (0.5, 5.0)}
+_GUESSED_COLUMNS = (("userId", "movieId", "rating"), ("user_id", "item_id", "rating"),
+                    ("user", "item", "rating"))
+_SHOWN_LINES = 5
+
+
+class RatingsFormatError(TrainingError):
+    """A ratings or items file is missing, unreadable, or holds a bad value at a named line."""
+
+
+@dataclass(frozen=True)
+class RatingsSource:
+    """Where the ratings (and optionally titles) live and which columns hold what."""
+
+    ratings_path: Path
+    format: str  # "ml-100k" | "movielens-csv" | "table"
+    user_col: str
+    item_col: str
+    rating_col: str
+    time_col: str | None
+    items_path: Path | None = None
+    items_id_col: str | None = None
+    title_col: str | None = None
+
+    @property
+    def first_data_line(self) -> int:
+        """Editor line of the first data row: 2 below a header, 1 for u.data; row 1 in Parquet."""
+        has_header = self.format != "ml-100k" and self.ratings_path.suffix != ".parquet"
+        return 2 if has_header else 1
+
+
+def detect_source(path: str | Path, *, user_col: str | None = None, item_col: str | None = None,
+                  rating_col: str | None = None, time_col: str | None = None,
+                  items_path: str | Path | None = None, title_col: str | None = None,
+                  items_id_col: str | None = None) -> RatingsSource:
+    """Work out the format from a directory's files (u.data, ratings.csv) or a file's name."""
+    path = Path(path)
+    if not path.exists():
+        raise RatingsFormatError(f"{path}: no such file or directory")
+    if path.is_dir():
+        for name in ("u.data", "ratings.csv", "ratings.parquet"):
+            if (path / name).is_file():
+                return detect_source(path / name, user_col=user_col, item_col=item_col,
+                                     rating_col=rating_col, time_col=time_col,
+                                     items_path=items_path, title_col=title_col,
+                                     items_id_col=items_id_col)
+        raise RatingsFormatError(f"{path}: no u.data, ratings.csv or ratings.parquet in directory")
+    items = Path(items_path) if items_path else None
+    named = any(c is not None for c in (user_col, item_col, rating_col))
+    if path.name == "u.data" and not named:
+        items = items or _sibling(path, "u.item")
+        return RatingsSource(path, "ml-100k", "user", "item", "rating", "timestamp",
+                             items, "id", "title")
+    if path.name == "ratings.csv" and not named:
+        items = items or _sibling(path, "movies.csv")
+        return RatingsSource(path, "movielens-csv", "userId", "movieId", "rating",
+                             time_col or "timestamp", items, "movieId", title_col or "title")
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise RatingsFormatError(f"{path}: expected u.data, a .csv or a .parquet file")
+    user_col, item_col, rating_col = _guess_columns(path, user_col, item_col, rating_col)
+    return RatingsSource(path, "table", user_col, item_col, rating_col, time_col, items,
+                         items_id_col or item_col, title_col or "title")
+
+
+def _sibling(path: Path, name: str) -> Path | None:
+    return path.with_name(name) if path.with_name(name).is_file() else None
+
+
+def _guess_columns(path, user_col, item_col, rating_col) -> tuple[str, str, str]:
+    if None not in (user_col, item_col, rating_col):
+        return user_col, item_col, rating_col
+    header = set(_header(path))
+    for guess in _GUESSED_COLUMNS:
+        if set(guess) <= header:
+            return user_col or guess[0], item_col or guess[1], rating_col or guess[2]
+    return user_col or "user", item_col or "item", rating_col or "rating"
+
+
+def _header(path: Path) -> list[str]:
+    if path.suffix.lower() == ".parquet":
+        return list(pq.read_schema(path).names)
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _where(path: Path, first_line: int, rows: np.ndarray) -> str:
+    """'ratings.csv line 4' / 'x.parquet rows 2, 9, …' for the 0-based data rows given."""
+    unit = "row" if path.suffix.lower() == ".parquet" else "line"
+    shown = ", ".join(str(int(r) + first_line) for r in rows[:_SHOWN_LINES])
+    more = ", …" if len(rows) > _SHOWN_LINES else ""
+    return f"{path.name} {unit}{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+def read_ratings(source: RatingsSource) -> pd.DataFrame:
+    """Ratings as columns user, item, rating[, time] plus `row` (0-based data row in the file)."""
+    path = source.ratings_path
+    wanted = [source.user_col, source.item_col, source.rating_col]
+    if source.time_col:
+        wanted.append(source.time_col)
+    try:
+        if path.suffix.lower() == ".parquet":
+            frame = _read_parquet(path, wanted)
+        elif source.format == "ml-100k":
+            frame = pd.read_csv(path, sep="\t", header=None, names=wanted[:4], usecols=range(4),
+                                skip_blank_lines=False)
+        else:
+            frame = _read_csv(path, wanted)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
+        layout = " as tab-separated user, item, rating, timestamp" \
+            if source.format == "ml-100k" else ""
+        raise RatingsFormatError(f"{path.name}: cannot read ratings{layout} "
+                                 f"({_first_line(e)})") from e
+    names = {source.user_col: "user", source.item_col: "item", source.rating_col: "rating"}
+    if source.time_col:
+        names[source.time_col] = "time"
+    frame = frame.rename(columns=names)
+    frame["row"] = np.arange(len(frame), dtype=np.int64)
+    blank = frame[list(names.values())].isna().all(axis=1)
+    frame = frame[~blank.to_numpy()]
+    if frame.empty:
+        raise RatingsFormatError(f"{path.name}: no ratings in file")
+    return _validate_numbers(frame, source)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _read_parquet(path: Path, wanted: list[str]) -> pd.DataFrame:
+    _require_columns(path, list(pq.read_schema(path).names), wanted)
+    return pq.read_table(path, columns=wanted).to_pandas()
+
+
+def _read_csv(path: Path, wanted: list[str]) -> pd.DataFrame:
+    try:
+        header = _header(path)
+    except OSError as e:
+        raise RatingsFormatError(f"{path.name}: cannot read ({e.strerror})") from e
+    if not header:
+        raise RatingsFormatError(f"{path.name}: no ratings in file (empty)")
+    _require_columns(path, header, wanted)
+    # utf-8-sig: a byte-order mark (Excel's UTF-8 export) must not glue itself to the first name.
+    return pd.read_csv(path, usecols=wanted, skip_blank_lines=False, encoding="utf-8-sig",
+                       encoding_errors="replace")[wanted]
+
+
+def _require_columns(path: Path, header: list[str], wanted: list[str]) -> None:
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise RatingsFormatError(f"{path.name} line 1: missing column {missing[0]!r} "
+                                 f"(found: {', '.join(map(str, header)) or 'nothing'})")
+
+
+def _validate_numbers(frame: pd.DataFrame, source: RatingsSource) -> pd.DataFrame:
+    """Ids must be integers and ratings finite numbers; a bad value names its line."""
+    rows = frame["row"].to_numpy()
+
+    def where(bad):
+        return _where(source.ratings_path, source.first_data_line, rows[bad])
+
+    out = {"row": rows}
+    for col, kind, integral in (("user", "user id", True), ("item", "item id", True),
+                                ("rating", "rating", False)):
+        out[col] = _numeric_column(frame[col], kind, integral, where, _column(source, col))
+    if "time" in frame:
+        out["time"] = _time_column(frame["time"], where, source.time_col)
+    return pd.DataFrame(out)
+
+
+def _numeric_column(raw: pd.Series, kind: str, integral: bool, where, name: str) -> np.ndarray:
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if integral:
+        bad |= np.isfinite(values) & (values != np.round(values))
+    if bad.any():
+        first = raw.to_numpy()[bad][0]
+        if pd.isna(first):
+            what = f"missing {kind}"
+        elif np.isnan(values[bad][0]):
+            what = f"non-numeric {kind} {str(first)!r}"
+        else:
+            what = f"non-integer {kind} {str(first)!r}"
+        count = f" ({int(bad.sum())} bad values)" if bad.sum() > 1 else ""
+        raise RatingsFormatError(f"{where(bad)}: {what} in column {name!r}{count}")
+    return values.astype(np.int64) if integral else values.astype(np.float32)
+
+
+def _column(source: RatingsSource, role: str) -> str:
+    return {"user": source.user_col, "item": source.item_col, "rating": source.rating_col}[role]
+
+
+def _time_column(raw: pd.Series, where, name: str) -> np.ndarray:
+    """Timestamps only order ratings: epoch numbers as they are, date strings as epoch ns."""
+    if pd.api.types.is_numeric_dtype(raw):
+        values = raw.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        parsed = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed")
+        values = np.full(len(parsed), np.nan)
+        ok = parsed.notna().to_numpy()
+        values[ok] = parsed[ok].astype("int64").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise RatingsFormatError(f"{where(bad)}: missing or unreadable timestamp "
+                                 f"in column {name!r}")
+    return values
+
+
+def read_titles(source: RatingsSource) -> tuple[pd.Series, list[str]]:
+    """Item id → title from u.item / movies.csv / a named items file; empty when there is none."""
+    path = source.items_path
+    if path is None:
+        return pd.Series(dtype=object), []
+    warnings: list[str] = []
+    id_col, title_col = source.items_id_col or source.item_col, source.title_col or "title"
+    try:
+        if source.format == "ml-100k":
+            # u.item is latin-1, and titles hold bare quotes: no CSV quoting.
+            frame = pd.read_csv(path, sep="|", header=None, usecols=[0, 1],
+                                names=[id_col, title_col], encoding="latin-1",
+                                quoting=csv.QUOTE_NONE, dtype=str, skip_blank_lines=False)
+        elif path.suffix.lower() == ".parquet":
+            frame = _read_parquet(path, [id_col, title_col])
+        else:
+            frame, warnings = _read_titles_csv(path, [id_col, title_col])
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise RatingsFormatError(f"{path.name}: cannot read titles ({_first_line(e)})") from e
+    first = 1 if source.format == "ml-100k" or path.suffix.lower() == ".parquet" else 2
+    frame = frame[frame[id_col].notna().to_numpy() | frame[title_col].notna().to_numpy()]
+    rows = frame.index.to_numpy()  # read_csv's RangeIndex: the 0-based data row
+    ids = _numeric_column(frame[id_col], "item id", True,
+                          lambda bad: _where(path, first, rows[bad]), id_col)
+    titles = pd.Series(frame[title_col].astype(object).to_numpy(), index=ids)
+    titles = titles.where(titles.notna(), None)
+    return titles[~titles.index.duplicated(keep="first")], warnings
+
+
+def _read_titles_csv(path: Path, wanted: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """movies.csv is UTF-8 in every GroupLens CSV release; fall back to latin-1 and say so."""
+    _require_columns(path, _header(path), wanted)
+    try:
+        return pd.read_csv(path, usecols=wanted, dtype=str, encoding="utf-8-sig",
+                           skip_blank_lines=False)[wanted], []
+    except UnicodeDecodeError:
+        frame = pd.read_csv(path, usecols=wanted, dtype=str, encoding="latin-1",
+                            skip_blank_lines=False)[wanted]
+        return frame, [f"{path.name}: not valid UTF-8, read as latin-1"]
+
+
+def drop_duplicates(frame: pd.DataFrame, source: RatingsSource) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the last rating of each (user, item) pair, as a re-rating replaces the earlier one."""
+    dup = frame.duplicated(["user", "item"], keep="last").to_numpy()
+    if not dup.any():
+        return frame, []
+    where = _where(source.ratings_path, source.first_data_line, frame["row"].to_numpy()[dup])
+    return frame[~dup], [f"{int(dup.sum())} duplicate (user, item) ratings; kept the last of each, "
+                         f"dropped {where}"]
+
+
+def check_range(frame: pd.DataFrame, source: RatingsSource, rating_range) -> None:
+    lo, hi = rating_range
+    ratings = frame["rating"].to_numpy()
+    bad = (ratings < lo) | (ratings > hi)
+    if bad.any():
+        where = _where(source.ratings_path, source.first_data_line, frame["row"].to_numpy()[bad])
+        raise RatingsFormatError(f"{where}: rating {ratings[bad][0]:g} outside the declared range "
+                                 f"{lo:g}–{hi:g} (parameter rating_range; {int(bad.sum())} bad)")
+
+

@@ -1,0 +1,123 @@
+"""From an image file to the normalised tensor a model sees: decode, then train/valid transforms.
+
+Training follows the torchvision reference recipe and fast.ai's default augmentation: a random
+resized crop (Szegedy et al., "Going deeper with convolutions", 2015) of 35-100 % of the image area
+and a horizontal flip. Validation resizes the shorter side and takes the centre crop, the
+evaluation protocol of the ImageNet reference scripts. Both use torchvision transforms v2, so the
+same pipelines move `tv_tensors.KeyPoints` / `BoundingBoxes` along with the image when a task
+needs point targets. Decoding comes first and is shared by both: an upright (EXIF-rotated) RGB
+image whatever the file's mode.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from training.errors import TrainingError
+from training.preprocessing import Preprocessing
+
+#: Fraction of the image area a training crop covers; fast.ai uses 0.35 as its minimum.
+TRAIN_SCALE = (0.35, 1.0)
+
+
+def load_rgb(path: Path, *, min_side: int | None = None) -> Image.Image:
+    """Decode an image file to an upright RGB PIL image (first frame of an animation).
+
+    min_side: shortest side the caller needs; JPEGs are decoded at the smallest DCT scale that
+    keeps it, which is several times faster for camera-sized photos.
+    """
+    try:
+        with Image.open(path) as im:
+            if min_side and im.format == "JPEG":
+                im.draft("RGB", (min_side, min_side))
+            im.seek(0)
+            im.load()
+            try:
+                upright = ImageOps.exif_transpose(im)
+            except Exception:  # a malformed EXIF block: keep the pixels as stored
+                upright = im.copy()
+            return _to_rgb(upright)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise TrainingError(f"{path}: cannot decode image ({err})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        # Transparent pixels become white, as an image viewer shows them, not black noise.
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        # PIL clips 16/32-bit values to 255 on convert("RGB"), which turns most pixels white.
+        values = np.asarray(im, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if top > 255:  # 16-bit data, or wider data scaled by its own maximum
+            values = values * (255.0 / (65535.0 if top <= 65535 else top))
+        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """The torchvision interpolation mode for a `Preprocessing.interpolation` name."""
+    try:
+        return v2.InterpolationMode(name.lower())
+    except ValueError:
+        known = ", ".join(m.value for m in v2.InterpolationMode)
+        raise TrainingError(
+            f"preprocessing.interpolation: unknown resize filter {name!r} (known: {known})"
+        ) from None
+
+
+def _to_normalized_tensor(pre: Preprocessing) -> list[v2.Transform]:
+    # ToDtype with a bare dtype converts only images, so point/box targets keep their coordinates.
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
+    ]
+
+
+def train_transform(
+    pre: Preprocessing, *, scale: tuple[float, float] = TRAIN_SCALE, flip: bool = True
+) -> v2.Compose:
+    """Random resized crop to `input_size`, optional horizontal flip, float, normalise."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(
+            pre.input_size, scale=scale, interpolation=interpolation_mode(pre.interpolation),
+            antialias=True,
+        )
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_normalized_tensor(pre))
+
+
+def valid_transform(pre: Preprocessing) -> v2.Compose:
+    """Resize the shorter side to `resize_size`, centre-crop `input_size`, float, normalise."""
+    return v2.Compose([
+        v2.Resize(pre.resize_size, interpolation=interpolation_mode(pre.interpolation),
+                  antialias=True),
+        v2.CenterCrop(pre.input_size),
+        *_to_normalized_tensor(pre),
+    ])
+
+
+def decode_min_side(
+    pre: Preprocessing, *, train: bool, scale: tuple[float, float] = TRAIN_SCALE
+) -> int:
+    """Shortest image side the transform needs, so a JPEG can be decoded at reduced scale.
+
+    The smallest training crop covers `scale[0]` of the area, so its side is about
+    sqrt(scale[0]) of the image side; the image must be big enough for that crop to still hold
+    `input_size` pixels, or the crop would be upsampled from a needlessly shrunken decode.
+    """
+    if not train:
+        return max(pre.resize_size, pre.input_size)
+    return max(pre.resize_size, math.ceil(pre.input_size / math.sqrt(scale[0])))
