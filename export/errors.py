@@ -1,0 +1,33 @@
+"""Errors a user can cause in `export`: one line that names the file, row or parameter."""
+
+
+class ExportError(Exception):
+    """Base of every user-facing export error; the CLI prints its message without a traceback."""
+
+
+class BundleIntegrityError(ExportError):
+    """A bundle's manifest is unreadable, or a listed file is missing or has another sha256."""
+
+
+class BundleNotFoundError(ExportError):
+    """A bundle reference names no bundle, or a model that has no promoted version yet."""
+
+
+class PromotionError(ExportError):
+    """A bundle may not become the current version (parity missing or failed)."""
+
+
+class ParityError(ExportError):
+    """An export computes something other than the eager model beyond the tolerances.
+
+    ``bundle_path`` and ``report`` (a ``ParityReport``) let a caller inspect the written bundle.
+    """
+
+    def __init__(self, message: str, bundle_path: object = None, report: object = None) -> None:
+        super().__init__(message)
+        self.bundle_path = bundle_path
+        self.report = report
+
+
+class ConversionError(ExportError):
+    """A model could not be converted to a required format (TorchScript or ONNX)."""
