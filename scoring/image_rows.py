@@ -1,0 +1,169 @@
+"""Rows of the ``image_predictions`` table: its pinned schema, predictions per task, and the
+(path, size, mtime) keys an incremental run can skip.
+
+Per task, columns that do not apply stay null:
+
+* ``single_label``: ``pred_label``/``pred_score`` (arg-max class) and ``topk_labels``/
+  ``topk_scores`` (best ``top_k`` classes, best first).
+* ``multi_label``: ``labels`` (classes whose probability is above the manifest's threshold),
+  ``probabilities`` (every class, manifest order) and the top-k columns.
+* ``regression``: ``outputs`` (the graph's outputs). When the manifest's ``targets`` says they
+  are points in the model's centre crop (``kind: points``, ``frame: input_crop_normalised``),
+  they are mapped back to pixels of the original upright image: x, y pairs in original units.
+
+A row whose file could not be decoded has ``error`` and nulls in every prediction column.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+from PIL import Image
+
+from export.bundle import Bundle
+from scoring.errors import BundleRefError
+from scoring.image_folder import DecodedBatch, ImageFile
+from scoring.partition import committed_partitions
+
+_TS = pa.timestamp("us", tz="UTC")
+IMAGE_PREDICTIONS_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("file_size", pa.int64(), nullable=False),
+    pa.field("mtime", _TS, nullable=False),
+    pa.field("pred_label", pa.string()),
+    pa.field("pred_score", pa.float32()),
+    pa.field("topk_labels", pa.list_(pa.string())),
+    pa.field("topk_scores", pa.list_(pa.float32())),
+    pa.field("labels", pa.list_(pa.string())),
+    pa.field("probabilities", pa.list_(pa.float32())),
+    pa.field("outputs", pa.list_(pa.float32())),
+    pa.field("error", pa.string()),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("bundle_sha256", pa.string(), nullable=False),
+    pa.field("scored_at", _TS, nullable=False),
+])
+_PREDICTION_COLUMNS = ("pred_label", "pred_score", "topk_labels", "topk_scores", "labels",
+                       "probabilities", "outputs")
+
+
+def _thresholds(manifest: dict, classes: list[str]) -> np.ndarray:
+    raw = manifest.get("thresholds")
+    if raw is None:
+        return np.full(len(classes), 0.5)
+    if isinstance(raw, dict):
+        return np.array([float(raw.get(c, 0.5)) for c in classes])
+    if isinstance(raw, (int, float)):
+        return np.full(len(classes), float(raw))
+    return np.asarray(raw, dtype=np.float64)
+
+
+def _point_frame(manifest: dict) -> tuple[int, int] | None:
+    """(input_size, resize_size) when the outputs are points in the normalised centre crop."""
+    targets = manifest.get("targets") or {}
+    if targets.get("kind") != "points" or targets.get("frame") != "input_crop_normalised":
+        return None
+    pre = manifest["preprocessing"]
+    return int(pre["input_size"]), int(pre["resize_size"])
+
+
+def _upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image once EXIF-rotated, from its header alone."""
+    with Image.open(path) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (h, w) if turned else (w, h)
+
+
+def crop_points_to_pixels(coords: np.ndarray, size: tuple[int, int], input_size: int,
+                          resize_size: int) -> list[float]:
+    """[-1, 1] (x, y) pairs in the resize-shorter-side + centre-crop view → original pixels."""
+    w, h = size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize_size * long / short)  # torchvision's rule for the long side
+    new_w, new_h = (resize_size, new_long) if w <= h else (new_long, resize_size)
+    left, top = int(round((new_w - input_size) / 2.0)), int(round((new_h - input_size) / 2.0))
+    xy = (np.asarray(coords, dtype=np.float64).reshape(-1, 2) + 1) / 2 * input_size
+    xy = (xy + [left, top]) * [w / new_w, h / new_h]
+    return xy.reshape(-1).tolist()
+
+
+class RowBuilder:
+    """Turns a decoded batch and the graph's output into table rows, in file order."""
+
+    def __init__(self, bundle: Bundle, *, top_k: int, output: str = "scores"):
+        self.task = bundle.task
+        self.classes = list(bundle.manifest.get("classes") or [])
+        self.output = output
+        self.top_k = min(top_k, len(self.classes)) if self.classes else 0
+        self.thresholds = _thresholds(bundle.manifest, self.classes)
+        self.point_frame = _point_frame(bundle.manifest) if self.task == "regression" else None
+        self.where = f"bundle {bundle.path}"
+        self.constants = {"model_name": bundle.name, "model_version": bundle.version,
+                          "bundle_sha256": bundle.sha256}
+        if self.task != "regression" and not self.classes:
+            raise BundleRefError(f"{self.where}: task {self.task} but no classes in the manifest")
+
+    def rows(self, files: list[ImageFile], batch: DecodedBatch,
+             outputs: np.ndarray | None) -> dict[str, list]:
+        paths = [files[i].path for i in batch.indices.tolist()]
+        predictions = self._predictions(outputs, paths) if outputs is not None else []
+        by_index: dict[int, dict] = dict(zip(batch.indices.tolist(), predictions, strict=True))
+        by_index |= {i: {"error": error} for i, error in batch.failed}
+        now = datetime.now(timezone.utc)
+        columns: dict[str, list] = {f.name: [] for f in IMAGE_PREDICTIONS_SCHEMA}
+        for i in sorted(by_index):
+            file, values = files[i], by_index[i]
+            row = {"path": file.relpath, "file_size": file.size,
+                   "mtime": file.mtime_ns // 1000,  # exact µs: incremental runs compare it
+                   "scored_at": now, **self.constants}
+            for name in columns:
+                columns[name].append(row.get(name, values.get(name)))
+        return columns
+
+    def _predictions(self, outputs: np.ndarray, paths: list[Path]) -> list[dict]:
+        outputs = np.asarray(outputs, dtype=np.float32).reshape(len(outputs), -1)
+        if self.task == "regression" and self.point_frame is not None:
+            return [{"outputs": crop_points_to_pixels(row, _upright_size(path), *self.point_frame)}
+                    for row, path in zip(outputs, paths, strict=True)]
+        if self.task == "regression":
+            return [{"outputs": row.tolist()} for row in outputs]
+        if outputs.shape[1] != len(self.classes):
+            raise BundleRefError(f"{self.where}: the graph gives {outputs.shape[1]} scores but "
+                                 f"the manifest lists {len(self.classes)} classes")
+        best = np.argsort(-outputs, axis=1, kind="stable")[:, : self.top_k]
+        rows = []
+        for scores, top in zip(outputs, best, strict=True):
+            row = {"topk_labels": [self.classes[j] for j in top],
+                   "topk_scores": scores[top].tolist()}
+            if self.task == "single_label":
+                row |= {"pred_label": self.classes[top[0]], "pred_score": float(scores[top[0]])}
+            else:
+                row |= {"labels": [c for c, s, t in zip(self.classes, scores, self.thresholds,
+                                                        strict=True) if s > t],
+                        "probabilities": scores.tolist()}
+            rows.append(row)
+        return rows
+
+
+def already_scored(out: str | Path, table: str, bundle: Bundle, *,
+                   exclude_date: date) -> set[tuple[str, int, int]]:
+    """(path, file_size, mtime in µs) of files an earlier committed partition scored without error
+    with this model name and version; the partition of ``exclude_date`` is left out because the
+    run that asks is about to replace it."""
+    skip = f"run_date={exclude_date.isoformat()}"
+    parts = [str(f) for p in committed_partitions(out, table) if p.name != skip
+             for f in sorted(p.glob("part-*.parquet"))]
+    if not parts:
+        return set()
+    same_model = ((ds.field("model_name") == bundle.name)
+                  & (ds.field("model_version") == bundle.version)
+                  & ds.field("error").is_null())
+    seen = ds.dataset(parts, format="parquet").to_table(
+        columns=["path", "file_size", "mtime"], filter=same_model)
+    mtimes = seen["mtime"].cast(pa.int64()).to_pylist()
+    return set(zip(seen["path"].to_pylist(), seen["file_size"].to_pylist(), mtimes, strict=True))
