@@ -32,7 +32,7 @@ from scoring.image_folder import (
 )
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
 from scoring.partition import PartitionWriter, new_run_id
-from scoring.runtime import Runtime, available_cores, open_runtime
+from scoring.runtime import Runtime, available_cores, open_runtime, worker_context
 
 TABLE = "image_predictions"
 IMAGE_TASKS = ("single_label", "multi_label", "regression")
@@ -188,7 +188,9 @@ def decoded_batches(files: list[ImageFile], bundle: Bundle, batch_size: int,
     workers = default_workers(len(files)) if workers is None else workers
     dataset = DecodedImages(files, DecodeSpec.from_manifest(bundle.manifest["preprocessing"]))
     return iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                           collate_fn=collate_decoded, prefetch_factor=4 if workers else None))
+                           collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
+                           multiprocessing_context=(worker_context("scoring.image_folder")
+                                                    if workers else None)))
 
 
 def score_output_name(names: list[str]) -> str:

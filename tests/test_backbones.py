@@ -99,8 +99,14 @@ def test_y_range_bounds_outputs():
     model, _ = create_model("resnet18", 3, "none", y_range=(-1.0, 4.0))
     assert isinstance(model.head[-1], SigmoidRange)
     model.eval()
+    torch.manual_seed(0)
     with torch.no_grad():
-        model.head[1].weight.mul_(1000.0)  # push the logits far into the tails
+        linear = model.head[1]
+        # Output 1 is minus output 0, scaled far into the tails: one end each, whatever the
+        # random initialisation gave.
+        linear.weight[1] = -linear.weight[0]
+        linear.weight.mul_(1000.0)
+        linear.bias.zero_()
         out = model(torch.randn(8, 3, 64, 64) * 10)
     assert out.min() >= -1.0 and out.max() <= 4.0
     assert out.min() < 0.0 < 3.0 < out.max(), "outputs should reach both ends of the range"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from datetime import date
 from pathlib import Path
 
@@ -244,6 +245,32 @@ def test_onnx_and_torchscript_score_alike_and_workers_keep_order(tmp_path, regis
     assert a.select(cols).equals(b.select(cols))
     np.testing.assert_allclose(a["pred_score"].to_numpy(), b["pred_score"].to_numpy(),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def thread_exit_hook_that_fails_in_children():
+    """What Prefect's log and event services leave in a flow process: a thread-exit hook that
+    raises in any forked copy of the process (and is harmless in the process itself)."""
+    parent = os.getpid()
+
+    def hook():
+        if os.getpid() != parent:
+            raise AssertionError("a service's state does not survive a fork")
+
+    threading._register_atexit(hook)
+    yield
+    hooks = threading._threading_atexits  # registered as functools.partial(hook)
+    hooks[:] = [h for h in hooks if getattr(h, "func", h) is not hook]
+
+
+def test_decoding_workers_start_clean_in_a_process_with_service_threads(
+        tmp_path, registry, thread_exit_hook_that_fails_in_children):
+    # Forked workers ran the hook as they exited, died with code 1, and the DataLoader aborted
+    # the nightly run (first seen in CI, after flow tests had started Prefect's services).
+    _good_images(tmp_path / "in")
+    summary = score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "out",
+                                 run_date=DAY, workers=2, batch_size=2)
+    assert summary.scored == summary.files > 0
 
 
 def test_incremental_skips_unchanged_successes_only(tmp_path, registry, small_bomb_limit):

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from scoring.runtime import worker_context
 from training.errors import TrainingError
 from training.preprocessing import Preprocessing
 from training.transforms import (
@@ -409,12 +410,16 @@ def build_loaders(
     else:
         train_ds = dataset_cls(data.train, plain, min_side=plain_side)
 
+    # Workers start from a forkserver, not by forking a process that may run Prefect's threads.
+    context = worker_context(__name__, dataset_cls.__module__) if workers else None
+
     def loader(ds, *, shuffle=False, persistent=True, drop_last=False) -> DataLoader:
         return DataLoader(
             ds, batch_size=bs, shuffle=shuffle, num_workers=workers,
             persistent_workers=workers > 0 and persistent,
             pin_memory=device_type == "cuda", drop_last=drop_last,
             generator=torch.Generator().manual_seed(seed),
+            multiprocessing_context=context,
         )
 
     return Loaders(

@@ -64,7 +64,8 @@ def _in_dataset_order(loader):
         return loader
     return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn)
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context)
 
 
 @torch.no_grad()
