@@ -48,13 +48,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (TrainingError, ExportError, ScoringError)
 
 
-def _lr(value: str) -> float | str:
-    if value == "auto":
+#: What image training's --lr takes besides a number (collab takes a number or "auto").
+IMAGE_LR_RULES = ("auto", "valley", "steep", "minimum", "slide")
+IMAGE_LR_HELP = ("a number; 'auto' (LR finder, valley, each stage); or valley|steep|minimum|slide: "
+                 "that finder rule once, then halved after unfreezing like a number")
+
+
+def _lr(value: str, words: tuple[str, ...] = ("auto",)) -> float | str:
+    if value in words:
         return value
     try:
         return float(value)
     except ValueError:
-        raise typer.BadParameter(f"--lr must be 'auto' or a number, got {value!r}") from None
+        from training.errors import TrainingError
+
+        raise TrainingError(
+            f"--lr must be {', '.join(map(repr, words))} or a number, got {value!r}") from None
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -95,7 +104,7 @@ def train_images(
     bs: int = 32,
     freeze_epochs: int = 1,
     epochs: int = 3,
-    lr: Annotated[str, typer.Option(help="'auto' (LR finder) or a number")] = "auto",
+    lr: Annotated[str, typer.Option(help=IMAGE_LR_HELP)] = "auto",
     patience: Annotated[int, typer.Option(help="early-stopping patience; 0 disables")] = 2,
     precompute: Annotated[bool, typer.Option(help="cache frozen-body features")] = False,
     valid_pct: float = 0.2,
@@ -108,13 +117,15 @@ def train_images(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Fine-tune a pretrained image classifier (staged unfreezing, one-cycle, early stopping)."""
+    lr_value = _lr(lr, IMAGE_LR_RULES)  # refuse a bad --lr before any work
     from training.image_recipe import prepare_image_data, train_image_model
 
     prepared = prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed)
     console.print(prepared.summary())
     result = train_image_model(
         prepared, out_dir, arch=arch, weights=weights, size=size, bs=bs,
-        freeze_epochs=freeze_epochs, epochs=epochs, lr=_lr(lr), patience=patience or None,
+        freeze_epochs=freeze_epochs, epochs=epochs, lr=lr_value,
+        patience=patience or None,
         precompute=precompute, seed=seed, workers=workers, device=device.value,
         progress=_progress_printer())
     _print_metrics(f"best epoch {result.best_epoch}", result.metrics)
@@ -135,7 +146,7 @@ def train_multilabel(
     arch: str = "tf_efficientnet_lite0",
     weights: Annotated[str, typer.Option(help="imagenet | none | packaged | PATH")] = "packaged",
     size: int = 224, bs: int = 32, freeze_epochs: int = 1, epochs: int = 3,
-    lr: Annotated[str, typer.Option(help="'auto' (LR finder) or a number")] = "auto",
+    lr: Annotated[str, typer.Option(help=IMAGE_LR_HELP)] = "auto",
     patience: Annotated[int, typer.Option(help="early-stopping patience; 0 disables")] = 2,
     precompute: Annotated[bool, typer.Option(help="cache frozen-body features")] = False,
     valid_pct: float = 0.2, seed: int = 42, workers: int | None = None,
@@ -146,6 +157,7 @@ def train_multilabel(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Fine-tune a multi-label image model (sigmoid per label), then tune its threshold."""
+    lr_value = _lr(lr, IMAGE_LR_RULES)
     from training.multilabel import from_multilabel_csv
     from training.multilabel_recipe import train_multilabel_model
 
@@ -155,7 +167,8 @@ def train_multilabel(
     result = train_multilabel_model(
         prepared, out_dir, threshold_metric=threshold_metric,
         per_label_thresholds=per_label_thresholds, arch=arch, weights=weights, size=size, bs=bs,
-        freeze_epochs=freeze_epochs, epochs=epochs, lr=_lr(lr), patience=patience or None,
+        freeze_epochs=freeze_epochs, epochs=epochs, lr=lr_value,
+        patience=patience or None,
         precompute=precompute, seed=seed, workers=workers, device=device.value,
         progress=_progress_printer())
     _finish_training(result, registry, name)
@@ -173,7 +186,7 @@ def train_regression(
     arch: str = "tf_efficientnet_lite0",
     weights: Annotated[str, typer.Option(help="imagenet | none | packaged | PATH")] = "packaged",
     size: int = 224, bs: int = 32, freeze_epochs: int = 1, epochs: int = 3,
-    lr: Annotated[str, typer.Option(help="'auto' (LR finder) or a number")] = "auto",
+    lr: Annotated[str, typer.Option(help=IMAGE_LR_HELP)] = "auto",
     patience: Annotated[int, typer.Option(help="early-stopping patience; 0 disables")] = 2,
     precompute: Annotated[bool, typer.Option(help="cache frozen-body features")] = False,
     valid_pct: float = 0.2, seed: int = 42, workers: int | None = None,
@@ -184,6 +197,7 @@ def train_regression(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Fine-tune an image regression model (float targets or points, sigmoid_range head, MSE)."""
+    lr_value = _lr(lr, IMAGE_LR_RULES)
     from training.regression import from_regression_csv
     from training.regression_recipe import parse_y_range, train_regression_model
 
@@ -193,7 +207,7 @@ def train_regression(
     result = train_regression_model(
         prepared, out_dir, y_range=parse_y_range(y_range), flip=flip, arch=arch,
         weights=weights, size=size, bs=bs, freeze_epochs=freeze_epochs, epochs=epochs,
-        lr=_lr(lr), patience=patience or None, precompute=precompute, seed=seed,
+        lr=lr_value, patience=patience or None, precompute=precompute, seed=seed,
         workers=workers, device=device.value, progress=_progress_printer())
     _finish_training(result, registry, name)
 

@@ -21,6 +21,8 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 ValidFraction = Annotated[float, Field(gt=0, lt=1)]
 #: ``"auto"`` runs the LR finder; a number skips it.
 LearningRate = Literal["auto"] | PositiveFloat
+#: An image fine-tuning LR: a number, "auto" (valley, each stage) or one finder rule, used once.
+ImageLearningRate = Literal["auto", "valley", "steep", "minimum", "slide"] | PositiveFloat
 #: A non-empty path or registry reference (``REG/NAME``, ``REG/NAME/VERSION`` or a bundle dir).
 PathText = Annotated[str, Field(min_length=1)]
 #: A Dask scheduler address, ``tcp://HOST:PORT`` (tls, ucx, ws, wss also accepted; IPv6 hosts

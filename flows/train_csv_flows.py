@@ -21,7 +21,7 @@ from flows.cache_keys import prepared_data_key, result_cache_dir
 from flows.failures import USER_ERRORS, user_failure
 from flows.params import (
     Device,
-    LearningRate,
+    ImageLearningRate,
     ModelName,
     NonNegativeInt,
     PathText,
@@ -102,7 +102,7 @@ def train_multilabel_model_flow(
     bs: PositiveInt = 32,
     freeze_epochs: NonNegativeInt = 1,
     epochs: NonNegativeInt = 3,
-    lr: LearningRate = "auto",
+    lr: ImageLearningRate = "auto",
     patience: NonNegativeInt = 2,
     seed: int = 42,
     valid_pct: ValidFraction = 0.2,
@@ -143,7 +143,7 @@ def train_regression_model_flow(
     bs: PositiveInt = 32,
     freeze_epochs: NonNegativeInt = 1,
     epochs: NonNegativeInt = 3,
-    lr: LearningRate = "auto",
+    lr: ImageLearningRate = "auto",
     patience: NonNegativeInt = 2,
     seed: int = 42,
     valid_pct: ValidFraction = 0.2,

@@ -31,6 +31,7 @@ from flows.failures import (
 )
 from flows.params import (
     Device,
+    ImageLearningRate,
     LearningRate,
     ModelName,
     NonNegativeFloat,
@@ -143,7 +144,7 @@ def train_image_model_flow(
     bs: PositiveInt = 32,
     freeze_epochs: NonNegativeInt = 1,
     epochs: NonNegativeInt = 3,
-    lr: LearningRate = "auto",
+    lr: ImageLearningRate = "auto",
     patience: NonNegativeInt = 2,
     precompute: bool = False,
     seed: int = 42,

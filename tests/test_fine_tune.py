@@ -124,6 +124,23 @@ def test_auto_without_a_second_finder_halves_the_first_suggestion():
         result.lr_finds["frozen"].suggestion / 2)
 
 
+def test_a_named_rule_picks_the_frozen_lr_once_then_acts_as_that_number():
+    result = fine_tune(make_learner(), epochs=1, base_lr="slide")
+    frozen = result.lr_finds["frozen"]
+    assert set(result.lr_finds) == {"frozen"} and frozen.chosen == "slide"
+    assert frozen.suggestion == pytest.approx(frozen.suggestions["slide"])
+    assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.suggestion)
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(frozen.suggestion / 2)
+
+
+def test_a_named_rule_without_a_frozen_stage_runs_the_finder_unfrozen():
+    result = fine_tune(make_learner(), epochs=1, freeze_epochs=0, base_lr="minimum")
+    assert set(result.lr_finds) == {"unfrozen"}
+    assert result.lr_finds["unfrozen"].chosen == "minimum"
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(
+        result.lr_finds["unfrozen"].suggestion)
+
+
 class ScriptedScore:
     def __init__(self, values):
         self.values = list(values)
@@ -182,7 +199,8 @@ def test_plots_and_json(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"epochs": 1, "base_lr": "fast"}, "base_lr must be a positive number or 'auto'"),
+    ({"epochs": 1, "base_lr": "fast"}, "base_lr must be a positive number, 'auto' or one of "
+                                       "valley, steep, minimum, slide"),
     ({"epochs": 1, "base_lr": -1.0}, "base_lr must be"),
     ({"epochs": 0, "freeze_epochs": 0}, "nothing to train"),
 ])

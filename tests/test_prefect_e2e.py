@@ -212,9 +212,11 @@ def _state_of(stack: PrefectStack, flow_run_id: str):
 
 def test_score_deployment_commits_the_partition_and_its_artifacts(stack, tmp_path):
     images = make_images(tmp_path / "images", 6, seed=1)
+    # Decoding workers in a flow process started by the worker, as a nightly run on a real folder
+    # has: workers forked from that process died as they exited (Prefect's service threads).
     done, output, run_id = stack.run_deployment("score-image-folder/on-demand",
                                                 folder=str(images), run_date="2026-01-15",
-                                                batch_size=4)
+                                                batch_size=4, workers=2)
     assert done == 0, output + stack.log_tail("worker")
     assert _state_of(stack, run_id).is_completed()
 

@@ -3,8 +3,10 @@
 Freeze the body and train the head with one-cycle at ``base_lr``; halve ``base_lr``; unfreeze;
 optionally run the LR finder again; train every layer group with discriminative LRs
 ``slice(base_lr / lr_mult, base_lr)``. ``base_lr="auto"`` takes each stage's LR from the LR
-finder's valley suggestion. Schedules follow fastai's ``fine_tune``: the frozen stage warms up
-for 99% of its steps, the unfrozen stage for 30% starting at ``lr_max / 5``.
+finder's valley suggestion; ``base_lr="slide"`` (or another rule) takes the frozen stage's LR from
+that rule and goes on as if you had passed the number. The unfrozen stage follows fastai's
+``fine_tune`` (30% warm-up from ``lr_max / 5``); the frozen stage warms up for 25% of its steps,
+not fastai's 99%, which spent a small data set's few frozen steps all warming up.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from training.early_stopping import EarlyStopping
 from training.errors import TrainingError
 from training.learner import EpochRecord, Learner
-from training.lr_finder import LRFinderResult, lr_find
+from training.lr_finder import SUGGESTERS, LRFinderResult, lr_find
 from training.plots import plot_learning_curve, plot_lr_find
 from training.precompute import precomputed_body
 from training.schedule import layer_groups_of, lrs_per_group
@@ -68,8 +70,8 @@ class _Run:
     def stopped(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped_early
 
-    def find_lr(self, stage: str) -> float:
-        result = lr_find(self.learner)
+    def find_lr(self, stage: str, rule: str = "valley") -> float:
+        result = lr_find(self.learner, suggestion=rule)
         self.lr_finds[stage] = result
         if self.plots_dir is not None:
             path = plot_lr_find(result, Path(self.plots_dir) / f"lr_find_{stage}.png")
@@ -121,28 +123,34 @@ def fine_tune(
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
-    base_lr: a float, or ``"auto"`` for the LR finder's suggestion. find_lr_again: with
-    ``"auto"``, the unfrozen stage's top LR is a fresh finder's suggestion instead of half the
-    frozen stage's. precompute: train the head on cached body features (``train_plain``: an
-    un-augmented train loader for the cache). plots_dir: write LR finder and learning curves.
+    base_lr: a float; ``"auto"`` for the LR finder's valley suggestion in each stage; or a
+    suggestion rule (``valley``, ``steep``, ``minimum``, ``slide``): that rule's suggestion from
+    one finder run, then used exactly like a float you passed (halved after unfreezing).
+    find_lr_again: with ``"auto"``, the unfrozen stage's top LR is a fresh finder's suggestion
+    instead of half the frozen stage's. precompute: train the head on cached body features
+    (``train_plain``: an un-augmented train loader for the cache). plots_dir: write LR finder
+    and learning curves.
     """
     auto = base_lr == "auto"
-    if not auto and (isinstance(base_lr, str) or not base_lr > 0):
-        raise TrainingError(f"base_lr must be a positive number or 'auto', got {base_lr!r}")
+    rule = "valley" if auto else base_lr if base_lr in SUGGESTERS else None
+    if rule is None and (isinstance(base_lr, str) or not base_lr > 0):
+        raise TrainingError(f"base_lr must be a positive number, 'auto' or one of "
+                            f"{', '.join(SUGGESTERS)}, got {base_lr!r}")
     if epochs < 0 or freeze_epochs < 0 or epochs + freeze_epochs == 0:
         raise TrainingError(f"nothing to train: epochs={epochs}, freeze_epochs={freeze_epochs}")
     run = _Run(learner, early_stopping, plots_dir)
-    lr = None if auto else float(base_lr)
+    lr = None if rule else float(base_lr)
 
     if freeze_epochs:
         learner.freeze()
         with precomputed_body(learner, train_plain) if precompute else contextlib.nullcontext():
-            lr = run.find_lr(FROZEN) if auto else lr
+            lr = run.find_lr(FROZEN, rule) if rule else lr
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
             run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
 
     learner.unfreeze()
     if epochs and not run.stopped:
-        lr = run.find_lr(UNFROZEN) if auto and (find_lr_again or lr is None) else lr / 2
+        again = lr is None or (auto and find_lr_again)
+        lr = run.find_lr(UNFROZEN, rule) if again else lr / 2
         run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
     return run.result()
