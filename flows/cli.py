@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.params import IMAGE_LR_WORDS
+
 # Plain help text: our help strings hold brackets such as REG/NAME[/VERSION].
 _PLAIN = {"no_args_is_help": True, "rich_markup_mode": None}
 app = typer.Typer(add_completion=False, **_PLAIN,
@@ -48,8 +50,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (TrainingError, ExportError, ScoringError)
 
 
-#: What image training's --lr takes besides a number (collab takes a number or "auto").
-IMAGE_LR_RULES = ("auto", "valley", "steep", "minimum", "slide")
 IMAGE_LR_HELP = ("a number; 'auto' (LR finder, valley, each stage); or valley|steep|minimum|slide: "
                  "that finder rule once, then halved after unfreezing like a number")
 
@@ -117,7 +117,7 @@ def train_images(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Fine-tune a pretrained image classifier (staged unfreezing, one-cycle, early stopping)."""
-    lr_value = _lr(lr, IMAGE_LR_RULES)  # refuse a bad --lr before any work
+    lr_value = _lr(lr, IMAGE_LR_WORDS)  # refuse a bad --lr before any work
     from training.image_recipe import prepare_image_data, train_image_model
 
     prepared = prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed)
@@ -157,7 +157,7 @@ def train_multilabel(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Fine-tune a multi-label image model (sigmoid per label), then tune its threshold."""
-    lr_value = _lr(lr, IMAGE_LR_RULES)
+    lr_value = _lr(lr, IMAGE_LR_WORDS)
     from training.multilabel import from_multilabel_csv
     from training.multilabel_recipe import train_multilabel_model
 
@@ -197,7 +197,7 @@ def train_regression(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Fine-tune an image regression model (float targets or points, sigmoid_range head, MSE)."""
-    lr_value = _lr(lr, IMAGE_LR_RULES)
+    lr_value = _lr(lr, IMAGE_LR_WORDS)
     from training.regression import from_regression_csv
     from training.regression_recipe import parse_y_range, train_regression_model
 

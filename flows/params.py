@@ -21,8 +21,10 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 ValidFraction = Annotated[float, Field(gt=0, lt=1)]
 #: ``"auto"`` runs the LR finder; a number skips it.
 LearningRate = Literal["auto"] | PositiveFloat
-#: An image fine-tuning LR: a number, "auto" (valley, each stage) or one finder rule, used once.
-ImageLearningRate = Literal["auto", "valley", "steep", "minimum", "slide"] | PositiveFloat
+#: Words image fine-tuning takes for its LR: "auto" (valley, each stage) or one finder rule,
+#: used once (``training.lr_finder.SUGGESTERS``; a test keeps the two in step).
+IMAGE_LR_WORDS = ("auto", "valley", "steep", "minimum", "slide")
+ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat
 #: A non-empty path or registry reference (``REG/NAME``, ``REG/NAME/VERSION`` or a bundle dir).
 PathText = Annotated[str, Field(min_length=1)]
 #: A Dask scheduler address, ``tcp://HOST:PORT`` (tls, ucx, ws, wss also accepted; IPv6 hosts

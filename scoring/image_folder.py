@@ -118,11 +118,12 @@ def decode_image(path: Path, spec: DecodeSpec) -> np.ndarray:
                 im.draft("RGB", (side, side))  # DCT-domain downscale: far less to decode
             im.seek(0)
             im.load()
-            upright = _upright(im)
-    return np.asarray(resize_and_crop(to_rgb(upright), spec), dtype=np.uint8)
+            upright_im = upright(im)
+    return np.asarray(resize_and_crop(to_rgb(upright_im), spec), dtype=np.uint8)
 
 
-def _upright(im: Image.Image) -> Image.Image:
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` as its EXIF orientation says it should be seen (training decodes with it too)."""
     try:
         if im.getexif().get(0x0112, 1) == 1:  # most files: skip exif_transpose's full copy
             return im
@@ -155,7 +156,10 @@ def resize_and_crop(im: Image.Image, spec: DecodeSpec) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB from any mode Pillow opens: transparency over white, 16-bit scaled, CMYK converted."""
+    """RGB from any mode Pillow opens: transparency over white, 16-bit scaled, CMYK converted.
+
+    Training decodes with it too, so a model is trained on the pixels it is later scored on.
+    """
     if im.mode == "RGB":
         return im
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:

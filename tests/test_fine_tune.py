@@ -11,6 +11,7 @@ from training.early_stopping import EarlyStopping
 from training.errors import TrainingError
 from training.fine_tune import fine_tune
 from training.learner import Learner
+from training.lr_finder import SUGGESTERS
 from training.metrics import accuracy
 from training.schedule import even_mults
 
@@ -131,6 +132,15 @@ def test_a_named_rule_picks_the_frozen_lr_once_then_acts_as_that_number():
     assert frozen.suggestion == pytest.approx(frozen.suggestions["slide"])
     assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.suggestion)
     assert result.stage_lrs["unfrozen"][-1] == pytest.approx(frozen.suggestion / 2)
+
+
+def test_the_cli_and_flows_offer_exactly_the_finder_rules_fine_tune_takes():
+    from typing import Literal, get_args
+
+    from flows.params import IMAGE_LR_WORDS, ImageLearningRate
+
+    assert set(IMAGE_LR_WORDS) == {"auto", *SUGGESTERS}
+    assert Literal[IMAGE_LR_WORDS] in get_args(ImageLearningRate)
 
 
 def test_a_named_rule_without_a_frozen_stage_runs_the_finder_unfrozen():

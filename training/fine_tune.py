@@ -70,7 +70,7 @@ class _Run:
     def stopped(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped_early
 
-    def find_lr(self, stage: str, rule: str = "valley") -> float:
+    def find_lr(self, stage: str, rule: str) -> float:
         result = lr_find(self.learner, suggestion=rule)
         self.lr_finds[stage] = result
         if self.plots_dir is not None:
@@ -132,7 +132,7 @@ def fine_tune(
     and learning curves.
     """
     auto = base_lr == "auto"
-    rule = "valley" if auto else base_lr if base_lr in SUGGESTERS else None
+    rule = "valley" if auto else (base_lr if base_lr in SUGGESTERS else None)
     if rule is None and (isinstance(base_lr, str) or not base_lr > 0):
         raise TrainingError(f"base_lr must be a positive number, 'auto' or one of "
                             f"{', '.join(SUGGESTERS)}, got {base_lr!r}")

@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms import v2
 
+from scoring.image_folder import to_rgb, upright
 from training.errors import TrainingError
 from training.preprocessing import Preprocessing
 
@@ -38,30 +38,9 @@ def load_rgb(path: Path, *, min_side: int | None = None) -> Image.Image:
                 im.draft("RGB", (min_side, min_side))
             im.seek(0)
             im.load()
-            try:
-                upright = ImageOps.exif_transpose(im)
-            except Exception:  # a malformed EXIF block: keep the pixels as stored
-                upright = im.copy()
-            return _to_rgb(upright)
+            return to_rgb(upright(im))
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise TrainingError(f"{path}: cannot decode image ({err})") from None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        # Transparent pixels become white, as an image viewer shows them, not black noise.
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    if im.mode.startswith("I") or im.mode == "F":
-        # PIL clips 16/32-bit values to 255 on convert("RGB"), which turns most pixels white.
-        values = np.asarray(im, dtype=np.float64)
-        top = values.max(initial=0.0)
-        if top > 255:  # 16-bit data, or wider data scaled by its own maximum
-            values = values * (255.0 / (65535.0 if top <= 65535 else top))
-        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
 
 
 def interpolation_mode(name: str) -> v2.InterpolationMode:
