@@ -24,8 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.collab_recipe import train_recommender  # noqa: E402
-from training.ratings_data import load_ratings  # noqa: E402
+from training.data.ratings import load_ratings  # noqa: E402
+from training.recipes.collab import train_recommender  # noqa: E402
 
 FASTBOOK_MSE = 0.8231
 GOAL = 0.815

@@ -59,7 +59,7 @@ DAY = date(2026, 11, 22)
 def make_rec_bundle(registry: Path, n_users: int = 943, n_items: int = 1682) -> Path:
     """A dot-product recommender of ml-100k's shape with random factors and 20 seen items each."""
     from export.convert import export_bundle
-    from training.collab import DotProductBias
+    from training.models.collab import DotProductBias
 
     torch.manual_seed(0)
     model = DotProductBias(n_users, n_items, 50, y_range=(0.5, 5.5))

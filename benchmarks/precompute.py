@@ -1,7 +1,7 @@
 """Time one frozen epoch with and without precomputed body activations, on the same data.
 
 Real run: ``tf_efficientnet_lite0`` with packaged ImageNet weights on ants/bees
-(``shared/data/hymenoptera_data``) through ``training.image_data`` loaders. If those pieces or the
+(``shared/data/hymenoptera_data``) through ``training.data.images`` loaders. If those pieces or the
 data are missing it falls back to a small synthetic CNN on random images, and says so.
 
     .venv/bin/python benchmarks/precompute.py [--threads 2] [--bs 32] [--synthetic]
@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.learner import Learner  # noqa: E402
-from training.metrics import accuracy  # noqa: E402
-from training.precompute import precomputed_body  # noqa: E402
+from training.evaluation.metrics import accuracy  # noqa: E402
+from training.fit.learner import Learner  # noqa: E402
+from training.fit.precompute import precomputed_body  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,8 +41,8 @@ def real_setup(bs: int):
     """(model, train, valid, train_plain, description) for lite0 on ants/bees, or None."""
     root = shared_data() / "hymenoptera_data"
     try:
-        from training import image_data
-        from training.backbones import create_model
+        from training.data import images as image_data
+        from training.models.backbones import create_model
     except ImportError as err:
         print(f"# real setup unavailable ({err}); using the synthetic fallback")
         return None

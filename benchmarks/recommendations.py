@@ -41,7 +41,7 @@ from scoring.recommendations import (  # noqa: E402
     full_schema,
     score_recommendations,
 )
-from training.collab import DotProductBias  # noqa: E402
+from training.models.collab import DotProductBias  # noqa: E402
 
 DAY = date(2026, 11, 22)
 

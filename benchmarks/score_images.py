@@ -4,7 +4,7 @@
 (b) the loop most tutorials write: a Dataset of PIL images with torchvision's ``Resize`` /
     ``CenterCrop`` / ``ToTensor`` / ``Normalize``, a DataLoader with the same workers and batch
     size, and the eager model under ``torch.no_grad``. The eager model is the bundle's own
-    architecture rebuilt by ``training.backbones.create_model`` with the bundle's
+    architecture rebuilt by ``training.models.backbones.create_model`` with the bundle's
     ``weights.safetensors`` loaded into it — the same weights the exports were made from (the
     bundle's TorchScript is frozen, so it cannot give eager modules back).
 (c) the bundle's ONNX graph alone in the same runtime on images decoded beforehand: the ceiling
@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.bundle import load_bundle, resolve_bundle  # noqa: E402
-from scoring.image_folder import DecodeSpec, decode_image, walk_images  # noqa: E402
+from export.pixels import Preprocessing, decode_for_model  # noqa: E402
+from scoring.image_folder import walk_images  # noqa: E402
 from scoring.image_scoring import default_workers, score_image_folder  # noqa: E402
 from scoring.partition import read_partition  # noqa: E402
 from scoring.runtime import open_runtime  # noqa: E402
@@ -56,7 +57,7 @@ def copy_folder(src: Path, copies: int, into: Path) -> Path:
 def make_bundle(registry: Path, arch: str = "tf_efficientnet_lite0") -> Path:
     """A 2-class bundle of ``arch`` with offline ImageNet weights (head untrained: speed only)."""
     from export.convert import export_bundle
-    from training.backbones import create_model
+    from training.models.backbones import create_model
 
     model, prep = create_model(arch, 2, weights="packaged")
     manifest = {"task": "single_label", "arch": arch, "classes": ["ants", "bees"],
@@ -68,7 +69,7 @@ def eager_model(bundle) -> torch.nn.Module:
     """The bundle's architecture in eager mode with the bundle's own safetensors weights."""
     from safetensors.torch import load_model
 
-    from training.backbones import create_model
+    from training.models.backbones import create_model
 
     n_out = len(bundle.manifest["classes"])
     model, _ = create_model(bundle.manifest["arch"], n_out, weights="none")
@@ -124,8 +125,8 @@ def run_naive(paths: list[Path], bundle, args, workers: int) -> tuple[float, lis
 
 
 def run_onnx_only(paths: list[Path], bundle, args) -> float:
-    spec = DecodeSpec.from_manifest(bundle.manifest["preprocessing"])
-    images = np.stack([decode_image(p, spec) for p in paths])
+    spec = Preprocessing.from_dict(bundle.manifest["preprocessing"])
+    images = np.stack([decode_for_model(p, spec) for p in paths])
     runtime = open_runtime(bundle, "onnx", args.device)
     runtime.run(images[: args.batch_size])  # warm-up: first call plans memory
     started = time.perf_counter()

@@ -24,8 +24,8 @@ from torch import nn
 from export.bundle import MANIFEST, PARITY, BundleWriter, load_bundle
 from export.errors import ConversionError, ExportError, ParityError
 from export.formats import GraphSpec, convert_graph, graph_specs
+from export.manifest import IMAGE_TASKS
 from export.parity import PARITY_INPUTS, ParityReport, ParityTolerances, run_gate
-from export.wrappers import IMAGE_TASKS
 
 WEIGHTS = "weights.safetensors"
 PARITY_MD = "parity.md"

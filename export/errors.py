@@ -31,3 +31,7 @@ class ParityError(ExportError):
 
 class ConversionError(ExportError):
     """A model could not be converted to a required format (TorchScript or ONNX)."""
+
+
+class ManifestError(ExportError):
+    """A manifest field a scorer or exporter needs is missing or has a value it cannot use."""

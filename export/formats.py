@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from export.errors import ConversionError
+from export.manifest import IMAGE_TASKS
 from export.wrappers import (
-    IMAGE_TASKS,
     CollabPairsWrapper,
     CollabUsersWrapper,
     ImageExportWrapper,

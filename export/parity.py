@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from export.bundle import PARITY, load_bundle
-from export.errors import BundleIntegrityError, ExportError
+from export.errors import BundleIntegrityError
 from export.formats import GraphSpec
+from export.manifest import thresholds_for
 from export.runtimes import graph_runners
 
 PARITY_INPUTS = "parity_inputs.safetensors"
@@ -105,22 +106,6 @@ class ParityReport:
             f"{r.max_rel:.2e} | {'—' if r.agreement is None else f'{r.agreement:.4f}'} | "
             f"{'✅' if r.passed else '❌'} |\n" for r in self.rows)
         return head + body
-
-
-def thresholds_for(manifest: dict, n_classes: int) -> np.ndarray:
-    """Per-class decision thresholds of a multi_label model (a number, a list or a class map)."""
-    raw = manifest.get("thresholds", 0.5)
-    if isinstance(raw, dict):
-        classes = manifest.get("classes") or []
-        default = float(raw.get("default", 0.5))
-        values = np.array([float(raw.get(c, default)) for c in classes] or [default] * n_classes)
-    elif isinstance(raw, (list, tuple)):
-        values = np.asarray(raw, dtype=np.float64)
-    else:
-        values = np.full(n_classes, float(raw) if raw is not None else 0.5)
-    if values.shape != (n_classes,):
-        raise ExportError(f"manifest 'thresholds': {values.size} values for {n_classes} classes")
-    return values
 
 
 def _agreement(task: str, out: np.ndarray, ref: np.ndarray, tol: ParityTolerances,

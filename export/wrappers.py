@@ -18,9 +18,7 @@ import torch
 from torch import nn
 
 from export.errors import ConversionError
-
-IMAGE_TASKS = ("single_label", "multi_label", "regression")
-TASKS = (*IMAGE_TASKS, "collab")
+from export.manifest import IMAGE_TASKS
 
 
 class ImageExportWrapper(nn.Module):

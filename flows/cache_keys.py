@@ -57,9 +57,9 @@ def prepared_data_key(context, parameters: Mapping) -> str:
     other parameters."""
     others = {k: v for k, v in parameters.items() if k not in ("data", "csv")}
     # The prep code is part of the key: a changed data layout must not be served stale.
-    from training import image_data, image_table, multilabel, points, regression
+    from training import data as data_package
 
-    code = [m.__file__ for m in (image_data, image_table, multilabel, points, regression)]
+    code = sorted(str(f) for f in Path(data_package.__file__).parent.glob("*.py"))
     parts = [dataset_fingerprint(parameters["data"]), *map(dataset_fingerprint, code)]
     if parameters.get("csv"):
         parts.append(dataset_fingerprint(parameters["csv"]))

@@ -118,7 +118,7 @@ def train_images(
 ) -> None:
     """Fine-tune a pretrained image classifier (staged unfreezing, one-cycle, early stopping)."""
     lr_value = _lr(lr, IMAGE_LR_WORDS)  # refuse a bad --lr before any work
-    from training.image_recipe import prepare_image_data, train_image_model
+    from training.recipes.image import prepare_image_data, train_image_model
 
     prepared = prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed)
     console.print(prepared.summary())
@@ -158,8 +158,8 @@ def train_multilabel(
 ) -> None:
     """Fine-tune a multi-label image model (sigmoid per label), then tune its threshold."""
     lr_value = _lr(lr, IMAGE_LR_WORDS)
-    from training.multilabel import from_multilabel_csv
-    from training.multilabel_recipe import train_multilabel_model
+    from training.data.multilabel import from_multilabel_csv
+    from training.recipes.multilabel import train_multilabel_model
 
     prepared = from_multilabel_csv(csv, images, label_delim=label_delim, valid_pct=valid_pct,
                                    seed=seed, split_by=split_by)
@@ -198,8 +198,8 @@ def train_regression(
 ) -> None:
     """Fine-tune an image regression model (float targets or points, sigmoid_range head, MSE)."""
     lr_value = _lr(lr, IMAGE_LR_WORDS)
-    from training.regression import from_regression_csv
-    from training.regression_recipe import parse_y_range, train_regression_model
+    from training.data.regression import from_regression_csv
+    from training.recipes.regression import parse_y_range, train_regression_model
 
     prepared = from_regression_csv(csv, images, targets=targets, points=points,
                                    valid_pct=valid_pct, seed=seed, split_by=split_by)
@@ -242,7 +242,7 @@ def train_ratings(
     name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
 ) -> None:
     """Train a collaborative-filtering recommender (dot product + biases + sigmoid range)."""
-    from training.collab_recipe import train_recommender
+    from training.recipes.collab import train_recommender
 
     columns = {k: v for k, v in {"user_col": user_col, "item_col": item_col,
                                  "rating_col": rating_col}.items() if v}
@@ -268,10 +268,10 @@ def _export_training_output(train_out: Path, registry: Path, name: str):
     if not spec.is_file():
         raise TrainingError(f"{train_out}: no model.json — is this a lensflow training output?")
     if json.loads(spec.read_text()).get("task") == "collab":
-        from training.collab_recipe import export_recommender
+        from training.recipes.collab import export_recommender
 
         return export_recommender(train_out, registry, name)
-    from training.image_recipe import export_image_model
+    from training.recipes.image import export_image_model
 
     return export_image_model(train_out, registry, name)
 

@@ -1,7 +1,7 @@
 """``lensflow demo``: every stage, end to end, on data that needs no setup.
 
 Images and ratings come from ``$LENSFLOW_DATA``, the cached tutorial archives, or (offline)
-generated look-alikes; see ``training.demo_data.resolve_demo_data``.
+generated look-alikes; see ``flows.demo_data.resolve_demo_data``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.bundle import promote
+from flows.demo_data import resolve_demo_data
 from scoring.image_scoring import score_image_folder
 from scoring.recommendations import score_recommendations
-from training.collab_recipe import train_recommender
-from training.demo_data import resolve_demo_data
-from training.image_recipe import export_image_model, prepare_image_data, train_image_model
+from training.recipes.collab import train_recommender
+from training.recipes.image import export_image_model, prepare_image_data, train_image_model
 
 
 def run_demo(workdir: Path, say: Callable[[str], None] = print, *,

@@ -22,7 +22,7 @@ ValidFraction = Annotated[float, Field(gt=0, lt=1)]
 #: ``"auto"`` runs the LR finder; a number skips it.
 LearningRate = Literal["auto"] | PositiveFloat
 #: Words image fine-tuning takes for its LR: "auto" (valley, each stage) or one finder rule,
-#: used once (``training.lr_finder.SUGGESTERS``; a test keeps the two in step).
+#: used once (``training.fit.lr_finder.SUGGESTERS``; a test keeps the two in step).
 IMAGE_LR_WORDS = ("auto", "valley", "steep", "minimum", "slide")
 ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat
 #: A non-empty path or registry reference (``REG/NAME``, ``REG/NAME/VERSION`` or a bundle dir).

@@ -1,8 +1,8 @@
 """Training flows for CSV-labelled images: multi-label classification and image regression.
 
 Same chain as ``train-image-model`` (check inputs → prepare → fine-tune → export with the parity
-gate → promote); only the data reader and the recipe differ (``training.multilabel_recipe``,
-``training.regression_recipe``). Data prep is cached on the files' fingerprint like the
+gate → promote); only the data reader and the recipe differ (``training.recipes.multilabel``,
+``training.recipes.regression``). Data prep is cached on the files' fingerprint like the
 single-label flow's.
 """
 
@@ -36,7 +36,7 @@ from flows.train_flows import check_training_inputs, export_task, promote_task, 
 def prepare_multilabel_task(data: str, csv: str | None, valid_pct: float, seed: int,
                             label_delim: str = " ", split_by: str | None = None):
     """Read and split ``fname,labels[,is_valid]`` (cached: an unchanged dataset is not re-read)."""
-    from training.multilabel import from_multilabel_csv
+    from training.data.multilabel import from_multilabel_csv
 
     prepared = from_multilabel_csv(csv, data, label_delim=label_delim, valid_pct=valid_pct,
                                    seed=seed, split_by=split_by)
@@ -50,7 +50,7 @@ def prepare_regression_task(data: str, csv: str | None, valid_pct: float, seed: 
                             targets: str | None = None, points: str | None = None,
                             split_by: str | None = None):
     """Read and split a CSV of float targets or pixel points (cached like image data)."""
-    from training.regression import from_regression_csv
+    from training.data.regression import from_regression_csv
 
     prepared = from_regression_csv(csv, data, targets=targets, points=points,
                                    valid_pct=valid_pct, seed=seed, split_by=split_by)
@@ -62,9 +62,9 @@ def prepare_regression_task(data: str, csv: str | None, valid_pct: float, seed: 
 def fine_tune_csv_task(kind: str, prepared, out_dir: Path, options: dict):
     """The task's recipe: LR finder → frozen head → unfrozen body → best epoch restored."""
     if kind == "multilabel":
-        from training.multilabel_recipe import train_multilabel_model as recipe
+        from training.recipes.multilabel import train_multilabel_model as recipe
     else:
-        from training.regression_recipe import train_regression_model as recipe
+        from training.recipes.regression import train_regression_model as recipe
     key = f"train-{kind}-model"
     total = options["freeze_epochs"] + options["epochs"]
     progress = TrainingProgress(key=f"{key}-progress", total_epochs=total,
@@ -153,7 +153,7 @@ def train_regression_model_flow(
     """Fine-tune an image regressor on ``csv`` (``fname`` + ``targets`` columns, or pixel
     ``points`` ``X,Y``), export, gate on parity, promote. ``y_range``: auto | none | LOW,HIGH."""
     try:
-        from training.regression_recipe import parse_y_range
+        from training.recipes.regression import parse_y_range
 
         data = check_training_inputs(data, registry, csv)
         prepared = prepare_regression_task.with_options(result_storage=result_cache_dir())(

@@ -1,6 +1,6 @@
 """Training flows: fine-tune an image model or a recommender, export, gate on parity, promote.
 
-Wiring only: ``training.image_recipe`` prepares, fine-tunes (LR finder, frozen head, unfrozen
+Wiring only: ``training.recipes.image`` prepares, fine-tunes (LR finder, frozen head, unfrozen
 discriminative LRs, early stopping) and exports; ``export.bundle.promote`` moves the registry's
 ``current`` pointer. The flow adds what Prefect is for: data prep cached across runs on the
 dataset's fingerprint, one task per stage so the UI shows where a run stopped, retries only on
@@ -73,7 +73,7 @@ def check_training_inputs(data: str, registry: str, csv: str | None = None) -> s
       cache_expiration=timedelta(days=30), persist_result=True, result_serializer="pickle")
 def prepare_image_data_task(data: str, csv: str | None, valid_pct: float, seed: int):
     """Find, validate and split the images (cached: an unchanged dataset is not re-read)."""
-    from training.image_recipe import prepare_image_data
+    from training.recipes.image import prepare_image_data
 
     prepared = prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed)
     get_run_logger().info(prepared.summary())
@@ -83,7 +83,7 @@ def prepare_image_data_task(data: str, csv: str | None, valid_pct: float, seed: 
 @task(name="fine-tune", cache_policy=NO_CACHE)
 def fine_tune_task(prepared, out_dir: Path, options: dict):
     """LR finder → frozen head → unfrozen body with discriminative LRs → best epoch restored."""
-    from training.image_recipe import train_image_model
+    from training.recipes.image import train_image_model
 
     total = options["freeze_epochs"] + options["epochs"]
     progress = TrainingProgress(key="train-image-model-progress", total_epochs=total,
@@ -100,8 +100,8 @@ def fine_tune_task(prepared, out_dir: Path, options: dict):
 
 #: The plain export function of each recipe: training output → committed, parity-checked bundle.
 EXPORTERS = {
-    "image-model": ("training.image_recipe", "export_image_model"),
-    "recommender": ("training.collab_recipe", "export_recommender"),
+    "image-model": ("training.recipes.image", "export_image_model"),
+    "recommender": ("training.recipes.collab", "export_recommender"),
 }
 
 
@@ -183,7 +183,7 @@ def train_image_model_flow(
 @task(name="fit-recommender", cache_policy=NO_CACHE)
 def fit_recommender_task(data: str, out_dir: Path, options: dict):
     """LR finder → one-cycle fit (early stopping optional) → training output in ``out_dir``."""
-    from training.collab_recipe import train_recommender
+    from training.recipes.collab import train_recommender
 
     progress = TrainingProgress(key="train-recommender-progress", total_epochs=options["epochs"],
                                 description=f"epochs of {out_dir.name}", log=get_run_logger())

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-from PIL import Image
 
 from export.bundle import Bundle
+from export.manifest import point_frame, thresholds_for
+from export.pixels import from_model_frame, upright_size
 from scoring.errors import BundleRefError
 from scoring.image_folder import DecodedBatch, ImageFile
 from scoring.partition import committed_partitions
@@ -51,47 +52,6 @@ _PREDICTION_COLUMNS = ("pred_label", "pred_score", "topk_labels", "topk_scores",
                        "probabilities", "outputs")
 
 
-def _thresholds(manifest: dict, classes: list[str]) -> np.ndarray:
-    raw = manifest.get("thresholds")
-    if raw is None:
-        return np.full(len(classes), 0.5)
-    if isinstance(raw, dict):
-        return np.array([float(raw.get(c, 0.5)) for c in classes])
-    if isinstance(raw, (int, float)):
-        return np.full(len(classes), float(raw))
-    return np.asarray(raw, dtype=np.float64)
-
-
-def _point_frame(manifest: dict) -> tuple[int, int] | None:
-    """(input_size, resize_size) when the outputs are points in the normalised centre crop."""
-    targets = manifest.get("targets") or {}
-    if targets.get("kind") != "points" or targets.get("frame") != "input_crop_normalised":
-        return None
-    pre = manifest["preprocessing"]
-    return int(pre["input_size"]), int(pre["resize_size"])
-
-
-def _upright_size(path: Path) -> tuple[int, int]:
-    """(width, height) of the image once EXIF-rotated, from its header alone."""
-    with Image.open(path) as im:
-        w, h = im.size
-        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    return (h, w) if turned else (w, h)
-
-
-def crop_points_to_pixels(coords: np.ndarray, size: tuple[int, int], input_size: int,
-                          resize_size: int) -> list[float]:
-    """[-1, 1] (x, y) pairs in the resize-shorter-side + centre-crop view → original pixels."""
-    w, h = size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(resize_size * long / short)  # torchvision's rule for the long side
-    new_w, new_h = (resize_size, new_long) if w <= h else (new_long, resize_size)
-    left, top = int(round((new_w - input_size) / 2.0)), int(round((new_h - input_size) / 2.0))
-    xy = (np.asarray(coords, dtype=np.float64).reshape(-1, 2) + 1) / 2 * input_size
-    xy = (xy + [left, top]) * [w / new_w, h / new_h]
-    return xy.reshape(-1).tolist()
-
-
 class RowBuilder:
     """Turns a decoded batch and the graph's output into table rows, in file order."""
 
@@ -100,8 +60,9 @@ class RowBuilder:
         self.classes = list(bundle.manifest.get("classes") or [])
         self.output = output
         self.top_k = min(top_k, len(self.classes)) if self.classes else 0
-        self.thresholds = _thresholds(bundle.manifest, self.classes)
-        self.point_frame = _point_frame(bundle.manifest) if self.task == "regression" else None
+        self.thresholds = (thresholds_for(bundle.manifest, len(self.classes))
+                           if self.task == "multi_label" else None)
+        self.point_frame = point_frame(bundle.manifest)
         self.where = f"bundle {bundle.path}"
         self.constants = {"model_name": bundle.name, "model_version": bundle.version,
                           "bundle_sha256": bundle.sha256}
@@ -128,7 +89,7 @@ class RowBuilder:
     def _predictions(self, outputs: np.ndarray, paths: list[Path]) -> list[dict]:
         outputs = np.asarray(outputs, dtype=np.float32).reshape(len(outputs), -1)
         if self.task == "regression" and self.point_frame is not None:
-            return [{"outputs": crop_points_to_pixels(row, _upright_size(path), *self.point_frame)}
+            return [{"outputs": from_model_frame(row, upright_size(path), self.point_frame)}
                     for row, path in zip(outputs, paths, strict=True)]
         if self.task == "regression":
             return [{"outputs": row.tolist()} for row in outputs]

@@ -20,22 +20,22 @@ from torch.utils.data import DataLoader
 
 from export.bundle import Bundle, load_bundle, resolve_bundle
 from export.errors import ExportError
+from export.loader_workers import available_cores, worker_context
+from export.manifest import IMAGE_TASKS
+from export.pixels import IMAGE_SUFFIXES, Preprocessing
 from scoring.errors import BundleRefError, ImageFolderError, ScoringError
 from scoring.image_folder import (
-    IMAGE_SUFFIXES,
     DecodedBatch,
     DecodedImages,
-    DecodeSpec,
     ImageFile,
     collate_decoded,
     walk_images,
 )
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
 from scoring.partition import PartitionWriter, new_run_id
-from scoring.runtime import Runtime, available_cores, open_runtime, worker_context
+from scoring.runtime import Runtime, open_runtime
 
 TABLE = "image_predictions"
-IMAGE_TASKS = ("single_label", "multi_label", "regression")
 #: Below this many files, worker start-up costs more than decoding in the main process.
 TINY_FOLDER = 128
 
@@ -186,7 +186,7 @@ def decoded_batches(files: list[ImageFile], bundle: Bundle, batch_size: int,
     if not files:
         return iter(())
     workers = default_workers(len(files)) if workers is None else workers
-    dataset = DecodedImages(files, DecodeSpec.from_manifest(bundle.manifest["preprocessing"]))
+    dataset = DecodedImages(files, Preprocessing.from_dict(bundle.manifest["preprocessing"]))
     return iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                            collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
                            multiprocessing_context=(worker_context("scoring.image_folder")

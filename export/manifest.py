@@ -1,0 +1,60 @@
+"""The manifest contract: what a bundle's ``manifest.json`` says and how every reader reads it.
+
+Export writes it, the parity gate and scoring read it; the rules below are the only place that
+says what a task name, a threshold or a point frame means.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.errors import ManifestError
+from export.pixels import Preprocessing
+
+IMAGE_TASKS = ("single_label", "multi_label", "regression")
+TASKS = (*IMAGE_TASKS, "collab")
+#: Outputs of an image graph: scores (softmax, sigmoid or identity) and the raw logits.
+IMAGE_OUTPUTS = ("scores", "logits")
+DEFAULT_THRESHOLD = 0.5
+#: ``targets.frame`` of point regression: (x, y) pairs in the centre crop, scaled to [-1, 1].
+POINT_FRAME = "input_crop_normalised"
+
+
+def thresholds_for(manifest: dict, n_classes: int) -> np.ndarray:
+    """Per-class decision thresholds of a multi_label model.
+
+    ``thresholds`` may be absent (0.5 each), one number, a list (one per class) or a map of
+    class name to threshold with an optional ``default`` for the classes it does not name.
+    """
+    raw = manifest.get("thresholds")
+    if raw is None:
+        values = np.full(n_classes, DEFAULT_THRESHOLD)
+    elif isinstance(raw, dict):
+        classes = manifest.get("classes") or []
+        default = float(raw.get("default", DEFAULT_THRESHOLD))
+        values = np.array([float(raw.get(c, default)) for c in classes] or [default] * n_classes)
+    elif isinstance(raw, list | tuple):
+        values = np.asarray(raw, dtype=np.float64)
+    else:
+        values = np.full(n_classes, float(raw))
+    if values.shape != (n_classes,):
+        raise ManifestError(f"manifest 'thresholds': {values.size} values for {n_classes} classes")
+    return values
+
+
+def point_frame(manifest: dict) -> Preprocessing | None:
+    """The crop the outputs are points in, when a regression model predicts points; else None."""
+    targets = manifest.get("targets") or {}
+    if manifest.get("task") != "regression" or targets.get("kind") != "points":
+        return None
+    if targets.get("frame") != POINT_FRAME:
+        raise ManifestError(f"manifest 'targets.frame': {targets.get('frame')!r} is not "
+                            f"{POINT_FRAME!r}, the only point frame lensflow reads")
+    return Preprocessing.from_dict(manifest["preprocessing"])
+
+
+def check_task(task: object, allowed: tuple[str, ...] = TASKS) -> str:
+    """``task`` if it is one of ``allowed``; a one-line error otherwise."""
+    if task not in allowed:
+        raise ManifestError(f"manifest 'task': {task!r} is not one of {', '.join(allowed)}")
+    return str(task)

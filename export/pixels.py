@@ -1,0 +1,217 @@
+"""Pixels: how an image file becomes what a model sees, written once for training and scoring.
+
+``Preprocessing`` is the input recipe of an image model (size, resize, mean/std, filter). It
+travels from the backbone's own recipe through the training transforms into the bundle
+manifest, where the exported graph bakes the normalisation in. The functions below decode any
+file Pillow opens to an upright (EXIF-rotated) RGB image, resize the shorter side and take the
+centre crop as the ImageNet reference scripts do, and map point coordinates between original
+pixels and the [-1, 1] frame of that crop. Training, export's parity sample and scoring all call
+these, so a model is trained on the pixels it is later scored on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from export.errors import ManifestError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: File suffixes read as images (any case); everything else in a folder is ignored.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: EXIF orientations that turn the image a quarter (width and height swap when made upright).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+_PIL_FILTERS = {
+    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
+    InterpolationMode.BOX: Image.Resampling.BOX,
+    InterpolationMode.HAMMING: Image.Resampling.HAMMING,
+}
+RESIZE_FILTERS = tuple(m.value for m in _PIL_FILTERS)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Input recipe of an image model.
+
+    input_size: side of the square crop the model sees.
+    resize_size: shorter side an image is resized to before the centre crop at validation.
+    mean, std: per-channel normalisation of RGB values scaled to [0, 1].
+    interpolation: resize filter name (``bilinear`` | ``bicubic`` | ``nearest`` | ...).
+    """
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation.lower() not in RESIZE_FILTERS:
+            raise ManifestError(f"preprocessing.interpolation: unknown resize filter "
+                                f"{self.interpolation!r} (known: {', '.join(RESIZE_FILTERS)})")
+        if min(self.input_size, self.resize_size) < 1:
+            raise ManifestError(f"preprocessing: input_size {self.input_size} and resize_size "
+                                f"{self.resize_size} must be positive")
+
+    @property
+    def mode(self) -> InterpolationMode:
+        """The torchvision interpolation mode of ``interpolation``."""
+        return InterpolationMode(self.interpolation.lower())
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """From a manifest's ``preprocessing``; mean/std default to ImageNet's."""
+        try:
+            return cls(
+                input_size=int(d["input_size"]),
+                resize_size=int(d["resize_size"]),
+                mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
+                std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
+                interpolation=str(d.get("interpolation", "bilinear")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"preprocessing: {err!r} in {d!r}") from None
+
+    def with_size(self, input_size: int) -> Preprocessing:
+        """The same recipe at another input size, keeping the resize/crop ratio."""
+        ratio = self.resize_size / self.input_size
+        return Preprocessing(input_size, round(input_size * ratio), self.mean, self.std,
+                             self.interpolation)
+
+    def decode_side(self) -> int:
+        """Shortest side a validation decode needs (JPEGs are decoded at reduced scale to it)."""
+        return max(self.resize_size, self.input_size)
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image suffix (any case)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` as its EXIF orientation says it should be seen."""
+    try:
+        if im.getexif().get(_EXIF_ORIENTATION, 1) == 1:  # most files: skip exif_transpose's copy
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        return im
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image once EXIF-rotated, from its header alone."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    return (h, w) if orientation in _QUARTER_TURNS else (w, h)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any mode Pillow opens: transparency over white, 16-bit scaled, CMYK converted."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        # Pillow clips 16/32-bit values to 255 on convert("RGB"), which turns most pixels white.
+        values = np.asarray(im, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if top > 255:
+            values = values * (255.0 / (65535.0 if top <= 65535 else top))
+        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_rgb(path: str | Path, *, min_side: int | None = None) -> Image.Image:
+    """Decode an image file to an upright RGB image (first frame of an animation).
+
+    min_side: shortest side the caller needs; JPEGs are decoded at the smallest DCT scale that
+    keeps it, which is several times faster for camera-sized photos. Raises what Pillow raises
+    for a file that is not a sound image, and refuses decompression bombs instead of warning.
+    """
+    with warnings.catch_warnings():
+        # Over MAX_IMAGE_PIXELS Pillow only warns; a nightly job should refuse, not swap.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            if min_side and im.format == "JPEG":
+                im.draft("RGB", (min_side, min_side))
+            im.seek(0)
+            im.load()
+            return to_rgb(upright(im))
+
+
+def resize_and_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
+    """torchvision's ``Resize(resize_size)`` then ``CenterCrop(input_size)``, in one resample.
+
+    Pillow resamples only the source box under the crop (its filter still reads the pixels
+    around the box), so the result matches resizing the whole image and cropping, for less work.
+    """
+    width, height = im.size
+    new_w, new_h = _resized(width, height, pre.resize_size)
+    crop, mode = pre.input_size, pre.mode
+    if mode == InterpolationMode.NEAREST or crop > min(new_w, new_h):
+        # Nearest picks pixels by rounding, which the box form shifts; a crop larger than the
+        # resized image needs torchvision's padding. Both take the two-step path.
+        resized = F.resize(im, [pre.resize_size], interpolation=mode, antialias=True)
+        return F.center_crop(resized, [crop, crop])
+    left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return im.resize((crop, crop), _PIL_FILTERS[mode], box=box)
+
+
+def decode_for_model(path: str | Path, pre: Preprocessing) -> np.ndarray:
+    """uint8 (input_size, input_size, 3) RGB, the exported graph's input for one file."""
+    im = open_rgb(path, min_side=pre.decode_side())
+    return np.asarray(resize_and_crop(im, pre), dtype=np.uint8)
+
+
+def _resized(w: int, h: int, resize_size: int) -> tuple[int, int]:
+    """Size after resizing the shorter side to ``resize_size`` (torchvision's long-side rule)."""
+    if min(w, h) == resize_size:
+        return w, h
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize_size * long / short)
+    return (resize_size, new_long) if w <= h else (new_long, resize_size)
+
+
+def crop_geometry(size: tuple[int, int], pre: Preprocessing) -> tuple[float, float, int, int]:
+    """(scale_x, scale_y, left, top) of resize-shorter-side then centre-crop, as torchvision
+    v2 ``Resize(resize_size)`` + ``CenterCrop(input_size)`` move key points."""
+    w, h = size
+    new_w, new_h = _resized(w, h, pre.resize_size)
+    left = int(round((new_w - pre.input_size) / 2.0))
+    top = int(round((new_h - pre.input_size) / 2.0))
+    return new_w / w, new_h / h, left, top
+
+
+def to_model_frame(pixels: Sequence[float], size: tuple[int, int],
+                   pre: Preprocessing) -> list[float]:
+    """Points in original pixels → [-1, 1] coordinates in the validation crop."""
+    sx, sy, left, top = crop_geometry(size, pre)
+    xy = np.asarray(pixels, dtype=np.float64).reshape(-1, 2) * [sx, sy] - [left, top]
+    return (xy / pre.input_size * 2 - 1).reshape(-1).tolist()
+
+
+def from_model_frame(coords: Sequence[float], size: tuple[int, int],
+                     pre: Preprocessing) -> list[float]:
+    """[-1, 1] coordinates in the validation crop → points in original pixels."""
+    sx, sy, left, top = crop_geometry(size, pre)
+    xy = (np.asarray(coords, dtype=np.float64).reshape(-1, 2) + 1) / 2 * pre.input_size
+    return ((xy + [left, top]) / [sx, sy]).reshape(-1).tolist()

@@ -1,0 +1,340 @@
+"""Scoring in shards: stable planning, exactly-once commits, and the flows on a real Dask cluster.
+
+The cluster tests start a ``distributed.LocalCluster`` of two single-threaded worker processes on
+127.0.0.1 and point the flows' ``dask_address`` at it, as a deployment would at a remote
+scheduler. What a user would check: the partition equals the single-process run row for row,
+each worker verified the bundle once, and a worker killed in the middle of a shard still leaves
+every row exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("prefect")
+
+from flow_test_data import make_images  # noqa: E402
+from tiny_image_bundle import make_image_bundle  # noqa: E402
+
+from flows.dask_runner import DASK_ADDRESS_ENV, DaskClusterError, resolve_dask_address  # noqa: E402
+from scoring import bundle_cache  # noqa: E402
+from scoring.errors import PartitionError, ScoringError  # noqa: E402
+from scoring.image_folder import walk_images  # noqa: E402
+from scoring.image_scoring import score_image_folder  # noqa: E402
+from scoring.partition import partition_dir  # noqa: E402
+from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations  # noqa: E402
+from scoring.sharded_runs import (  # noqa: E402
+    finish_image_run,
+    finish_rec_run,
+    plan_image_run,
+    plan_rec_run,
+)
+from scoring.shards import (  # noqa: E402
+    plan_image_shards,
+    plan_user_shards,
+    score_image_shard,
+    score_user_shard,
+    shard_of,
+)
+
+DAY = date(2026, 11, 22)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.delenv(DASK_ADDRESS_ENV, raising=False)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """An image folder (nested, one broken file), an image bundle and a recommender bundle."""
+    root = tmp_path_factory.mktemp("scaleout")
+    images = make_images(root / "images", 18)
+    make_images(images / "more", 9, seed=1)
+    (images / "more" / "broken.jpg").write_bytes(b"not a jpeg")
+    make_image_bundle(root / "registry", name="tiny")
+    return {"root": root, "images": images, "model": root / "registry" / "tiny",
+            "rec": _rec_bundle(root)}
+
+
+def _rec_bundle(root: Path) -> Path:
+    from export.convert import export_bundle
+    from training.models.collab import DotProductBias
+
+    torch.manual_seed(0)
+    n_users, n_items = 40, 11
+    model = DotProductBias(n_users, n_items, 4, y_range=(0.5, 5.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.7)
+    seen = root / "seen.parquet"
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"user_idx": pa.array(rng.integers(0, n_users, 60), pa.int32()),
+                             "item_idx": pa.array(rng.integers(0, n_items, 60), pa.int32())}),
+                   seen)
+    manifest = {"task": "collab", "users": [10 + 3 * u for u in range(n_users)],
+                "items": [5 + 7 * i for i in range(n_items)],
+                "titles": [f"Item {i}" for i in range(n_items)], "id_type": "int64",
+                "y_range": [0.5, 5.5], "model": model.config().to_dict(),
+                "seen": {"file": "seen.parquet"}}
+    return export_bundle(model, manifest, root / "registry", "rec", pt2=False,
+                         extra_files={"seen.parquet": seen}).bundle_path
+
+
+def _rows(partition: Path | str, sort_by: list[str] | None = None) -> pd.DataFrame:
+    """A committed partition's rows without the per-run columns; sorted when asked."""
+    assert (Path(partition) / "_SUCCESS").is_file()
+    frame = pq.read_table(partition).to_pandas()
+    frame = frame.drop(columns=[c for c in ("scored_at",) if c in frame])
+    if sort_by:
+        frame = frame.sort_values(sort_by, kind="stable")
+    return frame.reset_index(drop=True)
+
+
+# --- planning and exactly-once, without Prefect -------------------------------------------------
+
+
+def test_a_file_keeps_its_shard_whatever_else_the_folder_holds(data):
+    files = walk_images(data["images"])
+    before = {f.relpath: shard for shard, part in plan_image_shards(files, 5) for f in part}
+    after = {f.relpath: shard
+             for shard, part in plan_image_shards(files[::2] + files[1::2][::-1], 5)
+             for f in part}
+    fewer = {f.relpath: shard for shard, part in plan_image_shards(files[3:], 5) for f in part}
+    assert before == after
+    assert all(before[path] == shard for path, shard in fewer.items())
+    assert len(set(before.values())) > 1  # the hash spreads files over shards
+    # Not Python's salted hash(): the same digest in any process.
+    assert shard_of("cats/0001.jpg", 1000) == shard_of("cats/0001.jpg", 1000)
+    # Pinned: a changed hash would silently move files to other shards between versions.
+    assert shard_of("more/img_001.png", 2**31) == 1402163725
+
+
+def test_user_blocks_cover_every_user_once_in_order():
+    users = np.arange(100, 137)
+    blocks = plan_user_shards(users, 5)
+    assert [shard for shard, _ in blocks] == [0, 1, 2, 3, 4]
+    assert np.array_equal(np.concatenate([b for _, b in blocks]), users)
+    assert len(plan_user_shards(users[:3], 8)) == 3
+    with pytest.raises(ScoringError, match="shards must be >= 1"):
+        plan_user_shards(users, 0)
+
+
+def test_shards_in_a_loop_equal_the_single_process_run_and_load_the_bundle_once(data, tmp_path):
+    single = score_image_folder(data["images"], data["model"], tmp_path / "single",
+                                run_date=DAY, workers=0)
+    bundle_cache.clear()
+    plan = plan_image_run(data["images"], data["model"], tmp_path / "sharded", shards=3,
+                          run_date=DAY, workers=0)
+    results = [score_image_shard(job) for job in plan.jobs]
+    summary = finish_image_run(plan, results)
+    assert len(plan.jobs) == 3 and summary.rows == single.rows == 28
+    assert (summary.scored, summary.failed) == (single.scored, single.failed) == (27, 1)
+    pd.testing.assert_frame_equal(_rows(summary.partition, ["path"]),
+                                  _rows(single.partition, ["path"]))
+    assert set(bundle_cache.load_counts().values()) == {1}  # bundle and runtime, once each
+
+
+def test_user_shards_in_a_loop_equal_the_single_process_run(data, tmp_path):
+    plan = plan_rec_run(data["rec"], tmp_path / "sharded", shards=3, top_k=3, full_table=True,
+                        run_date=DAY, block_size=4)
+    summary = finish_rec_run(plan, [score_user_shard(job) for job in plan.jobs])
+    single = score_recommendations(data["rec"], tmp_path / "single", top_k=3, full_table=True,
+                                   run_date=DAY, block_size=4)
+    assert (summary.topk_rows, summary.full_rows) == (single.topk_rows, single.full_rows)
+    assert summary.full_rows == 40 * 11 and summary.users_scored == 40
+    for table in (TOPK_TABLE, FULL_TABLE):
+        pd.testing.assert_frame_equal(_rows(partition_dir(tmp_path / "sharded", table, DAY)),
+                                      _rows(partition_dir(tmp_path / "single", table, DAY)))
+
+
+def test_a_rerun_shard_replaces_its_parts_and_a_stray_part_blocks_the_commit(data, tmp_path):
+    plan = plan_image_run(data["images"], data["model"], tmp_path, shards=2, run_date=DAY,
+                          workers=0, run_id="night-1")
+    first = [score_image_shard(job) for job in plan.jobs]
+    again = score_image_shard(plan.jobs[0])  # as a retry does, after a first full attempt
+    summary = finish_image_run(plan, [again, *first[1:]])
+    assert summary.rows == 28
+    assert _rows(summary.partition)["path"].is_unique
+
+    plan = plan_image_run(data["images"], data["model"], tmp_path, shards=2, run_date=DAY,
+                          workers=0, run_id="night-2")
+    results = [score_image_shard(job) for job in plan.jobs]
+    part = next(plan.pending.temp_dir.glob("part-*.parquet"))
+    shutil.copy(part, plan.pending.temp_dir / "part-00099-0000.parquet")  # not a planned shard
+    with pytest.raises(PartitionError, match="parts hold .* rows but the shards wrote"):
+        finish_image_run(plan, results)
+    assert not plan.pending.temp_dir.exists()
+    # The earlier committed partition is untouched.
+    assert _rows(partition_dir(tmp_path, "image_predictions", DAY))["path"].is_unique
+
+
+def test_dask_address_comes_from_the_parameter_or_the_environment():
+    env = {DASK_ADDRESS_ENV: "tcp://10.0.0.5:8786"}
+    assert resolve_dask_address(None, env) == "tcp://10.0.0.5:8786"
+    assert resolve_dask_address("tls://[::1]:8786", env) == "tls://[::1]:8786"
+    assert resolve_dask_address(None, {}) is None
+    with pytest.raises(DaskClusterError, match=f"{DASK_ADDRESS_ENV} '10.0.0.5'"):
+        resolve_dask_address(None, {DASK_ADDRESS_ENV: "10.0.0.5"})
+
+
+# --- the flows, local threads ----------------------------------------------------------------
+
+
+def test_local_shards_on_threads_equal_the_single_pass(data, tmp_path, prefect_api):
+    from flows.score_flows import score_image_folder_flow
+
+    state = score_image_folder_flow(str(data["images"]), str(data["model"]), str(tmp_path / "a"),
+                                    run_date=DAY, workers=0, shards=3, return_state=True)
+    assert state.is_completed(), state.message
+    single = score_image_folder_flow(str(data["images"]), str(data["model"]),
+                                     str(tmp_path / "b"), run_date=DAY, workers=0,
+                                     return_state=True)
+    parts = sorted(p.name for p in Path(state.result()["partition"]).glob("part-*"))
+    assert [p[:10] for p in parts] == ["part-00000", "part-00001", "part-00002"]
+    assert len(list(Path(single.result()["partition"]).glob("part-*"))) == 1
+    pd.testing.assert_frame_equal(_rows(state.result()["partition"], ["path"]),
+                                  _rows(single.result()["partition"], ["path"]))
+
+
+def test_a_malformed_dask_address_is_refused_before_any_work(data, tmp_path, prefect_api):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.score_flows import score_recommendations_flow
+
+    with pytest.raises(ParameterTypeError, match="dask_address"):
+        score_recommendations_flow(str(data["rec"]), str(tmp_path), dask_address="myhost:8786")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unreachable_scheduler_fails_in_one_line_and_commits_nothing(
+        data, tmp_path, prefect_api):
+    import dask
+
+    from flows.score_flows import score_image_folder_flow
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        state = score_image_folder_flow(str(data["images"]), str(data["model"]), str(tmp_path),
+                                        run_date=DAY, dask_address="tcp://127.0.0.1:9",
+                                        return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("dask_address tcp://127.0.0.1:9: no Dask scheduler answers")
+    assert list((tmp_path / "image_predictions").iterdir()) == []
+
+
+# --- the flows on a Dask cluster -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_api):
+    """Two worker processes, one thread each, on 127.0.0.1; a client that is not the default
+    (so the flows connect by address, as to a remote scheduler)."""
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("prefect_dask")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                                  processes=True, dashboard_address=None,
+                                  silence_logs=40) as local, \
+            distributed.Client(local, set_as_default=False) as client:
+        yield local, client
+
+
+@pytest.mark.slow
+def test_images_on_two_workers_equal_the_single_process_run(data, tmp_path, cluster):
+    from flows.score_flows import score_image_folder_flow
+
+    local, client = cluster
+    client.run(bundle_cache.clear)
+    state = score_image_folder_flow(str(data["images"]), str(data["model"]), str(tmp_path),
+                                    run_date=DAY, shards=4, dask_address=local.scheduler_address,
+                                    return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    single = score_image_folder(data["images"], data["model"], tmp_path / "single",
+                                run_date=DAY, workers=0)
+    pd.testing.assert_frame_equal(_rows(summary["partition"], ["path"]),
+                                  _rows(single.partition, ["path"]))
+    assert (summary["scored"], summary["failed"]) == (27, 1)
+    # Each worker verified the bundle once, however many of the 4 shards it ran.
+    loads = client.run(bundle_cache.load_counts)
+    bundle_loads = [n for counts in loads.values() for key, n in counts.items()
+                    if key.startswith("bundle ")]
+    assert bundle_loads and all(n == 1 for n in bundle_loads)
+    hits = client.run(bundle_cache.use_counts)
+    assert sum(n for counts in hits.values() for n in counts.values()) == 4
+
+
+@pytest.mark.slow
+def test_user_blocks_on_two_workers_equal_the_single_process_run(data, tmp_path, cluster):
+    from flows.score_flows import score_recommendations_flow
+
+    local, _ = cluster
+    state = score_recommendations_flow(str(data["rec"]), str(tmp_path), top_k=3, full_table=True,
+                                       run_date=DAY, shards=3, block_size=4,
+                                       dask_address=local.scheduler_address, return_state=True)
+    assert state.is_completed(), state.message
+    single = score_recommendations(data["rec"], tmp_path / "single", top_k=3, full_table=True,
+                                   run_date=DAY, block_size=4)
+    for table, rows in ((TOPK_TABLE, single.topk_rows), (FULL_TABLE, single.full_rows)):
+        sharded = _rows(partition_dir(tmp_path, table, DAY))
+        assert len(sharded) == rows
+        # User blocks are contiguous: even the row order is the single-process order.
+        pd.testing.assert_frame_equal(sharded, _rows(partition_dir(tmp_path / "single",
+                                                                   table, DAY)))
+    assert state.result()["users_scored"] == 40
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_still_commits_every_row_exactly_once(
+        data, tmp_path, cluster, monkeypatch):
+    """The first shard to start writes its parts, leaves a finished copy and a half-written file
+    behind as a crash would, and SIGKILLs its own worker; Dask reruns it elsewhere."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    import flows.score_flows as score_flows
+
+    local, client = cluster
+    marker = tmp_path / "killed"
+
+    @task(name="score-image-shard", cache_policy=NO_CACHE)
+    def dying_shard(job, progress=None):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return score_image_shard(job, progress)
+        score_image_shard(job)
+        temp, prefix = job.pending.temp_dir, f"part-{job.shard:05d}"
+        shutil.copy(temp / f"{prefix}-0000.parquet", temp / f"{prefix}-0007.parquet")
+        (temp / f".{prefix}-0008.parquet.inprogress").write_bytes(b"PAR1")
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(score_flows, "score_image_shard_task", dying_shard)
+    state = score_flows.score_image_folder_flow(
+        str(data["images"]), str(data["model"]), str(tmp_path), run_date=DAY, shards=4,
+        dask_address=local.scheduler_address, return_state=True)
+    assert state.is_completed(), state.message
+    killed = int(marker.read_text())
+    assert killed not in client.run(os.getpid).values()  # that worker really died
+    rows = _rows(state.result()["partition"], ["path"])
+    expected = sorted(f.relpath for f in walk_images(data["images"]))
+    assert rows["path"].tolist() == expected  # every file, exactly once
+    assert not list(Path(state.result()["partition"]).glob(".*"))

@@ -1,0 +1,199 @@
+"""The Parquet partition writer: layout, metadata, bounded files, shards, commit under a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from paths import REPO
+
+from scoring.errors import PartitionError
+from scoring.partition import (
+    PartitionWriter,
+    commit_partition,
+    committed_partitions,
+    open_partition,
+    read_partition,
+)
+
+DAY = date(2026, 11, 22)
+SCHEMA = pa.schema([("user", pa.int64()), ("score", pa.float32())])
+META = {"model_name": "m", "model_version": "v1", "bundle_sha256": "ab" * 32, "owner": "tests"}
+
+
+def _rows(start: int, n: int) -> dict:
+    users = list(range(start, start + n))
+    return {"user": users, "score": [u / 2 for u in users]}
+
+
+def _write(out: Path, start: int, n: int, **kw) -> PartitionWriter:
+    with PartitionWriter(out, "scores", DAY, SCHEMA, META, **kw) as w:
+        w.write(_rows(start, n))
+    return w
+
+
+def test_layout_success_metadata_and_hive_read(tmp_path):
+    w = _write(tmp_path, 0, 10, run_id="run-1")
+    part_dir = tmp_path / "scores" / "run_date=2026-11-22"
+    assert w.result.path == part_dir and w.result.rows == 10 and w.result.files == 1
+    assert sorted(p.name for p in part_dir.iterdir()) == ["_SUCCESS", "part-00000.parquet"]
+    assert json.loads((part_dir / "_SUCCESS").read_text())["rows"] == 10
+    meta = pq.read_schema(part_dir / "part-00000.parquet").metadata
+    assert meta[b"lensflow.model_name"] == b"m"
+    assert meta[b"lensflow.bundle_sha256"] == b"ab" * 32
+    assert meta[b"lensflow.run_id"] == b"run-1"
+    assert meta[b"lensflow.run_date"] == b"2026-11-22"
+    assert meta[b"lensflow.owner"] == b"tests"
+    table = ds.dataset(tmp_path / "scores", partitioning="hive").to_table()
+    assert table.num_rows == 10 and "run_date" in table.column_names
+    assert [p.name for p in tmp_path.joinpath("scores").iterdir()] == ["run_date=2026-11-22"]
+
+
+def test_rows_per_file_bounds_files_and_keeps_order(tmp_path):
+    with PartitionWriter(tmp_path, "scores", DAY, SCHEMA, META, rows_per_file=7) as w:
+        for start in range(0, 30, 4):  # batches that straddle file boundaries
+            w.write(pa.RecordBatch.from_pydict(_rows(start, 4), schema=SCHEMA))
+    names = sorted(p.name for p in w.result.path.glob("*.parquet"))
+    assert names == [f"part-{i:05d}.parquet" for i in range(5)]
+    sizes = [pq.read_metadata(w.result.path / n).num_rows for n in names]
+    assert sizes == [7, 7, 7, 7, 4]
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == list(range(32))
+
+
+def test_empty_run_still_writes_a_readable_schema(tmp_path):
+    w = _write(tmp_path, 0, 0)
+    table = read_partition(tmp_path, "scores", DAY)
+    assert table.num_rows == 0 and table.schema.names == SCHEMA.names
+    assert w.result.files == 1
+
+
+def test_exception_keeps_previous_partition_and_removes_temp(tmp_path):
+    _write(tmp_path, 0, 5)
+    with pytest.raises(RuntimeError):
+        with PartitionWriter(tmp_path, "scores", DAY, SCHEMA, META) as w:
+            w.write(_rows(100, 50))
+            raise RuntimeError("boom")
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == list(range(5))
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["run_date=2026-11-22"]
+
+
+def test_rerun_replaces_partition_whole(tmp_path):
+    _write(tmp_path, 0, 20, rows_per_file=5)  # four parts
+    _write(tmp_path, 100, 3)  # one part: no stale part of the first run may survive
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == [100, 101, 102]
+    assert len(list((tmp_path / "scores" / "run_date=2026-11-22").glob("*.parquet"))) == 1
+
+
+def test_metadata_must_name_the_model(tmp_path):
+    with pytest.raises(ValueError, match="bundle_sha256"):
+        open_partition(tmp_path, "scores", DAY, SCHEMA, {"model_name": "m", "model_version": "1"})
+    with pytest.raises(PartitionError, match="run_id"):
+        open_partition(tmp_path, "scores", DAY, SCHEMA, META, run_id="../escape")
+
+
+def test_shards_fill_one_partition_and_commit_once(tmp_path):
+    pending = open_partition(tmp_path, "scores", DAY, SCHEMA, META, rows_per_file=3)
+    pending = pickle.loads(pickle.dumps(pending))  # as a Dask/Prefect worker would receive it
+    for shard in (1, 0):
+        with pending.part_writer(shard) as w:
+            w.write(_rows(shard * 10, 4))
+    # A retried shard replaces what its failed attempt wrote.
+    with pending.part_writer(1) as w:
+        w.write(_rows(50, 2))
+    assert not partition_visible(tmp_path)
+    with pytest.raises(PartitionError, match=r"shard\(s\) \[2\]"):
+        commit_partition(pending, expected_shards=[0, 1, 2])
+    result = commit_partition(pending, expected_shards=[0, 1])
+    names = sorted(p.name for p in result.path.glob("*.parquet"))
+    assert names == [
+        "part-00000-0000.parquet", "part-00000-0001.parquet", "part-00001-0000.parquet"
+    ]
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == [0, 1, 2, 3, 50, 51]
+
+
+def test_commit_refuses_a_part_still_being_written(tmp_path):
+    pending = open_partition(tmp_path, "scores", DAY, SCHEMA, META)
+    writer = pending.part_writer(0)
+    writer.write(_rows(0, 3))
+    writer._flush()  # a file is now open under its in-progress name
+    with pytest.raises(PartitionError, match="still being written"):
+        commit_partition(pending)
+    writer.close()
+    assert commit_partition(pending).rows == 3
+
+
+def test_fallback_commit_crash_between_renames_is_recovered(tmp_path):
+    _write(tmp_path, 0, 4, run_id="first")
+    # Simulate a crash after the old partition was renamed aside and before the new one arrived.
+    final = tmp_path / "scores" / "run_date=2026-11-22"
+    final.rename(final.with_name(".run_date=2026-11-22-second.old"))
+    open_partition(tmp_path, "scores", DAY, SCHEMA, META, run_id="third")
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == [0, 1, 2, 3]
+    assert committed_partitions(tmp_path, "scores") == [final]
+
+
+def test_rerun_replaces_partition_without_atomic_exchange(tmp_path, monkeypatch):
+    import scoring.partition as partition
+
+    _write(tmp_path, 0, 6, rows_per_file=2)
+    monkeypatch.setattr(partition, "_exchange", lambda a, b: False)  # e.g. macOS, some NFS
+    _write(tmp_path, 40, 3)
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == [40, 41, 42]
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["run_date=2026-11-22"]
+
+
+def partition_visible(out: Path) -> bool:
+    return any((out / "scores").glob("run_date=*"))
+
+
+SLOW_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from datetime import date
+    import pyarrow as pa
+    from scoring.partition import PartitionWriter
+    schema = pa.schema([("user", pa.int64()), ("score", pa.float32())])
+    meta = {"model_name": "m", "model_version": "v2", "bundle_sha256": "cd" * 32}
+    with PartitionWriter(sys.argv[1], "scores", date(2026, 11, 22), schema, meta,
+                         rows_per_file=10) as w:
+        for i in range(10_000):
+            w.write({"user": list(range(1000 + i * 10, 1010 + i * 10)), "score": [0.0] * 10})
+            w._writer._flush()
+            if i == 3:
+                print("writing", flush=True)
+            time.sleep(0.01)
+    """
+)
+
+
+def test_sigkill_mid_write_leaves_previous_partition_and_rerun_replaces_it(tmp_path):
+    _write(tmp_path, 0, 25, rows_per_file=10)
+    before = read_partition(tmp_path, "scores", DAY)
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert child.stdout.readline().strip() == b"writing"
+        temp_dirs = list((tmp_path / "scores").glob(".run_date=*.tmp"))
+        assert temp_dirs and any(temp_dirs[0].glob("part-*.parquet"))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert read_partition(tmp_path, "scores", DAY).equals(before)
+    visible = ds.dataset(tmp_path / "scores", partitioning="hive").to_table()
+    assert visible.num_rows == 25  # the killed run's parts are hidden from dataset readers
+    _write(tmp_path, 500, 12, rows_per_file=10)
+    assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == list(range(500, 512))
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["run_date=2026-11-22"]

@@ -1,0 +1,219 @@
+"""fine_tune reads as the fast.ai recipe: frozen head fit, halve, unfreeze, discriminative fit."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from training.errors import TrainingError
+from training.evaluation.metrics import accuracy
+from training.fit.early_stopping import EarlyStopping
+from training.fit.fine_tune import fine_tune
+from training.fit.learner import Learner
+from training.fit.lr_finder import SUGGESTERS
+from training.fit.schedule import even_mults
+
+torch.set_num_threads(1)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        )
+        self.head = nn.Linear(16, 3)
+
+    def layer_groups(self) -> list[nn.Module]:
+        return [self.body[:3], self.body[3:], self.head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def make_learner(**kwargs) -> Learner:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(144, 6, generator=g)
+    y = (x @ torch.randn(6, 3, generator=g)).argmax(dim=1)
+    train = DataLoader(TensorDataset(x[:96], y[:96]), batch_size=16, shuffle=True)
+    valid = DataLoader(TensorDataset(x[96:], y[96:]), batch_size=24)
+    torch.manual_seed(0)
+    return Learner(TinyNet(), train, valid, nn.CrossEntropyLoss(), {"accuracy": accuracy},
+                   device="cpu", seed=0, **kwargs)
+
+
+def state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Recorder:
+    """Progress sink that keeps events and the model's state at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.states: dict[int, dict] = {}
+        self.learner: Learner | None = None
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        if event["event"] == "epoch_end":
+            self.states[event["epoch"]] = state(self.learner.model)
+
+    def batch_lrs(self, stage: str) -> list[list[float]]:
+        return [e["lrs"] for e in self.events if e["event"] == "batch" and e["stage"] == stage]
+
+
+def recorded_learner() -> tuple[Learner, Recorder]:
+    recorder = Recorder()
+    learner = make_learner(progress=recorder)
+    recorder.learner = learner
+    return learner, recorder
+
+
+def test_staged_recipe_with_a_given_base_lr():
+    learner, rec = recorded_learner()
+    start = state(learner.model)
+    result = fine_tune(learner, epochs=2, base_lr=1e-2, freeze_epochs=1, lr_mult=100)
+
+    assert [(r.epoch, r.stage) for r in result.history] == [
+        (0, "frozen"), (1, "unfrozen"), (2, "unfrozen")]
+    assert result.lr_finds == {}
+    assert result.stage_lrs["frozen"] == pytest.approx([1e-3, 1e-3, 1e-2])
+    assert result.stage_lrs["unfrozen"] == pytest.approx(even_mults(5e-5, 5e-3, 3))
+    # Frozen stage: body weights fixed, BatchNorm affines trained; then everything moves.
+    after_frozen, final = rec.states[0], rec.states[2]
+    for name in ["body.0.weight", "body.3.weight", "body.3.bias"]:
+        assert torch.equal(after_frozen[name], start[name]), name
+        assert not torch.equal(final[name], after_frozen[name]), name
+    assert not torch.equal(after_frozen["body.1.weight"], start["body.1.weight"])
+    # Schedules: the frozen stage warms up over its first quarter and anneals (pct_start 0.25:
+    # a frozen epoch on a small set is only a few steps, and fastai's 0.99 would spend them all
+    # warming up); the unfrozen one starts at lr / 5 and peaks at
+    # slice(base_lr / 2 / lr_mult, base_lr / 2).
+    frozen, unfrozen = rec.batch_lrs("frozen"), rec.batch_lrs("unfrozen")
+    head = [lrs[-1] for lrs in frozen]
+    peak_at = head.index(max(head))
+    assert max(head) > 0.9 * 1e-2 and head[0] < max(head) / 10
+    assert 0 < peak_at <= max(1, round(0.25 * len(head)))
+    assert head[peak_at:] == sorted(head[peak_at:], reverse=True) and head[-1] < 1e-2 / 100
+    assert unfrozen[0] == pytest.approx([lr / 5 for lr in even_mults(5e-5, 5e-3, 3)])
+    peak = max(unfrozen, key=lambda lrs: lrs[-1])  # 12 steps: the peak falls between two
+    assert peak == pytest.approx(even_mults(5e-5, 5e-3, 3), rel=0.01)
+    assert result.best_epoch == 2
+    assert result.best_metrics["valid_loss"] == learner.history[-1].valid_loss
+    assert all(p.requires_grad for p in learner.model.parameters())
+
+
+def test_auto_lr_takes_each_stage_from_the_finder():
+    learner = make_learner()
+    result = fine_tune(learner, epochs=1, base_lr="auto")
+    frozen, unfrozen = result.lr_finds["frozen"], result.lr_finds["unfrozen"]
+    assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.suggestion)
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(unfrozen.suggestion)
+    assert result.stage_lrs["unfrozen"][0] == pytest.approx(unfrozen.suggestion / 100)
+    # The two sweeps see different trainable sets, so they are different curves.
+    assert frozen.losses != unfrozen.losses
+
+
+def test_auto_without_a_second_finder_halves_the_first_suggestion():
+    result = fine_tune(make_learner(), epochs=1, base_lr="auto", find_lr_again=False)
+    assert set(result.lr_finds) == {"frozen"}
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(
+        result.lr_finds["frozen"].suggestion / 2)
+
+
+def test_a_named_rule_picks_the_frozen_lr_once_then_acts_as_that_number():
+    result = fine_tune(make_learner(), epochs=1, base_lr="slide")
+    frozen = result.lr_finds["frozen"]
+    assert set(result.lr_finds) == {"frozen"} and frozen.chosen == "slide"
+    assert frozen.suggestion == pytest.approx(frozen.suggestions["slide"])
+    assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.suggestion)
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(frozen.suggestion / 2)
+
+
+def test_the_cli_and_flows_offer_exactly_the_finder_rules_fine_tune_takes():
+    from typing import Literal, get_args
+
+    from flows.params import IMAGE_LR_WORDS, ImageLearningRate
+
+    assert set(IMAGE_LR_WORDS) == {"auto", *SUGGESTERS}
+    assert Literal[IMAGE_LR_WORDS] in get_args(ImageLearningRate)
+
+
+def test_a_named_rule_without_a_frozen_stage_runs_the_finder_unfrozen():
+    result = fine_tune(make_learner(), epochs=1, freeze_epochs=0, base_lr="minimum")
+    assert set(result.lr_finds) == {"unfrozen"}
+    assert result.lr_finds["unfrozen"].chosen == "minimum"
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(
+        result.lr_finds["unfrozen"].suggestion)
+
+
+class ScriptedScore:
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __call__(self, preds, targets) -> float:
+        return self.values.pop(0)
+
+
+def test_one_early_stopper_spans_both_stages_and_restores_the_winner():
+    learner, rec = recorded_learner()
+    learner.metrics["score"] = ScriptedScore([0.5, 0.9, 0.8, 0.7, 0.95, 0.99])
+    stopper = EarlyStopping(monitor="score", patience=2)
+    result = fine_tune(learner, epochs=4, base_lr=1e-2, freeze_epochs=2, early_stopping=stopper)
+    assert [r.stage for r in result.history] == ["frozen", "frozen", "unfrozen", "unfrozen"]
+    assert result.stopped_early and result.best_epoch == 1
+    assert result.best_metrics["score"] == 0.9
+    restored = state(learner.model)
+    for name, value in rec.states[1].items():
+        assert torch.equal(restored[name], value), name
+
+
+def test_stopping_in_the_frozen_stage_skips_the_unfrozen_one():
+    learner = make_learner()
+    learner.metrics["score"] = ScriptedScore([0.9, 0.5, 0.4, 0.3])
+    stopper = EarlyStopping(monitor="score", patience=1)
+    result = fine_tune(learner, epochs=3, base_lr=1e-2, freeze_epochs=4, early_stopping=stopper)
+    assert [r.stage for r in result.history] == ["frozen", "frozen"]
+    assert result.stopped_early and result.best_epoch == 0
+
+
+def test_precompute_trains_the_head_on_cached_features_then_the_whole_model(tmp_path):
+    learner, rec = recorded_learner()
+    start = state(learner.model)
+    result = fine_tune(learner, epochs=1, base_lr="auto", precompute=True,
+                       plots_dir=tmp_path)
+    body = [k for k in start if k.startswith("body.")]
+    assert all(torch.equal(rec.states[0][k], start[k]) for k in body)  # train_bn=False
+    assert not all(torch.equal(rec.states[1][k], start[k]) for k in body)
+    assert not torch.equal(rec.states[0]["head.weight"], start["head.weight"])
+    assert set(result.lr_finds) == {"frozen", "unfrozen"}
+    assert learner.train_module is learner.model
+
+
+def test_plots_and_json(tmp_path):
+    learner = make_learner()
+    result = fine_tune(learner, epochs=1, base_lr="auto", plots_dir=tmp_path / "plots")
+    names = {"lr_find_frozen", "lr_find_unfrozen", "learning_curve"}
+    assert set(result.plots) == names
+    for name in names:
+        png = tmp_path / "plots" / f"{name}.png"
+        assert result.plots[name] == str(png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(json.dumps(result.to_dict()))
+    assert [r["stage"] for r in data["history"]] == ["frozen", "unfrozen"]
+    assert data["lr_finds"]["frozen"]["chosen"] == "valley"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 1, "base_lr": "fast"}, "base_lr must be a positive number, 'auto' or one of "
+                                       "valley, steep, minimum, slide"),
+    ({"epochs": 1, "base_lr": -1.0}, "base_lr must be"),
+    ({"epochs": 0, "freeze_epochs": 0}, "nothing to train"),
+])
+def test_bad_arguments_are_training_errors(kwargs, message):
+    with pytest.raises(TrainingError, match=message):
+        fine_tune(make_learner(), **kwargs)

@@ -1,0 +1,113 @@
+"""Early stopping with best-weight restore (Prechelt, "Early Stopping — But When?", 1998).
+
+One instance can span several ``fit_one_cycle`` calls (the frozen and unfrozen stages of
+``fine_tune``): the patience counter and the best snapshot carry over. The snapshot is a CPU copy
+of the whole ``state_dict`` — weights and buffers such as BatchNorm running statistics — so the
+restored model is bit-identical to the winning epoch's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from training.errors import TrainingError
+
+if TYPE_CHECKING:
+    from training.fit.learner import EpochRecord
+
+MINIMISED_WORDS = ("loss", "error", "mse", "mae", "rmse")
+
+
+def monitored_value(record: EpochRecord, monitor: str) -> float:
+    """``record``'s value of ``monitor``: ``train_loss``, ``valid_loss`` or a metric name."""
+    if monitor in ("train_loss", "valid_loss"):
+        return float(getattr(record, monitor))
+    if monitor in record.metrics:
+        return float(record.metrics[monitor])
+    known = ["train_loss", "valid_loss", *record.metrics]
+    raise TrainingError(f"early stopping monitor {monitor!r} is not one of {known}")
+
+
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    mode: ``min``, ``max``, or ``auto`` (min when the name says loss/error, else max).
+    """
+
+    def __init__(
+        self,
+        monitor: str = "valid_loss",
+        mode: str = "auto",
+        min_delta: float = 0.0,
+        patience: int = 2,
+    ) -> None:
+        if mode == "auto":
+            mode = "min" if any(w in monitor.lower() for w in MINIMISED_WORDS) else "max"
+        if mode not in ("min", "max"):
+            raise TrainingError(f"early stopping mode must be auto, min or max, got {mode!r}")
+        if patience < 0 or min_delta < 0:
+            raise TrainingError("early stopping patience and min_delta must be >= 0")
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.patience = int(patience)
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.best_record: EpochRecord | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.epochs_without_improvement = 0
+        self.stopped_epoch: int | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_epoch is not None
+
+    def _improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        if self.mode == "min":
+            return value < self.best_value - self.min_delta
+        return value > self.best_value + self.min_delta
+
+    def update(self, record: EpochRecord, model: nn.Module) -> bool:
+        """Account for one finished epoch; snapshot ``model`` if it is the best. True = stop."""
+        value = monitored_value(record, self.monitor)
+        if self._improves(value):
+            self.best_value = value
+            self.best_epoch = record.epoch
+            self.best_record = record
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+            }
+            self.epochs_without_improvement = 0
+            return False
+        self.epochs_without_improvement += 1
+        if self.epochs_without_improvement >= self.patience:
+            self.stopped_epoch = record.epoch
+            return True
+        return False
+
+    def restore_best(self, model: nn.Module) -> int | None:
+        """Load the best snapshot into ``model`` (in place); return its epoch, None if none."""
+        if self.best_state is None:
+            return None
+        model.load_state_dict(self.best_state)
+        return self.best_epoch
+
+    def to_dict(self) -> dict:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "min_delta": self.min_delta,
+            "patience": self.patience,
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
+            "stopped_early": self.stopped_early,
+            "stopped_epoch": self.stopped_epoch,
+        }

@@ -1,0 +1,427 @@
+"""Pretrained backbones with a new head: the transfer-learning model of fast.ai lesson 6.
+
+A registry front in the manner of timm's ``create_model``: ``create_backbone(name)`` accepts any
+torchvision classification model name or any timm model name (prefix ``torchvision/`` or ``timm/``
+to choose when both libraries have it; torchvision wins otherwise), drops the ImageNet classifier
+and returns the pooled-feature body with its two layer groups and input recipe. ``create_model``
+puts a Dropout + Linear head on it (Howard & Gugger, "Fastai: a layered API for deep learning",
+2020; Yosinski et al., "How transferable are features in deep neural networks?", NeurIPS 2014),
+optionally squashed into ``y_range`` with fast.ai's ``sigmoid_range``. The layer groups
+``[early, late, head]`` are what freezing and discriminative learning rates act on (Howard &
+Ruder, "Universal Language Model Fine-tuning", ACL 2018).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.pixels import Preprocessing
+from training.errors import TrainingError
+
+_LIBRARIES = ("torchvision", "timm")
+
+
+@dataclass(frozen=True, eq=False)
+class Backbone:
+    """A pretrained body that maps a normalised float NCHW batch to (N, num_features) features.
+
+    groups: (early, late) — stem and early stages, then late stages; every body parameter is in
+    exactly one of them.
+    """
+
+    body: nn.Module
+    num_features: int
+    groups: tuple[nn.Module, nn.Module]
+    preprocessing: Preprocessing
+
+
+class LayerGroup(nn.Module):
+    """A view onto part of a body: its whole submodules plus parameters owned by a container."""
+
+    def __init__(self, blocks: list[nn.Module], loose: list[nn.Parameter]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.loose = nn.ParameterList(loose)
+
+
+class SigmoidRange(nn.Module):
+    """fast.ai's ``sigmoid_range``: squash outputs into (low, high) for bounded regression."""
+
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low = float(low)
+        self.high = float(high)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) * (self.high - self.low) + self.low
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"
+
+
+class ImageModel(nn.Module):
+    """``head(body(x))`` with the layer groups the training loop freezes and spreads LRs over."""
+
+    def __init__(self, arch: str, backbone: Backbone, head: nn.Module):
+        super().__init__()
+        self.arch = arch
+        self.num_features = backbone.num_features
+        self.body = backbone.body
+        self.head = head
+        # Names, not module references, so that the groups survive deepcopy and device moves.
+        self._group_names = tuple(_param_names_of(backbone.body, g) for g in backbone.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def layer_groups(self) -> list[nn.Module]:
+        """``[early, late, head]``: the last group is always the head."""
+        return [*(_group_from_names(self.body, names) for names in self._group_names), self.head]
+
+
+def resolve_arch(name: str) -> tuple[str, str]:
+    """``(library, model_name)`` for an arch name, or a TrainingError suggesting close names."""
+    import timm
+    import torchvision
+
+    library, _, bare = name.partition("/")
+    if bare and library in _LIBRARIES:
+        name = bare
+    else:
+        library = ""
+    in_torchvision = name in torchvision.models.list_models(module=torchvision.models)
+    if library in ("", "torchvision") and in_torchvision:
+        return "torchvision", name
+    if library in ("", "timm") and timm.is_model(name):
+        return "timm", name
+    known = torchvision.models.list_models(module=torchvision.models) + timm.list_models()
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise TrainingError(f"unknown arch {name!r}: not a torchvision or timm model name{hint}")
+
+
+def create_backbone(name: str, weights: str | Path = "imagenet") -> Backbone:
+    """The pretrained body of model ``name`` without its classifier.
+
+    weights: ``imagenet`` (the library's default weights, from its cache or the network),
+    ``none`` (random init), ``packaged`` (offline ImageNet weights, ``tf_efficientnet_lite0``
+    only) or the path of a safetensors / ``torch.save`` state dict of the full original model.
+    """
+    library, model_name = resolve_arch(name)
+    choice, path = _parse_weights(weights)
+    if choice == "packaged" and (library, model_name) != ("timm", "tf_efficientnet_lite0"):
+        raise TrainingError(
+            f"--weights packaged exists only for tf_efficientnet_lite0, not {name!r}; "
+            "use imagenet, none or a weights file"
+        )
+    build = _build_torchvision if library == "torchvision" else _build_timm
+    full_keys, body, num_features = build(model_name, pretrained=choice == "imagenet")
+    if choice == "packaged":
+        from training.models.packaged_weights import (
+            packaged_lite0_state_dict,
+            packaged_preprocessing,
+        )
+
+        _apply_weights(body, full_keys, packaged_lite0_state_dict(), origin="packaged")
+        preprocessing = packaged_preprocessing()
+    else:
+        if path is not None:
+            _apply_weights(body, full_keys, path, origin=str(path))
+        preprocessing = (_torchvision_preprocessing(model_name) if library == "torchvision"
+                         else _timm_preprocessing(body))
+    units = _timm_units(body) if library == "timm" else _module_units(body)
+    return Backbone(body, num_features, _split_groups(name, body, units), preprocessing)
+
+
+def create_model(
+    arch: str,
+    n_out: int,
+    weights: str | Path = "imagenet",
+    *,
+    y_range: tuple[float, float] | None = None,
+    dropout: float = 0.2,
+    input_size: int | None = None,
+) -> tuple[ImageModel, Preprocessing]:
+    """A backbone with a new Dropout + Linear head of ``n_out`` outputs, and its input recipe."""
+    if n_out < 1:
+        raise TrainingError(f"n_out must be at least 1, got {n_out}")
+    if not 0.0 <= dropout < 1.0:
+        raise TrainingError(f"dropout must be in [0, 1), got {dropout}")
+    if y_range is not None and not float(y_range[0]) < float(y_range[1]):
+        raise TrainingError(f"y_range must be (low, high) with low < high, got {y_range}")
+    if input_size is not None and input_size < 16:
+        raise TrainingError(f"input_size must be at least 16 pixels, got {input_size}")
+    backbone = create_backbone(arch, weights)
+    preprocessing = backbone.preprocessing
+    if input_size is not None and input_size != preprocessing.input_size:
+        if _has_fixed_input_size(arch, backbone.body):
+            raise TrainingError(
+                f"arch {arch!r} only takes {preprocessing.input_size}px input, "
+                f"not input_size={input_size}"
+            )
+        preprocessing = preprocessing.with_size(input_size)
+    layers: list[nn.Module] = [nn.Dropout(dropout), nn.Linear(backbone.num_features, n_out)]
+    if y_range is not None:
+        layers.append(SigmoidRange(*y_range))
+    return ImageModel(arch, backbone, nn.Sequential(*layers)), preprocessing
+
+
+def _parse_weights(weights: str | Path) -> tuple[str, Path | None]:
+    if isinstance(weights, str) and weights.lower() in ("imagenet", "none", "packaged"):
+        return weights.lower(), None
+    path = Path(weights)
+    if not path.is_file():
+        raise TrainingError(
+            f"weights file {path} not found (weights is imagenet, none, packaged or a file path)"
+        )
+    return "file", path
+
+
+def _has_fixed_input_size(arch: str, body: nn.Module) -> bool:
+    """Position embeddings pin some transformers to the size they were built for."""
+    cfg = getattr(body, "pretrained_cfg", None)
+    if cfg is not None:
+        return bool(cfg.get("fixed_input_size", False))
+    name = arch.rpartition("/")[2]
+    return name.startswith(("vit_", "maxvit"))
+
+
+# ---- building the body from each library ------------------------------------------------------
+
+_NO_NETWORK_HINT = ("no network and no cached copy? use --weights packaged "
+                    "(tf_efficientnet_lite0) or --weights <file>")
+
+
+def _build_torchvision(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int]:
+    """Full-model keys, the body (classifier and aux heads made Identity) and its width."""
+    import torchvision
+
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    if pretrained:
+        try:
+            model = torchvision.models.get_model(name, weights=default)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError
+            raise TrainingError(f"cannot get ImageNet weights for {name}: {_NO_NETWORK_HINT}") \
+                from e
+    else:
+        kwargs = _torchvision_kwargs(name, default)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    full_keys = set(model.state_dict())
+    if getattr(model, "aux_logits", False):
+        # Auxiliary classifiers only run in training mode and return a tuple: not features.
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    num_features = _drop_classifier(model, len(default.meta["categories"]), name)
+    return full_keys, model, num_features
+
+
+def _torchvision_kwargs(name: str, default) -> dict:
+    """What torchvision's builders change when given weights, so random init has the same shape."""
+    if name in ("inception_v3", "googlenet"):
+        return {"transform_input": True, "init_weights": True}
+    if name.startswith("vit_"):
+        return {"image_size": default.meta["min_size"][0]}
+    return {}
+
+
+def _drop_classifier(model: nn.Module, n_classes: int, name: str) -> int:
+    """Replace the last layer producing class scores (and a Dropout just before it) by Identity."""
+    classifier = None
+    for qual, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == n_classes:
+            classifier, width = qual, module.in_features
+        elif isinstance(module, nn.Conv2d) and module.out_channels == n_classes:
+            classifier, width = qual, module.in_channels  # squeezenet scores with a 1x1 conv
+    if classifier is None:
+        raise TrainingError(f"arch {name!r}: no {n_classes}-class classifier layer to replace")
+    parent_name, _, child = classifier.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, nn.Identity())
+    if isinstance(parent, nn.Sequential) and child.isdigit() and int(child) > 0:
+        before = str(int(child) - 1)
+        if isinstance(parent.get_submodule(before), nn.Dropout):
+            setattr(parent, before, nn.Identity())  # the new head brings its own dropout
+    return width
+
+
+def _build_timm(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int]:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained)
+    except (OSError, RuntimeError) as e:  # hub errors subclass OSError
+        raise TrainingError(f"cannot get ImageNet weights for {name}: {_NO_NETWORK_HINT}") from e
+    full_keys = set(model.state_dict())
+    model.reset_classifier(0)
+    return full_keys, model, int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def _torchvision_preprocessing(name: str) -> Preprocessing:
+    import torchvision
+
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return Preprocessing(
+        input_size=int(preset.crop_size[0]),
+        resize_size=int(preset.resize_size[0]),
+        mean=tuple(float(v) for v in preset.mean),
+        std=tuple(float(v) for v in preset.std),
+        interpolation=preset.interpolation.value,
+    )
+
+
+def _timm_preprocessing(body: nn.Module) -> Preprocessing:
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(body)
+    input_size = int(cfg["input_size"][-1])
+    return Preprocessing(
+        input_size=input_size,
+        resize_size=math.floor(input_size / cfg["crop_pct"]),  # as timm's eval transform does
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg["interpolation"]),
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file or a ``torch.save`` state dict, never unpickling arbitrary objects."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, zipfile and unpickler all raise their own types
+        raise TrainingError(f"cannot read weights file {path}: {e}") from e
+    for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor)
+                                               for v in loaded.values()):
+        raise TrainingError(f"weights file {path} does not hold a state dict of tensors")
+    return loaded
+
+
+def _apply_weights(body: nn.Module, full_keys: set[str],
+                   source: Path | dict[str, torch.Tensor], origin: str) -> None:
+    """Load full-model weights into the body; the old classifier's keys are ignored."""
+    state = _read_state_dict(source) if isinstance(source, Path) else source
+    target = body.state_dict()
+    check_weights_fit(target, state, f"weights {origin}", ignored=full_keys - set(target))
+    body.load_state_dict({k: state[k] for k in target}, strict=True)
+
+
+def check_weights_fit(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                      origin: str, ignored: set[str] | frozenset[str] = frozenset()) -> None:
+    """Raise a TrainingError naming ``origin`` and the keys unless ``state`` fills ``target``."""
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target) - set(ignored))
+    if missing or unexpected:
+        raise TrainingError(
+            f"{origin} do not fit the model: missing keys {missing[:5]} ({len(missing)}), "
+            f"unexpected keys {unexpected[:5]} ({len(unexpected)})"
+        )
+    for key, value in target.items():
+        if state[key].shape != value.shape:
+            raise TrainingError(f"{origin}: {key} has shape {tuple(state[key].shape)}, "
+                                f"the model needs {tuple(value.shape)}")
+
+
+# ---- layer groups -------------------------------------------------------------------------------
+
+_MIN_UNITS = 4  # fewer parameter-holding units than this and a container gets opened up
+
+
+def _timm_units(body: nn.Module) -> list[list[str]]:
+    """Stem, then one unit per stage, from timm's own coarse grouping (used for layer decay)."""
+    from timm.models import group_parameters
+
+    try:
+        matcher = body.group_matcher(coarse=True)
+    except (AttributeError, NotImplementedError):
+        return _module_units(body)
+    return [list(names) for names in group_parameters(body, matcher).values()]
+
+
+def _module_units(body: nn.Module) -> list[list[str]]:
+    """Parameter names per unit, in forward order, opening the biggest container until ≥ 4 units.
+
+    A torchvision resnet opens once (conv1, bn1, layer1..4); a mobilenet or vit opens its
+    ``features`` / ``encoder.layers`` container into blocks. Parameters a container owns itself
+    (vit's class token, position embedding) travel with its first child.
+    """
+    units: list[tuple[str, list[str]]] = [("", [])]  # (module name, loose parameter names)
+    while len(units) < _MIN_UNITS:
+        sizes = [(_numel(body, name), i) for i, (name, _) in enumerate(units)
+                 if _param_children(body, name)]
+        if not sizes:
+            break
+        _, i = max(sizes)
+        name, loose = units[i]
+        module = body.get_submodule(name)
+        own = [_join(name, n) for n, _ in module.named_parameters(recurse=False)]
+        children = [(_join(name, n), []) for n, _ in _param_children(body, name)]
+        children[0] = (children[0][0], loose + own)
+        units[i:i + 1] = children
+    return [loose + [_join(name, n) for n, _ in body.get_submodule(name).named_parameters()]
+            for name, loose in units]
+
+
+def _split_groups(arch: str, body: nn.Module, units: list[list[str]]) -> tuple[nn.Module, ...]:
+    """Early = stem and the first half of the stages, late = the rest."""
+    if len(units) < 2:
+        raise TrainingError(f"arch {arch!r}: cannot split its body into two layer groups")
+    cut = min(len(units) // 2 + 1, len(units) - 1)
+    names = ([n for u in units[:cut] for n in u], [n for u in units[cut:] for n in u])
+    all_names = [n for n, _ in body.named_parameters()]
+    if sorted(names[0] + names[1]) != sorted(all_names):
+        raise TrainingError(f"arch {arch!r}: layer groups do not partition its parameters")
+    return tuple(_group_from_names(body, group) for group in names)
+
+
+def _group_from_names(body: nn.Module, names: tuple[str, ...] | list[str]) -> LayerGroup:
+    """The fewest whole submodules (plus loose parameters) holding exactly ``names``."""
+    wanted = set(names)
+    blocks: list[nn.Module] = []
+    loose: list[nn.Parameter] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        own = {_join(prefix, n) for n, _ in module.named_parameters()}
+        if not own & wanted:
+            return
+        if own <= wanted:
+            blocks.append(module)
+            return
+        loose.extend(p for n, p in module.named_parameters(recurse=False)
+                     if _join(prefix, n) in wanted)
+        for child_name, child in module.named_children():
+            visit(_join(prefix, child_name), child)
+
+    visit("", body)
+    return LayerGroup(blocks, loose)
+
+
+def _param_names_of(body: nn.Module, group: nn.Module) -> tuple[str, ...]:
+    ids = {id(p) for p in group.parameters()}
+    return tuple(n for n, p in body.named_parameters() if id(p) in ids)
+
+
+def _param_children(body: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in body.get_submodule(name).named_children()
+            if any(True for _ in m.parameters())]
+
+
+def _numel(body: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in body.get_submodule(name).parameters())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,283 @@
+"""Fine-tune a pretrained image model the fast.ai way, top to bottom.
+
+prepare the data → build the model → LR finder → train the head on a frozen body → unfreeze →
+LR finder again → discriminative LRs across layer groups → restore the best epoch → write the
+training output that ``export`` turns into a bundle.
+
+The recipe is the same for the three image tasks; an ``ImageTask`` holds what differs (outputs,
+loss, metrics, data pipeline, final evaluation). Single-label lives here; multi-label and
+regression in ``training.recipes.multilabel`` and ``training.recipes.regression``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from export.pixels import Preprocessing, decode_for_model
+from training.data import images as image_data
+from training.data.transforms import TRAIN_SCALE
+from training.errors import TrainingError
+from training.evaluation import metrics
+from training.evaluation.plots import plot_confusion_matrix
+from training.fit.early_stopping import EarlyStopping
+from training.fit.fine_tune import fine_tune
+from training.fit.learner import Learner
+from training.models.backbones import create_model
+from training.models.checkpoint import ImageModelSpec, load_image_model, save_image_model
+
+VALID_SAMPLE_FILE = "valid_sample.safetensors"
+VALID_SAMPLE_SIZE = 16
+#: How to read the model's outputs (thresholds, target meaning): merged into the manifest.
+OUTPUTS_FILE = "outputs.json"
+
+
+@dataclass(frozen=True)
+class ImageTrainResult:
+    """Where the training output landed and what the restored best epoch scored."""
+
+    out_dir: Path
+    metrics: dict
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    plots: dict
+
+    def to_dict(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir),
+            "metrics": self.metrics,
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+            "seconds": self.seconds,
+            "plots": {k: str(v) for k, v in self.plots.items()},
+        }
+
+
+def prepare_image_data(
+    data: str | Path,
+    *,
+    csv: str | Path | None = None,
+    valid_pct: float = 0.2,
+    seed: int = 42,
+) -> image_data.ImageData:
+    """Validate and split an image folder, or a CSV of ``fname,label[,is_valid]`` under ``data``."""
+    data = Path(data)
+    if not data.exists():
+        raise TrainingError(f"image data not found: {data}")
+    if csv is not None:
+        return image_data.from_csv(csv, data, valid_pct=valid_pct, seed=seed)
+    return image_data.from_folder(data, valid_pct=valid_pct, seed=seed)
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """What sets one image task apart; ``train_image_task`` does the rest the same way.
+
+    evaluate: ``(learner, preprocessing, plots_dir) -> (metrics, outputs)`` on the restored best
+    weights; ``outputs`` holds what the manifest needs to read the model's outputs
+    (``thresholds``, ``targets``) and lands in ``outputs.json``.
+    dataset_cls, train_scale, flip: how items become tensors and how training augments them.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    loss_fn: nn.Module
+    metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
+    evaluate: Callable[[Learner, Preprocessing, Path], tuple[dict, dict]]
+    y_range: tuple[float, float] | None = None
+    dataset_cls: type[image_data.ImageItemsDataset] = image_data.ImageItemsDataset
+    train_scale: tuple[float, float] = TRAIN_SCALE
+    flip: bool = True
+
+
+def train_image_model(
+    data: image_data.ImageData,
+    out_dir: str | Path,
+    *,
+    arch: str = "tf_efficientnet_lite0",
+    weights: str = "packaged",
+    size: int = 224,
+    bs: int = 32,
+    freeze_epochs: int = 1,
+    epochs: int = 3,
+    lr: float | str = "auto",
+    patience: int | None = 2,
+    precompute: bool = False,
+    seed: int = 42,
+    workers: int | None = None,
+    device: str = "auto",
+    progress=None,
+) -> ImageTrainResult:
+    """Fine-tune ``arch`` on single-label images; write the training output to ``out_dir``."""
+    task = ImageTask(
+        "single_label", tuple(data.classes), nn.CrossEntropyLoss(),
+        {"accuracy": metrics.accuracy, "error_rate": metrics.error_rate},
+        lambda learner, prep, plots_dir: (_evaluate(learner, data.classes, plots_dir), {}))
+    return train_image_task(
+        task, data, out_dir, arch=arch, weights=weights, size=size, bs=bs,
+        freeze_epochs=freeze_epochs, epochs=epochs, lr=lr, patience=patience,
+        precompute=precompute, seed=seed, workers=workers, device=device, progress=progress)
+
+
+def train_image_task(
+    task: ImageTask,
+    data,
+    out_dir: str | Path,
+    *,
+    arch: str = "tf_efficientnet_lite0",
+    weights: str = "packaged",
+    size: int = 224,
+    bs: int = 32,
+    freeze_epochs: int = 1,
+    epochs: int = 3,
+    lr: float | str = "auto",
+    patience: int | None = 2,
+    precompute: bool = False,
+    seed: int = 42,
+    workers: int | None = None,
+    device: str = "auto",
+    progress=None,
+) -> ImageTrainResult:
+    """Fine-tune ``arch`` for ``task`` on ``data`` (an ``ImageData``, ``MultiLabelData`` or
+    ``RegressionData``): LR finder, frozen head, unfrozen body, best epoch restored; then write
+    the weights, metrics, plots and a validation sample that ``export_image_model`` reads."""
+    out_dir = Path(out_dir)
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    model, prep = create_model(arch, len(task.classes), weights, input_size=size,
+                               y_range=task.y_range)
+    learner = _image_learner(model, task, data, prep, bs=bs, workers=workers, device=device,
+                             seed=seed, progress=progress)
+    stopper = EarlyStopping(monitor="valid_loss", patience=patience) if patience else None
+    result = fine_tune(learner, epochs, base_lr=lr, freeze_epochs=freeze_epochs,
+                       early_stopping=stopper, precompute=precompute, plots_dir=plots_dir,
+                       train_plain=learner.train_plain)
+
+    final, outputs = task.evaluate(learner, prep, plots_dir)
+    spec = ImageModelSpec(arch=arch, task=task.name, n_out=len(task.classes),
+                          classes=list(task.classes), y_range=task.y_range, dropout=0.2,
+                          preprocessing=prep)
+    save_image_model(out_dir, learner.model.cpu(), spec)
+    _write_valid_sample(out_dir / VALID_SAMPLE_FILE, data, prep)
+    _write_json(out_dir / "metrics.json", final)
+    _write_json(out_dir / "history.json", result.to_dict())
+    _write_json(out_dir / OUTPUTS_FILE, outputs)
+    _write_json(out_dir / "data.json", {"root": str(data.root), "source": data.source,
+                                        "summary": data.summary()})
+    plots = {p.stem: p for p in sorted(plots_dir.glob("*.png"))}
+    seconds = sum(r.seconds for r in result.history)
+    return ImageTrainResult(out_dir, final, result.best_epoch, result.stopped_early, seconds,
+                            plots)
+
+
+def _image_learner(model: nn.Module, task: ImageTask, data, prep: Preprocessing, *, bs,
+                   workers, device, seed, progress) -> Learner:
+    device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    loaders = image_data.build_loaders(data, prep, bs=bs, workers=workers,
+                                       device_type=device_type, seed=seed,
+                                       dataset_cls=task.dataset_cls,
+                                       train_scale=task.train_scale, flip=task.flip)
+    learner = Learner(model, loaders.train, loaders.valid, task.loss_fn, task.metrics,
+                      device=device, seed=seed, progress=progress)
+    learner.train_plain = loaders.train_plain
+    return learner
+
+
+def _evaluate(learner: Learner, classes, plots_dir: Path) -> dict:
+    """Metrics of the restored best weights, by the names the manifest and README use."""
+    preds, targets = learner.predict(learner.valid_loader)
+    loss = float(nn.functional.cross_entropy(preds.float(), targets))
+    cm = metrics.confusion_matrix(preds, targets, len(classes))
+    plot_confusion_matrix(cm, list(classes), plots_dir / "confusion_matrix.png")
+    per_class = metrics.per_class_accuracy(preds, targets, len(classes))
+    return {
+        "valid_loss": loss,
+        "accuracy": metrics.accuracy(preds, targets),
+        "error_rate": metrics.error_rate(preds, targets),
+        "per_class_accuracy": dict(zip(classes, [float(a) for a in per_class], strict=True)),
+        "confusion_matrix": cm.tolist(),
+        "most_confused": metrics.most_confused(cm, list(classes)),
+        "n_valid": int(targets.numel()),
+    }
+
+
+def valid_sample(data, prep: Preprocessing, n: int = VALID_SAMPLE_SIZE) -> torch.Tensor:
+    """The first ``n`` validation images as the uint8 NHWC batch the exported graph takes."""
+    images = [torch.from_numpy(decode_for_model(item.path, prep)) for item in data.valid[:n]]
+    if not images:
+        return torch.empty((0, prep.input_size, prep.input_size, 3), dtype=torch.uint8)
+    return torch.stack(images).contiguous()
+
+
+def _write_valid_sample(path: Path, data, prep: Preprocessing) -> None:
+    """A few real validation images: export's parity gate runs on them, so the training output
+    alone is enough to build a bundle."""
+    sample = valid_sample(data, prep)
+    if len(sample):
+        save_file({"images": sample}, str(path))
+
+
+def _write_json(path: Path, obj) -> None:
+    """Strict JSON: a metric that is undefined (NaN, e.g. a class with no samples) is null."""
+    path.write_text(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def export_image_model(
+    train_out: str | Path,
+    registry: str | Path,
+    name: str,
+    *,
+    tolerances=None,
+):
+    """Turn a training output directory into a verified bundle (export + parity gate)."""
+    from safetensors.torch import load_file
+
+    from export.convert import export_bundle
+    from export.parity import ParityTolerances
+
+    train_out = Path(train_out)
+    model, spec = load_image_model(train_out)
+    sample_path = train_out / VALID_SAMPLE_FILE
+    sample = load_file(str(sample_path))["images"] if sample_path.exists() else None
+    outputs = _read_json(train_out / OUTPUTS_FILE) or {}
+    manifest = {
+        "task": spec.task,
+        "arch": spec.arch,
+        "classes": spec.classes,
+        "preprocessing": spec.preprocessing.to_dict(),
+        "y_range": list(spec.y_range) if spec.y_range else None,
+        # multi_label: one threshold or one per class; regression: what the outputs mean.
+        "thresholds": outputs.get("thresholds"),
+        "targets": outputs.get("targets"),
+        "metrics": _read_json(train_out / "metrics.json"),
+        "history": _read_json(train_out / "history.json"),
+    }
+    plots = train_out / "plots"
+    return export_bundle(model.eval(), manifest, registry, name, validation_inputs=sample,
+                         tolerances=tolerances or ParityTolerances(),
+                         plots_dir=plots if plots.is_dir() else None)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
