@@ -7,33 +7,23 @@ print one ``error: ...`` line and exit 2 instead of a traceback.
 from __future__ import annotations
 
 import sys
-from datetime import date
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from flows.cli_output import PLAIN as _PLAIN
+from flows.cli_output import console, out
+from flows.cli_output import print_metrics as _print_metrics
+from flows.cli_score import score_app
 from flows.params import IMAGE_LR_WORDS
 
-# Plain help text: our help strings hold brackets such as REG/NAME[/VERSION].
-_PLAIN = {"no_args_is_help": True, "rich_markup_mode": None}
 app = typer.Typer(add_completion=False, **_PLAIN,
                   help="Fine-tune, export, verify and batch-score vision models and recommenders.")
 train_app = typer.Typer(**_PLAIN, help="Fine-tune a model.")
-score_app = typer.Typer(**_PLAIN, help="Score a batch to Parquet.")
 app.add_typer(train_app, name="train")
 app.add_typer(score_app, name="score")
-# No markup: summaries and paths may hold brackets, which rich would swallow as tags.
-console = Console(stderr=True, markup=False, highlight=False)
-out = Console(soft_wrap=True, markup=False, highlight=False)
-
-
-class Runtime(str, Enum):
-    onnx = "onnx"
-    torchscript = "torchscript"
 
 
 class Device(str, Enum):
@@ -64,16 +54,6 @@ def _lr(value: str, words: tuple[str, ...] = ("auto",)) -> float | str:
 
         raise TrainingError(
             f"--lr must be {', '.join(map(repr, words))} or a number, got {value!r}") from None
-
-
-def _print_metrics(title: str, metrics: dict) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        if isinstance(value, int | float):
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    out.print(table)
 
 
 def _progress_printer():
@@ -258,30 +238,11 @@ def train_ratings(
         out.print(f"bundle: {result.bundle_path} (promoted: {result.promoted})")
 
 
-def _export_training_output(train_out: Path, registry: Path, name: str):
-    """Export an image or recommender training output, by the task its model.json names."""
-    import json
-
-    from training.errors import TrainingError
-
-    spec = train_out / "model.json"
-    if not spec.is_file():
-        raise TrainingError(f"{train_out}: no model.json — is this a lensflow training output?")
-    if json.loads(spec.read_text()).get("task") == "collab":
-        from training.recipes.collab import export_recommender
-
-        return export_recommender(train_out, registry, name)
-    from training.recipes.image import export_image_model
-
-    return export_image_model(train_out, registry, name)
-
-
 def _export_verify_promote(train_out: Path, registry: Path, name: str) -> None:
-    from export.bundle import promote as promote_bundle
+    from training.recipes.publish import publish
 
-    result = _export_training_output(train_out, registry, name)
+    result, current = publish(train_out, registry, name)
     out.print(result.parity.to_markdown())
-    current = promote_bundle(result.bundle_path)
     out.print(f"bundle: {result.bundle_path}\npromoted: {current}")
 
 
@@ -292,7 +253,9 @@ def export_cmd(
     name: Annotated[str, typer.Option(help="model name")],
 ) -> None:
     """Export a training output to a bundle (TorchScript, ONNX, torch.export) and run parity."""
-    result = _export_training_output(train_out, registry, name)
+    from training.recipes.publish import export_training_output
+
+    result = export_training_output(train_out, registry, name)
     out.print(result.parity.to_markdown())
     out.print(f"bundle: {result.bundle_path}")
 
@@ -323,126 +286,6 @@ def promote_cmd(
     from export.bundle import promote, resolve_bundle
 
     out.print(f"promoted: {promote(resolve_bundle(bundle))}")
-
-
-@score_app.command("images")
-def score_images(
-    folder: Path,
-    model: Annotated[str, typer.Option(help="REG/NAME[/VERSION] or a bundle dir")],
-    out_root: Annotated[Path, typer.Option("--out", help="output root for Parquet tables")],
-    run_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: today, UTC)")] = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    runtime: Runtime = Runtime.onnx,
-    device: Device = Device.auto,
-    top_k: int = 5,
-    incremental: bool = False,
-    dask_address: Annotated[str | None, typer.Option(
-        envvar="LENSFLOW_DASK_ADDRESS",
-        help="run the shards on this Dask scheduler, tcp://HOST:PORT (as a Prefect flow run)",
-    )] = None,
-    shards: Annotated[int | None, typer.Option(
-        min=1, help="pieces to split the run into (default 1 here, 16 on a Dask cluster)")] = None,
-) -> None:
-    """Score every image under FOLDER into <out>/image_predictions/run_date=.../."""
-    from scoring.image_scoring import ScoreSummary, score_image_folder
-
-    if dask_address or shards:
-        _allow_slow_ephemeral_server()
-        from flows.score_flows import score_image_folder_flow
-
-        result = _run_flow(score_image_folder_flow, str(folder), model, str(out_root),
-                           run_date=_date(run_date), batch_size=batch_size, workers=workers,
-                           runtime=runtime.value, device=device.value, top_k=top_k,
-                           incremental=incremental, shards=shards, dask_address=dask_address)
-        out.print(ScoreSummary(**result).summary_line())
-        return
-    summary = score_image_folder(
-        folder, model, out_root, run_date=_date(run_date), batch_size=batch_size, workers=workers,
-        runtime=runtime.value, device=device.value, top_k=top_k, incremental=incremental,
-        progress=_score_progress())
-    out.print(summary.summary_line())
-
-
-@score_app.command("recommendations")
-def score_recommendations_cmd(
-    model: Annotated[str, typer.Option(help="REG/NAME[/VERSION] or a bundle dir")],
-    out_root: Annotated[Path, typer.Option("--out", help="output root for Parquet tables")],
-    top_k: int = 10,
-    full_table: Annotated[bool, typer.Option(help="also write every user × item score")] = False,
-    users: Annotated[Path | None, typer.Option(help="file of raw user ids, one per line")] = None,
-    strict: Annotated[bool, typer.Option(help="unknown user ids are an error")] = False,
-    run_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: today, UTC)")] = None,
-    runtime: Runtime = Runtime.onnx,
-    device: Device = Device.auto,
-    dask_address: Annotated[str | None, typer.Option(
-        envvar="LENSFLOW_DASK_ADDRESS",
-        help="run the shards on this Dask scheduler, tcp://HOST:PORT (as a Prefect flow run)",
-    )] = None,
-    shards: Annotated[int | None, typer.Option(
-        min=1, help="pieces to split the run into (default 1 here, 16 on a Dask cluster)")] = None,
-) -> None:
-    """Top-k per user (seen items excluded) and optionally the full user × item table."""
-    from scoring.recommendations import RecScoreSummary, score_recommendations
-
-    if dask_address or shards:
-        _allow_slow_ephemeral_server()
-        from flows.score_flows import score_recommendations_flow
-
-        result = _run_flow(score_recommendations_flow, model, str(out_root), top_k=top_k,
-                           full_table=full_table, users=str(users) if users else None,
-                           strict=strict, run_date=_date(run_date), runtime=runtime.value,
-                           device=device.value, shards=shards, dask_address=dask_address)
-        out.print(RecScoreSummary(**result).summary_line())
-        return
-    summary = score_recommendations(
-        model, out_root, top_k=top_k, full_table=full_table, users=users, strict=strict,
-        run_date=_date(run_date), runtime=runtime.value, device=device.value)
-    out.print(summary.summary_line())
-
-
-def _allow_slow_ephemeral_server() -> None:
-    """Without PREFECT_API_URL the flow starts a temporary server; Prefect's 20 s start-up
-    limit is too short on a busy 2-core machine. Must run before Prefect is imported."""
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
-
-def _run_flow(flow, *args, **kwargs) -> dict:
-    """Run a scoring flow (sharded, maybe on Dask); a failed run is one error line."""
-    from scoring.errors import ScoringError
-
-    state = flow(*args, **kwargs, return_state=True)
-    if not state.is_completed():
-        raise ScoringError(state.message or f"{flow.name} ended {state.name}")
-    return state.result()
-
-
-def _date(value: str | None) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"--run-date must be YYYY-MM-DD, got {value!r}") from None
-
-
-def _score_progress():
-    from rich.progress import Progress
-
-    state: dict = {}
-
-    def show(event: dict) -> None:
-        if event.get("event") == "start":
-            state["bar"] = Progress(console=console, transient=True)
-            state["bar"].start()
-            state["task"] = state["bar"].add_task("scoring", total=event.get("total"))
-        elif event.get("event") == "advance" and "bar" in state:
-            state["bar"].advance(state["task"], event.get("n", 1))
-        elif event.get("event") == "end" and "bar" in state:
-            state["bar"].stop()
-    return show
 
 
 @app.command("demo")

@@ -1,0 +1,105 @@
+"""The options of every training recipe, each declared once: name, type, default, help, checks.
+
+The recipe reads them from one object; ``flows`` derives the ``lensflow train ...`` commands and
+the Prefect flow parameters (UI form, ``--param`` validation) from these same models, so a new
+option is one line here. Where a run puts its data and output (paths, registry, model name) is
+not an option of the recipe and stays with each surface.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.fit.lr_finder import SUGGESTERS
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+ValidFraction = Annotated[float, Field(gt=0, lt=1)]
+Device = Literal["auto", "cpu", "cuda"]
+#: Words an image LR takes besides a number: "auto" (each stage's finder) or one finder rule.
+IMAGE_LR_WORDS = ("auto", *SUGGESTERS)
+ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat  # type: ignore[valid-type]
+LearningRate = Literal["auto"] | PositiveFloat
+
+
+class Options(BaseModel):
+    """Base of every declared option set: unknown names are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def updated(self, **changes) -> Options:
+        """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
+        return type(self)(**(self.model_dump() | changes))
+
+
+class ImageTrainOptions(Options):
+    """Fine-tuning a pretrained image model: single-label, and the base of the other tasks."""
+
+    arch: str = Field("tf_efficientnet_lite0", description="backbone: a timm or torchvision "
+                      "model name (prefix timm/ or torchvision/ to force one)")
+    weights: str = Field("packaged", description="imagenet | none | packaged | PATH of a state "
+                         "dict")
+    size: PositiveInt = Field(224, description="side of the square input in pixels")
+    bs: PositiveInt = Field(32, description="batch size")
+    freeze_epochs: NonNegativeInt = Field(1, description="epochs of the head on a frozen body")
+    epochs: NonNegativeInt = Field(3, description="epochs after unfreezing, discriminative LRs")
+    lr: ImageLearningRate = Field("auto", description="a number; auto (LR finder, valley, each "
+                                  "stage); or valley|steep|minimum|slide: that finder rule once, "
+                                  "then halved after unfreezing like a number")
+    patience: NonNegativeInt = Field(2, description="early-stopping patience in epochs; 0 "
+                                     "disables")
+    precompute: bool = Field(False, description="cache frozen-body features for frozen epochs")
+    valid_pct: ValidFraction = Field(0.2, description="share held out for validation when the "
+                                     "data has no split of its own")
+    seed: int = Field(42, description="seed of the split, the head's init and the shuffling")
+    workers: NonNegativeInt | None = Field(None, description="image-decoding worker processes "
+                                           "(default: by data size)")
+    device: Device = Field("auto", description="auto | cpu | cuda")
+
+
+class MultiLabelOptions(ImageTrainOptions):
+    """Multi-label images: a sigmoid per label and a decision threshold tuned on validation."""
+
+    label_delim: str = Field(" ", description="separator between the labels of one image")
+    split_by: str | None = Field(None, description="CSV column whose groups stay on one side "
+                                 "of the split")
+    threshold_metric: Literal["accuracy_multi", "f1_macro", "f1_micro"] = Field(
+        "accuracy_multi", description="metric the threshold is chosen for")
+    per_label_thresholds: bool = Field(False, description="one threshold per label")
+
+
+class RegressionOptions(ImageTrainOptions):
+    """Image regression: float targets or pixel points, MSE, a sigmoid_range head."""
+
+    targets: str | None = Field(None, description="float target columns: c1,c2")
+    points: str | None = Field(None, description="pixel point columns: X,Y[,X2,Y2]")
+    split_by: str | None = Field(None, description="CSV column whose groups stay on one side "
+                                 "of the split")
+    y_range: str = Field("auto", pattern=r"^\s*(auto|none|[-+0-9.eE]+\s*,\s*[-+0-9.eE]+)\s*$",
+                         description="auto | none | LOW,HIGH")
+    flip: bool = Field(True, description="horizontal flips in training")
+
+
+class RecommenderOptions(Options):
+    """Collaborative filtering: dot product + biases + sigmoid range (or an embedding MLP)."""
+
+    factors: PositiveInt = Field(50, description="latent factors per user and item")
+    epochs: PositiveInt = Field(5, description="one-cycle epochs")
+    wd: NonNegativeFloat = Field(0.2, description="weight decay (AdamW, decoupled)")
+    lr: LearningRate = Field("auto", description="auto (LR finder) or a number")
+    bs: PositiveInt = Field(512, description="batch size")
+    valid_pct: ValidFraction = Field(0.2, description="share of ratings held out")
+    split: Literal["random", "time"] = Field("random", description="random | time (the "
+                                             "latest ratings are validation)")
+    use_nn: bool = Field(False, description="embeddings → MLP instead of a dot product")
+    patience: NonNegativeInt = Field(0, description="early-stopping patience; 0 keeps the "
+                                     "last epoch")
+    seed: int = Field(42, description="seed of the split and the embeddings")
+    user_col: str | None = Field(None, description="user id column of a CSV/Parquet")
+    item_col: str | None = Field(None, description="item id column of a CSV/Parquet")
+    rating_col: str | None = Field(None, description="rating column of a CSV/Parquet")
+    device: Device = Field("auto", description="auto | cpu | cuda")
