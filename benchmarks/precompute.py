@@ -42,6 +42,7 @@ def real_setup(bs: int):
     root = shared_data() / "hymenoptera_data"
     try:
         from training.data import images as image_data
+        from training.data.image_loaders import build_image_loaders
         from training.models.backbones import create_model
     except ImportError as err:
         print(f"# real setup unavailable ({err}); using the synthetic fallback")
@@ -51,7 +52,7 @@ def real_setup(bs: int):
         return None
     model, prep = create_model("tf_efficientnet_lite0", 2, "packaged")
     data = image_data.from_folder(root)
-    loaders = image_data.build_loaders(data, prep, bs=bs)
+    loaders = build_image_loaders(data, prep, bs=bs)
     desc = (f"tf_efficientnet_lite0 (packaged) on ants/bees: {len(data.train)} train, "
             f"{len(data.valid)} valid images, {prep.input_size}px, bs={bs}")
     return model, loaders.train, loaders.valid, loaders.train_plain, desc

@@ -90,7 +90,8 @@ def _listed_files(root: Path) -> dict[str, dict]:
     return files
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush a file or a directory (its entries: renames, new files) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -102,11 +103,10 @@ def _fsync_and_freeze(root: Path) -> None:
     """Flush every file to disk and make it read-only: a committed bundle never changes."""
     for path in root.rglob("*"):
         if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_path(path)
             path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
+        fsync_path(path)
 
 
 def _json_default(value: object) -> object:
@@ -172,7 +172,7 @@ class BundleWriter:
             os.rename(self.dir, self.path)
         except OSError as err:
             raise ExportError(f"bundle {self.path}: cannot commit ({err.strerror})") from err
-        _fsync_dir(self.model_dir)
+        fsync_path(self.model_dir)
         self.committed = self.path
         return self.path
 
@@ -315,7 +315,7 @@ def _write_atomically(target: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def promote(bundle_path: str | Path) -> Path:

@@ -59,9 +59,15 @@ def write_multilabel_csv(shared: Path | str, out_csv: Path | str, **split) -> Pa
     """Write ``fname,labels,is_valid`` for the set; train with ``--images <shared>``."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
+    rows = [[fname, labels, "1" if is_valid else "0"]
+            for fname, labels, is_valid in multilabel_rows(shared, **split)]
+    return write_csv(out_csv, ["fname", "labels", "is_valid"], rows)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A CSV of ``header`` and ``rows`` at ``path``, as the CSV image readers take it."""
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["fname", "labels", "is_valid"])
-        for fname, labels, is_valid in multilabel_rows(shared, **split):
-            writer.writerow([fname, labels, "1" if is_valid else "0"])
-    return out_csv
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

@@ -16,10 +16,10 @@ from training.errors import TrainingError
 from training.models.backbones import (
     Backbone,
     ImageModel,
-    SigmoidRange,
     create_backbone,
     create_model,
 )
+from training.models.ranges import SigmoidRange
 
 
 def _ids(module: nn.Module) -> list[int]:
@@ -130,8 +130,7 @@ def test_model_traces_to_the_same_outputs():
 
 @pytest.mark.slow
 def test_timm_model_exports_to_onnx_with_dynamic_batch(tmp_path):
-    pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
     model, _ = create_model("tf_efficientnet_lite0", 3, "none")
     model.eval()
     x = torch.randn(2, 3, 64, 64)

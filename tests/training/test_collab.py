@@ -21,6 +21,7 @@ from training.models.collab import (
     rank_item_biases,
 )
 from training.recipes.collab import load_collab_output, train_recommender
+from training.recipes.options import RecommenderOptions
 
 
 def all_pairs(n_users: int, n_items: int) -> torch.Tensor:
@@ -78,8 +79,11 @@ def test_config_round_trip_rebuilds_same_architecture():
         config = CollabConfig.from_dict(model.config().to_dict())
         rebuilt = create_collab_model(config)
         assert type(rebuilt) is type(model)
-        assert rebuilt.load_state_dict(model.state_dict()) is not None
+        rebuilt.load_state_dict(model.state_dict())
         assert rebuilt.y_range == model.y_range
+        pairs = all_pairs(4, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt.eval()(pairs), model.eval()(pairs))
 
 
 def test_collab_nn_uses_fastai_embedding_sizes():
@@ -160,6 +164,20 @@ def test_recipe_refuses_y_range_that_cannot_reach_the_ratings(tmp_path):
     data_dir = planted_ratings(tmp_path / "ml", n_users=8, n_items=6)
     with pytest.raises(TrainingError, match=r"y_range \(0\.0, 4\.0\) does not cover"):
         train_recommender(data_dir, tmp_path / "run", y_range=(0.0, 4.0))
+    with pytest.raises(TrainingError, match=r"y_range \(0\.0, 4\.0\) does not cover"):
+        train_recommender(data_dir, tmp_path / "run", RecommenderOptions(y_range="0,4"))
+
+
+def test_recipe_takes_an_options_object_and_keyword_overrides(tmp_path):
+    data_dir = planted_ratings(tmp_path / "ml", n_users=12, n_items=10)
+    options = RecommenderOptions(factors=4, epochs=1, bs=64, lr=1e-2)
+    result = train_recommender(data_dir, tmp_path / "run", options, epochs=2)
+    assert len(result.history) == 2 and result.lr == 0.01
+    spec = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert spec["y_range"] == [0.0, 5.5]  # "auto" for 1-5 stars, fastai's default
+    lineage = json.loads((tmp_path / "run" / "lineage.json").read_text())
+    assert lineage["options"] == options.updated(epochs=2).model_dump()
+    assert lineage["data"]["basis"] == "paths, sizes, mtimes" and lineage["data"]["files"] == 2
 
 
 def test_recipe_nn_variant_with_time_split_and_early_stopping(tmp_path):
@@ -177,17 +195,20 @@ def test_recipe_nn_variant_with_time_split_and_early_stopping(tmp_path):
 def test_recipe_exports_promotes_and_bundle_scores_without_training(tmp_path):
     from export.bundle import load_bundle, resolve_bundle
     from scoring.recommendations import score_recommendations
+    from training.recipes.publish import publish
 
     data_dir = planted_ratings(tmp_path / "ml", n_users=20, n_items=15)
-    result = train_recommender(data_dir, tmp_path / "run", factors=4, epochs=2, bs=64,
-                               registry=tmp_path / "reg", name="movies")
-    assert result.promoted and result.parity.passed
+    result = train_recommender(data_dir, tmp_path / "run", factors=4, epochs=2, bs=64)
+    exported, current = publish(result.out_dir, tmp_path / "reg", "movies")
+    assert exported.parity.passed and current.exists()
     bundle = load_bundle(resolve_bundle(tmp_path / "reg" / "movies"))
-    assert bundle.path == result.bundle_path
+    assert bundle.path == exported.bundle_path
     manifest = bundle.manifest
     assert manifest["users"] == list(range(1, 21)) and len(manifest["titles"]) == 15
     assert manifest["metrics"]["valid_mse"] == pytest.approx(result.metrics["valid_mse"])
     assert bundle.has_file("seen.parquet") and bundle.has_file("pairs.onnx")
+    assert manifest["lineage"]["options"]["factors"] == 4
+    assert manifest["lineage"]["data"]["files"] == 2
     summary = score_recommendations(tmp_path / "reg" / "movies", tmp_path / "out", top_k=3)
     assert summary.users_scored == 20
 

@@ -137,7 +137,7 @@ def test_a_named_rule_picks_the_frozen_lr_once_then_acts_as_that_number():
 def test_the_cli_and_flows_offer_exactly_the_finder_rules_fine_tune_takes():
     from typing import Literal, get_args
 
-    from flows.params import IMAGE_LR_WORDS, ImageLearningRate
+    from training.recipes.options import IMAGE_LR_WORDS, ImageLearningRate
 
     assert set(IMAGE_LR_WORDS) == {"auto", *SUGGESTERS}
     assert Literal[IMAGE_LR_WORDS] in get_args(ImageLearningRate)

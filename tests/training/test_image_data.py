@@ -12,14 +12,8 @@ from paths import SHARED_DATA
 from PIL import Image
 
 from export.pixels import Preprocessing
-from training.data.images import (
-    ImageItem,
-    ImageItemsDataset,
-    build_loaders,
-    from_csv,
-    from_folder,
-    unreadable_reason,
-)
+from training.data.image_loaders import ImageItemsDataset, build_image_loaders
+from training.data.images import ImageItem, from_csv, from_folder, unreadable_reason
 from training.data.transforms import load_rgb, valid_transform
 from training.errors import TrainingError
 
@@ -245,7 +239,7 @@ def flat_colour_data(tmp_path) -> Path:
 
 def test_loader_batches_have_shape_dtype_and_normalisation(flat_colour_data):
     data = from_folder(flat_colour_data)
-    loaders = build_loaders(data, SMALL, bs=4, workers=0)
+    loaders = build_image_loaders(data, SMALL, bs=4, workers=0)
     assert loaders.classes == ("blue", "red")
     x, y = next(iter(loaders.train))
     assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.long
@@ -261,11 +255,11 @@ def test_loader_batches_have_shape_dtype_and_normalisation(flat_colour_data):
 
 def test_train_plain_keeps_order_and_shuffling_is_seeded(flat_colour_data):
     data = from_folder(flat_colour_data)
-    plain = build_loaders(data, SMALL, bs=5, workers=0).train_plain
+    plain = build_image_loaders(data, SMALL, bs=5, workers=0).train_plain
     assert torch.cat([y for _, y in plain]).tolist() == [item.label for item in data.train]
 
     def first_epoch(seed: int) -> list[int]:
-        loaders = build_loaders(data, SMALL, bs=12, workers=0, seed=seed)
+        loaders = build_image_loaders(data, SMALL, bs=12, workers=0, seed=seed)
         return torch.cat([y for _, y in loaders.train]).tolist()
 
     assert first_epoch(1) == first_epoch(1)
@@ -274,7 +268,7 @@ def test_train_plain_keeps_order_and_shuffling_is_seeded(flat_colour_data):
 
 def test_ragged_last_batch_is_dropped_only_for_training(flat_colour_data):
     data = from_folder(flat_colour_data)  # 12 train, 5 valid
-    loaders = build_loaders(data, SMALL, bs=5, workers=0)
+    loaders = build_image_loaders(data, SMALL, bs=5, workers=0)
     assert [len(y) for _, y in loaders.train] == [5, 5]
     assert [len(y) for _, y in loaders.valid] == [5]
     assert [len(y) for _, y in loaders.train_plain] == [5, 5, 2]
@@ -282,7 +276,7 @@ def test_ragged_last_batch_is_dropped_only_for_training(flat_colour_data):
 
 def test_loaders_with_worker_processes(flat_colour_data):
     data = from_folder(flat_colour_data)
-    loaders = build_loaders(data, SMALL, bs=4, workers=1)
+    loaders = build_image_loaders(data, SMALL, bs=4, workers=1)
     assert loaders.train.persistent_workers and not loaders.train_plain.persistent_workers
     assert sum(len(y) for _, y in loaders.valid) == 5
 

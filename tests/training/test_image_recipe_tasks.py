@@ -8,7 +8,6 @@ not model quality.
 
 from __future__ import annotations
 
-import csv
 import json
 from datetime import date
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from flow_test_data import make_tinted_images
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -38,33 +38,19 @@ DAY = date(2026, 11, 23)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """20 images (48x40): red and/or blue tints as labels, a white dot as the point, its
-    brightness as a float target; CSVs for each task."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "img").mkdir()
+    """20 images (48x40): red and/or blue tints as labels and their redness as a float target
+    (``tints.csv``), a white dot as the point (``points.csv``)."""
+    root = make_tinted_images(tmp_path_factory.mktemp("tiny"), n=20)
     rng = np.random.default_rng(0)
-    rows = []
+    rows = ["fname,x,y,is_valid"]
     for i in range(20):
-        pixels = np.full((40, 48, 3), 40, np.uint8)
-        labels = []
-        if i % 2:
-            pixels[..., 0] = 200
-            labels.append("red")
-        if i % 3 == 0:
-            pixels[..., 2] = 200
-            labels.append("blue")
+        path = root / "img" / f"{i:02d}.png"
+        pixels = np.asarray(Image.open(path)).copy()
         x, y = int(rng.integers(10, 38)), int(rng.integers(8, 32))
         pixels[y - 2:y + 3, x - 2:x + 3] = 255
-        Image.fromarray(pixels).save(root / "img" / f"{i:02d}.png")
-        rows.append({"fname": f"{i:02d}.png", "labels": " ".join(labels), "x": x, "y": y,
-                     "tint": float(pixels[..., 0].mean() / 255), "is_valid": int(i >= 14)})
-    for name, columns in {"labels.csv": ["fname", "labels", "is_valid"],
-                          "points.csv": ["fname", "x", "y", "is_valid"],
-                          "values.csv": ["fname", "tint", "is_valid"]}.items():
-        with open(root / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        Image.fromarray(pixels).save(path)
+        rows.append(f"{path.name},{x},{y},{int(i >= 14)}")
+    (root / "points.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
@@ -80,7 +66,7 @@ def _scored(out: Path) -> list[dict]:
 
 
 def test_multilabel_cli_trains_promotes_and_the_bundle_scores_with_its_threshold(tiny, tmp_path):
-    _invoke(["train", "multilabel", str(tiny / "labels.csv"), "--images", str(tiny / "img"),
+    _invoke(["train", "multilabel", str(tiny / "tints.csv"), "--images", str(tiny / "img"),
              "--threshold-metric", "f1_micro", "--out", str(tmp_path / "train"),
              "--registry", str(tmp_path / "reg"), "--name", "tints", *FAST])
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
@@ -108,7 +94,7 @@ def test_point_regression_exports_verifies_and_scores_in_original_pixels(tiny, t
     data = from_regression_csv(tiny / "points.csv", tiny / "img", points="x,y")
     result = train_regression_model(
         data, tmp_path / "train", arch="resnet18", weights="none", size=32, bs=8,
-        freeze_epochs=1, epochs=1, lr=1e-3, patience=None)
+        freeze_epochs=1, epochs=1, lr=1e-3, patience=0)
     m = result.metrics
     assert {"valid_mse", "mae", "baseline_mse", "mean_pixel_distance",
             "mean_pixel_distance_original"} <= m.keys()
@@ -140,7 +126,7 @@ def test_point_regression_exports_verifies_and_scores_in_original_pixels(tiny, t
 
 def test_value_regression_cli_reports_baseline_and_keeps_outputs_in_target_units(tiny,
                                                                                   tmp_path):
-    _invoke(["train", "regression", str(tiny / "values.csv"), "--images", str(tiny / "img"),
+    _invoke(["train", "regression", str(tiny / "tints.csv"), "--images", str(tiny / "img"),
              "--targets", "tint", "--out", str(tmp_path / "train"),
              "--registry", str(tmp_path / "reg"), "--name", "tint", *FAST])
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())

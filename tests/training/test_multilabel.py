@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from multilabel_sample import write_csv
 from paths import SHARED_DATA
 from PIL import Image
 
@@ -25,14 +25,6 @@ def write_images(folder: Path, names: list[str]) -> None:
     rng = np.random.default_rng(0)
     for name in names:
         Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).save(folder / name)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from paths import SHARED_DATA
 
-from training.data.ratings import Vocabulary, build_loaders, load_ratings
+from training.data.ratings import Vocabulary, build_rating_loaders, load_ratings
 from training.errors import TrainingError
 
 SHARED = SHARED_DATA
@@ -212,7 +212,7 @@ def test_vocabulary_round_trip_and_unknown_ids():
 def test_loaders_cover_every_rating_once_per_epoch(tmp_path):
     folder = write_ml100k(tmp_path / "ml", grid_rows(10, 10), {})
     data = load_ratings(folder)
-    train, valid = build_loaders(data, bs=16, seed=0)
+    train, valid = build_rating_loaders(data, bs=16, seed=0)
 
     seen = torch.cat([x for x, _ in train])
     assert seen.dtype == torch.int64 and seen.shape == (80, 2)

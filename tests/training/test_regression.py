@@ -3,12 +3,12 @@ and the regression metrics a user reads (valid_mse against baseline_mse, pixel d
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from multilabel_sample import write_csv
 from paths import SHARED_DATA
 from PIL import Image
 from torchvision import tv_tensors
@@ -36,14 +36,6 @@ def dot_image(path: Path, size: tuple[int, int], at: tuple[int, int], fmt: str =
     x, y = at
     pixels[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = 255
     Image.fromarray(pixels).save(path, format=fmt, quality=95)
-    return path
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
     return path
 
 

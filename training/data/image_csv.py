@@ -9,13 +9,18 @@ animal) never straddle training and validation — the leakage the head-pose les
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data.images import SkippedFile, check_valid_pct, parse_flag, unreadable_reasons
+from training.data.images import (
+    SkippedFile,
+    check_valid_pct,
+    csv_reader,
+    parse_flag,
+    unreadable_reasons,
+)
 from training.errors import TrainingError
 
 
@@ -57,14 +62,8 @@ def read_rows(
     if not images_root.is_dir():
         raise TrainingError(f"image folder {images_root} does not exist")
     rows = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for column in (fname_col, *columns):
-            if column not in header:
-                raise TrainingError(f"{csv_path} line 1: no column {column!r} "
-                                    f"(columns: {', '.join(header) or 'none'})")
-        has_valid = valid_col is not None and valid_col in header
+    with csv_reader(csv_path, (fname_col, *columns)) as reader:
+        has_valid = valid_col is not None and valid_col in reader.fieldnames
         for row in reader:
             where = f"{csv_path} line {reader.line_num}"
             fname = (row.get(fname_col) or "").strip()

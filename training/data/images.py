@@ -1,4 +1,4 @@
-"""Image datasets: find, validate and split labelled images, then build PyTorch loaders.
+"""Image datasets: find, validate and split labelled images (loaders: ``image_loaders``).
 
 Two layouts, as in fast.ai's `ImageDataLoaders.from_folder` / `from_csv` and torchvision's
 `ImageFolder`: a folder per class (with `train/` and `val/`/`valid/` splits, or one folder split by
@@ -9,33 +9,21 @@ worker halfway through an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
 
-from export.loader_workers import worker_context
-from export.pixels import Preprocessing
-from training.data.transforms import (
-    TRAIN_SCALE,
-    decode_min_side,
-    load_rgb,
-    train_transform,
-    valid_transform,
-)
 from training.errors import TrainingError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-#: Below this many images, worker start-up costs more than decoding in the main process.
-TINY_DATASET = 256
 _TRUE = frozenset({"1", "true", "t", "yes", "y"})
 _FALSE = frozenset({"0", "false", "f", "no", "n"})
 _MAX_NAMED_SKIPS = 20
@@ -285,6 +273,19 @@ def parse_flag(value: str, where: str, column: str) -> bool:
     raise TrainingError(f"{where}: {column} must be true/false or 1/0, got {value!r}")
 
 
+@contextlib.contextmanager
+def csv_reader(csv_path: Path, columns: Sequence[str]) -> Iterator[csv.DictReader]:
+    """A ``DictReader`` over ``csv_path`` whose header has been checked to hold ``columns``."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for column in columns:
+            if column not in header:
+                raise TrainingError(f"{csv_path} line 1: no column {column!r} "
+                                    f"(columns: {', '.join(header) or 'none'})")
+        yield reader
+
+
 def from_csv(
     csv_path: Path | str,
     images_root: Path | str,
@@ -306,14 +307,8 @@ def from_csv(
     train: dict[str, list[Path]] = {}
     valid: dict[str, list[Path]] = {}
     first_valid_line: dict[str, int] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for column in (fname_col, label_col):
-            if column not in header:
-                raise TrainingError(f"{csv_path} line 1: no column {column!r} "
-                                    f"(columns: {', '.join(header) or 'none'})")
-        has_valid = valid_col is not None and valid_col in header
+    with csv_reader(csv_path, (fname_col, label_col)) as reader:
+        has_valid = valid_col is not None and valid_col in reader.fieldnames
         for row in reader:
             where = f"{csv_path} line {reader.line_num}"
             fname, label = (row.get(fname_col) or "").strip(), (row.get(label_col) or "").strip()
@@ -336,98 +331,3 @@ def from_csv(
     split = _Split(train, valid, {}, {c: f"{csv_path} (rows labelled '{c}')" for c in train})
     return _assemble(split, images_root, "csv", None if has_valid else valid_pct, seed,
                      sort_names=sort_class_names)
-
-
-# --- loaders ----------------------------------------------------------------------------
-
-class ImageItemsDataset(Dataset):
-    """Decodes `items` with `load_rgb` and applies `transform`; yields (image, target)."""
-
-    def __init__(self, items: Sequence[ImageItem], transform, *, min_side: int | None = None):
-        self.items = tuple(items)
-        self.transform = transform
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = self.items[i]
-        image = self.transform(load_rgb(item.path, min_side=self.min_side))
-        if isinstance(item.label, int):
-            return image, torch.tensor(item.label, dtype=torch.long)
-        return image, torch.tensor(item.label, dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class Loaders:
-    """Training (shuffled, augmented), validation, and plain training loaders.
-
-    train_plain: the training items in order with the validation transform, for precomputing
-    the frozen body's activations once.
-    """
-
-    train: DataLoader
-    valid: DataLoader
-    train_plain: DataLoader
-    classes: tuple[str, ...]
-
-
-def default_workers(n_images: int) -> int:
-    """DataLoader worker processes: none for tiny sets, else up to 4."""
-    return 0 if n_images < TINY_DATASET else min(4, os.cpu_count() or 1)
-
-
-def build_loaders(
-    data: ImageData,
-    preprocessing: Preprocessing,
-    *,
-    bs: int = 32,
-    workers: int | None = None,
-    augment: bool = True,
-    device_type: str = "cpu",
-    seed: int = 42,
-    dataset_cls: type[ImageItemsDataset] = ImageItemsDataset,
-    train_scale: tuple[float, float] = TRAIN_SCALE,
-    flip: bool = True,
-) -> Loaders:
-    """DataLoaders over `data` with the transforms of `preprocessing`.
-
-    dataset_cls: how an item becomes (image, target), e.g. one that moves point targets with
-    the image; train_scale, flip: the training crop's area range and the horizontal flip.
-    """
-    if bs < 1:
-        raise TrainingError(f"bs must be at least 1, got {bs}")
-    if workers is None:
-        workers = default_workers(len(data.train) + len(data.valid))
-    plain = valid_transform(preprocessing)
-    plain_side = decode_min_side(preprocessing, train=False)
-    if augment:
-        train_ds = dataset_cls(data.train, train_transform(preprocessing, scale=train_scale,
-                                                           flip=flip),
-                               min_side=decode_min_side(preprocessing, train=True,
-                                                        scale=train_scale))
-    else:
-        train_ds = dataset_cls(data.train, plain, min_side=plain_side)
-
-    # Workers start from a forkserver, not by forking a process that may run Prefect's threads.
-    context = worker_context(__name__, dataset_cls.__module__) if workers else None
-
-    def loader(ds, *, shuffle=False, persistent=True, drop_last=False) -> DataLoader:
-        return DataLoader(
-            ds, batch_size=bs, shuffle=shuffle, num_workers=workers,
-            persistent_workers=workers > 0 and persistent,
-            pin_memory=device_type == "cuda", drop_last=drop_last,
-            generator=torch.Generator().manual_seed(seed),
-            multiprocessing_context=context,
-        )
-
-    return Loaders(
-        # A ragged last batch of 1 breaks BatchNorm in train mode; fast.ai drops it too.
-        train=loader(train_ds, shuffle=True, drop_last=len(data.train) > bs),
-        valid=loader(dataset_cls(data.valid, plain, min_side=plain_side)),
-        # Iterated once to precompute features: its workers need not outlive that pass.
-        train_plain=loader(dataset_cls(data.train, plain, min_side=plain_side),
-                           persistent=False),
-        classes=data.classes,
-    )

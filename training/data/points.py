@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from training.data.image_loaders import ImageItemsDataset
 from training.data.images import ImageItem
 from training.data.transforms import load_rgb
+from training.evaluation.plots import save_figure
 
 #: Training crops for points keep more of the image than classification's 35 %: a crop that
 #: cuts the point away teaches nothing but "predict the edge".
@@ -47,17 +47,9 @@ def outside_view(coords: torch.Tensor) -> int:
     return int((pairs.abs() > 1).any(-1).sum())
 
 
-class PointItemsDataset(Dataset):
+class PointItemsDataset(ImageItemsDataset):
     """Decodes ``PointItem`` images and moves their points through ``transform`` with them;
     yields (image, [-1, 1] coordinates in the transformed image)."""
-
-    def __init__(self, items: Sequence[PointItem], transform, *, min_side: int | None = None):
-        self.items = tuple(items)
-        self.transform = transform
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.items[i]
@@ -92,8 +84,4 @@ def plot_points(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor,
         ax.axis("off")
         if k < len(titles):
             ax.set_title(titles[k], fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi=80)

@@ -39,8 +39,8 @@ from training.data.ratings_files import (
 )
 from training.errors import TrainingError
 
-__all__ = ["RatingsData", "RatingsFormatError", "Vocabulary", "build_loaders", "load_ratings",
-           "split_rows"]
+__all__ = ["RatingsData", "RatingsFormatError", "Vocabulary", "build_rating_loaders",
+           "load_ratings", "split_positions"]
 
 @dataclass(frozen=True, eq=False)
 class Vocabulary:
@@ -116,7 +116,7 @@ class RatingsData:
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
-def split_rows(n: int, *, valid_pct: float, split: str, seed: int,
+def split_positions(n: int, *, valid_pct: float, split: str, seed: int,
                times: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Train/valid row positions. Random: seeded permutation, first `valid_pct` is valid (fastai's
     RandomSplitter). Time: the globally latest `valid_pct` by timestamp, ties in file order."""
@@ -163,7 +163,8 @@ def load_ratings(path: str | Path, *, valid_pct: float = 0.2, split: str = "rand
     pairs = np.stack([user_idx, item_idx], axis=1).astype(np.int64)
     ratings = frame["rating"].to_numpy(dtype=np.float32)
     times = frame["time"].to_numpy() if "time" in frame else None
-    train, valid = split_rows(len(frame), valid_pct=valid_pct, split=split, seed=seed, times=times)
+    train, valid = split_positions(len(frame), valid_pct=valid_pct, split=split, seed=seed,
+                                   times=times)
     return RatingsData(
         source=source, users=Vocabulary(user_ids), items=Vocabulary(item_ids), titles=titles,
         train_pairs=pairs[train], train_ratings=ratings[train],
@@ -183,7 +184,7 @@ def _aligned_titles(titles_by_id: pd.Series, item_ids: np.ndarray, source: Ratin
     return tuple(None if pd.isna(t) else str(t) for t in aligned.to_numpy())
 
 
-def build_loaders(data: RatingsData, *, bs: int = 1024, seed: int = 42
+def build_rating_loaders(data: RatingsData, *, bs: int = 1024, seed: int = 42
                   ) -> tuple[DataLoader, DataLoader]:
     """Loaders of ``(LongTensor (B, 2), FloatTensor (B,))`` batches.
 

@@ -18,11 +18,12 @@ from training.fit.learner import EpochRecord
 from training.fit.lr_finder import SKIP_END, LRFinderResult
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parents created) through the Agg canvas."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
 
 
@@ -42,7 +43,7 @@ def plot_lr_find(result: LRFinderResult, path: str | Path) -> Path:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss (smoothed)")
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_learning_curve(history: Sequence[EpochRecord | dict], path: str | Path) -> Path:
@@ -61,7 +62,7 @@ def plot_learning_curve(history: Sequence[EpochRecord | dict], path: str | Path)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -82,4 +83,4 @@ def plot_confusion_matrix(
                 color="white" if cm[i, j] > threshold else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    return _save(fig, path)
+    return save_figure(fig, path)

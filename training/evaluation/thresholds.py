@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from training.errors import TrainingError
 from training.evaluation import metrics
+from training.evaluation.plots import save_figure
 
 CANDIDATES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 THRESHOLD_METRICS = {
@@ -125,8 +125,4 @@ def plot_threshold_sweep(choice: ThresholdChoice, path: str | Path) -> Path:
     ax.set_xlabel("threshold")
     ax.set_ylabel(choice.metric)
     ax.legend(loc="best", fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)

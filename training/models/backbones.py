@@ -23,6 +23,14 @@ from torch import nn
 
 from export.pixels import Preprocessing
 from training.errors import TrainingError
+from training.models._layer_groups import (
+    group_from_names,
+    module_units,
+    param_names_of,
+    split_groups,
+    timm_units,
+)
+from training.models.ranges import SigmoidRange
 
 _LIBRARIES = ("torchvision", "timm")
 
@@ -41,30 +49,6 @@ class Backbone:
     preprocessing: Preprocessing
 
 
-class LayerGroup(nn.Module):
-    """A view onto part of a body: its whole submodules plus parameters owned by a container."""
-
-    def __init__(self, blocks: list[nn.Module], loose: list[nn.Parameter]):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.loose = nn.ParameterList(loose)
-
-
-class SigmoidRange(nn.Module):
-    """fast.ai's ``sigmoid_range``: squash outputs into (low, high) for bounded regression."""
-
-    def __init__(self, low: float, high: float):
-        super().__init__()
-        self.low = float(low)
-        self.high = float(high)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x) * (self.high - self.low) + self.low
-
-    def extra_repr(self) -> str:
-        return f"low={self.low}, high={self.high}"
-
-
 class ImageModel(nn.Module):
     """``head(body(x))`` with the layer groups the training loop freezes and spreads LRs over."""
 
@@ -75,14 +59,14 @@ class ImageModel(nn.Module):
         self.body = backbone.body
         self.head = head
         # Names, not module references, so that the groups survive deepcopy and device moves.
-        self._group_names = tuple(_param_names_of(backbone.body, g) for g in backbone.groups)
+        self._group_names = tuple(param_names_of(backbone.body, g) for g in backbone.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """``[early, late, head]``: the last group is always the head."""
-        return [*(_group_from_names(self.body, names) for names in self._group_names), self.head]
+        return [*(group_from_names(self.body, names) for names in self._group_names), self.head]
 
 
 def resolve_arch(name: str) -> tuple[str, str]:
@@ -135,8 +119,8 @@ def create_backbone(name: str, weights: str | Path = "imagenet") -> Backbone:
             _apply_weights(body, full_keys, path, origin=str(path))
         preprocessing = (_torchvision_preprocessing(model_name) if library == "torchvision"
                          else _timm_preprocessing(body))
-    units = _timm_units(body) if library == "timm" else _module_units(body)
-    return Backbone(body, num_features, _split_groups(name, body, units), preprocessing)
+    units = timm_units(body) if library == "timm" else module_units(body)
+    return Backbone(body, num_features, split_groups(name, body, units), preprocessing)
 
 
 def create_model(
@@ -333,95 +317,3 @@ def check_weights_fit(target: dict[str, torch.Tensor], state: dict[str, torch.Te
         if state[key].shape != value.shape:
             raise TrainingError(f"{origin}: {key} has shape {tuple(state[key].shape)}, "
                                 f"the model needs {tuple(value.shape)}")
-
-
-# ---- layer groups -------------------------------------------------------------------------------
-
-_MIN_UNITS = 4  # fewer parameter-holding units than this and a container gets opened up
-
-
-def _timm_units(body: nn.Module) -> list[list[str]]:
-    """Stem, then one unit per stage, from timm's own coarse grouping (used for layer decay)."""
-    from timm.models import group_parameters
-
-    try:
-        matcher = body.group_matcher(coarse=True)
-    except (AttributeError, NotImplementedError):
-        return _module_units(body)
-    return [list(names) for names in group_parameters(body, matcher).values()]
-
-
-def _module_units(body: nn.Module) -> list[list[str]]:
-    """Parameter names per unit, in forward order, opening the biggest container until ≥ 4 units.
-
-    A torchvision resnet opens once (conv1, bn1, layer1..4); a mobilenet or vit opens its
-    ``features`` / ``encoder.layers`` container into blocks. Parameters a container owns itself
-    (vit's class token, position embedding) travel with its first child.
-    """
-    units: list[tuple[str, list[str]]] = [("", [])]  # (module name, loose parameter names)
-    while len(units) < _MIN_UNITS:
-        sizes = [(_numel(body, name), i) for i, (name, _) in enumerate(units)
-                 if _param_children(body, name)]
-        if not sizes:
-            break
-        _, i = max(sizes)
-        name, loose = units[i]
-        module = body.get_submodule(name)
-        own = [_join(name, n) for n, _ in module.named_parameters(recurse=False)]
-        children = [(_join(name, n), []) for n, _ in _param_children(body, name)]
-        children[0] = (children[0][0], loose + own)
-        units[i:i + 1] = children
-    return [loose + [_join(name, n) for n, _ in body.get_submodule(name).named_parameters()]
-            for name, loose in units]
-
-
-def _split_groups(arch: str, body: nn.Module, units: list[list[str]]) -> tuple[nn.Module, ...]:
-    """Early = stem and the first half of the stages, late = the rest."""
-    if len(units) < 2:
-        raise TrainingError(f"arch {arch!r}: cannot split its body into two layer groups")
-    cut = min(len(units) // 2 + 1, len(units) - 1)
-    names = ([n for u in units[:cut] for n in u], [n for u in units[cut:] for n in u])
-    all_names = [n for n, _ in body.named_parameters()]
-    if sorted(names[0] + names[1]) != sorted(all_names):
-        raise TrainingError(f"arch {arch!r}: layer groups do not partition its parameters")
-    return tuple(_group_from_names(body, group) for group in names)
-
-
-def _group_from_names(body: nn.Module, names: tuple[str, ...] | list[str]) -> LayerGroup:
-    """The fewest whole submodules (plus loose parameters) holding exactly ``names``."""
-    wanted = set(names)
-    blocks: list[nn.Module] = []
-    loose: list[nn.Parameter] = []
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        own = {_join(prefix, n) for n, _ in module.named_parameters()}
-        if not own & wanted:
-            return
-        if own <= wanted:
-            blocks.append(module)
-            return
-        loose.extend(p for n, p in module.named_parameters(recurse=False)
-                     if _join(prefix, n) in wanted)
-        for child_name, child in module.named_children():
-            visit(_join(prefix, child_name), child)
-
-    visit("", body)
-    return LayerGroup(blocks, loose)
-
-
-def _param_names_of(body: nn.Module, group: nn.Module) -> tuple[str, ...]:
-    ids = {id(p) for p in group.parameters()}
-    return tuple(n for n, p in body.named_parameters() if id(p) in ids)
-
-
-def _param_children(body: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in body.get_submodule(name).named_children()
-            if any(True for _ in m.parameters())]
-
-
-def _numel(body: nn.Module, name: str) -> int:
-    return sum(p.numel() for p in body.get_submodule(name).parameters())
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name

@@ -19,11 +19,7 @@ import torch
 from torch import nn
 
 from training.errors import TrainingError
-
-
-def sigmoid_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Sigmoid squashed into (low, high), so predictions can reach but not pass the extremes."""
-    return torch.sigmoid(x) * (high - low) + low
+from training.models.ranges import sigmoid_range
 
 
 def embedding_size(n_categories: int) -> int:

@@ -2,8 +2,8 @@
 
 ratings → validated split and vocabularies → ``DotProductBias`` (or ``CollabNN``) → LR finder →
 one-cycle fit with AdamW (decoupled weight decay) → validation MSE/RMSE/MAE → which items the
-model rates high or low regardless of user (learned item biases) → training output directory →
-optionally an exported, parity-checked bundle promoted to ``current``.
+model rates high or low regardless of user (learned item biases) → training output directory,
+which ``training.recipes.publish`` exports, gates on parity and promotes, as for every task.
 
 Defaults were tuned on MovieLens 100K (random 20 %, 50 factors, 5 epochs): batch 512, weight
 decay 0.2 and the LR finder's ``minimum`` rule (≈6.5e-3) reach a validation MSE of 0.8105 on the
@@ -28,13 +28,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.data.ratings import RatingsData, build_loaders, load_ratings
+from training.data.ratings import RatingsData, build_rating_loaders, load_ratings
 from training.errors import TrainingError
 from training.evaluation.plots import plot_learning_curve, plot_lr_find
 from training.fit.early_stopping import EarlyStopping
 from training.fit.learner import Learner
 from training.fit.lr_finder import LRFinderResult, lr_find
 from training.models.collab import CollabConfig, create_collab_model, rank_item_biases
+from training.models.ranges import parse_y_range, y_range_text
+from training.recipes.options import RecommenderOptions
+from training.recipes.training_output import (
+    LINEAGE_FILE,
+    fingerprint_path,
+    read_json,
+    with_overrides,
+    write_json,
+    write_lineage,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
@@ -47,13 +57,18 @@ VALID_SAMPLE_SIZE = 256
 #: 0.04 MSE), and a 100-step sweep is too coarse for either rule.
 FINDER_STEPS = 300
 FINDER_SUGGESTION = "minimum"
+#: Embedding lookups of a few hundred rows are too small to split across cores; one intra-op
+#: thread avoids OpenMP's spin-waits, which on a shared machine cost 10-30× wall time.
+TRAIN_THREADS = 1
+#: "auto" y_range reaches this fraction of the rating span above the highest rating.
+Y_RANGE_MARGIN = 0.1
 SEEN_SCHEMA = pa.schema([("user_idx", pa.int32()), ("item_idx", pa.int32()),
                          ("in_train", pa.bool_())])
 
 
 @dataclass(frozen=True)
 class CollabTrainResult:
-    """What a recommender run produced; ``bundle_path``/``parity`` are set when it exported."""
+    """What a recommender run produced: the training output ``publish`` turns into a bundle."""
 
     out_dir: Path
     metrics: dict
@@ -64,19 +79,13 @@ class CollabTrainResult:
     data: dict
     seconds: float
     plots: dict = field(default_factory=dict)
-    bundle_path: Path | None = None
-    parity: object | None = None  # export.parity.ParityReport
-    promoted: bool = False
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "metrics": self.metrics,
                 "history": list(self.history), "lr": self.lr,
                 "lr_suggestions": self.lr_suggestions, "interpretation": self.interpretation,
                 "data": self.data, "seconds": self.seconds,
-                "plots": {k: str(v) for k, v in self.plots.items()},
-                "bundle_path": str(self.bundle_path) if self.bundle_path else None,
-                "parity_passed": getattr(self.parity, "passed", None),
-                "promoted": self.promoted}
+                "plots": {k: str(v) for k, v in self.plots.items()}}
 
     def report_lines(self) -> list[str]:
         m = self.metrics
@@ -94,90 +103,76 @@ class CollabTrainResult:
 
 def train_recommender(
     data_path: str | Path,
-    out_dir: str | Path = "runs/recommender",
+    out_dir: str | Path,
+    options: RecommenderOptions | None = None,
     *,
-    factors: int = 50,
-    epochs: int = 5,
-    wd: float = 0.2,
-    lr: float | str = "auto",
-    bs: int = 512,
-    valid_pct: float = 0.2,
-    split: str = "random",
-    seed: int = 42,
-    use_nn: bool = False,
-    y_range: tuple[float, float] = (0.0, 5.5),
-    patience: int | None = None,
-    registry: str | Path | None = None,
-    name: str | None = None,
     progress=None,
-    device: str = "auto",
-    threads: int | None = 1,
-    **columns,
+    **overrides,
 ) -> CollabTrainResult:
-    """Ratings file or folder → trained recommender in ``out_dir`` (→ promoted bundle).
+    """Ratings file or folder → trained recommender and its training output in ``out_dir``.
 
-    lr: a number, or ``"auto"`` for the LR finder's suggestion (see FINDER_SUGGESTION).
-    patience: early-stopping patience on valid_loss (restoring the best epoch); None fits all
-        epochs and keeps the last, as fastai does.
-    threads: CPU intra-op threads while training. Embedding lookups of a few hundred rows are too
-        small to split across cores; one thread avoids OpenMP's spin-waits, which on a shared
-        machine cost 10-30× wall time. None leaves torch's setting alone.
-    columns: passed to ``load_ratings`` (user_col, item_col, rating_col, time_col, items_path,
-        title_col, items_id_col, rating_range).
+    ``options.lr``: a number, or ``"auto"`` for the LR finder's suggestion (FINDER_SUGGESTION);
+    ``options.patience``: early stopping on valid_loss (restoring the best epoch), 0 fits every
+    epoch and keeps the last, as fastai does. overrides: option fields as keywords.
     """
+    if "y_range" in overrides:
+        overrides["y_range"] = y_range_text(overrides["y_range"])
+    options = with_overrides(RecommenderOptions, options, overrides)
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    data = load_ratings(data_path, valid_pct=valid_pct, split=split, seed=seed, **columns)
-    _check_y_range(data, y_range)
-    config = CollabConfig(data.n_users, data.n_items, factors, tuple(y_range), use_nn)
-    with _cpu_threads(threads):
-        learner = _collab_learner(data, config, bs=bs, wd=wd, seed=seed, device=device,
-                                  progress=progress)
-        finder = lr_find(learner, num_it=FINDER_STEPS, suggestion=FINDER_SUGGESTION)
-        learner.emit(event="lr_found", stage="collab", suggestions=finder.suggestions,
-                     lr=finder.suggestion)
-        lr_max = finder.suggestion if lr == "auto" else _positive_lr(lr)
-        stopper = EarlyStopping("valid_loss", patience=patience) if patience else None
-        learner.fit_one_cycle(epochs, lr_max, wd=wd, early_stopping=stopper, stage="collab")
+    columns = {"user_col": options.user_col, "item_col": options.item_col,
+               "rating_col": options.rating_col}
+    data = load_ratings(data_path, valid_pct=options.valid_pct, split=options.split,
+                        seed=options.seed, **columns)
+    config = CollabConfig(data.n_users, data.n_items, options.factors,
+                          resolve_rating_range(data, options.y_range), options.use_nn)
+    with _cpu_threads(TRAIN_THREADS):
+        learner = _collab_learner(data, config, options, progress)
+        finder, lr_max = _fit(learner, options)
         metrics = evaluate(learner)
     model = learner.model.cpu().eval()
     interpretation = _interpret(model, data)
     history = tuple(r.to_dict() for r in learner.history)
     plots = _plots(out_dir / "plots", finder, learner)
-    params = {"factors": factors, "epochs": epochs, "wd": wd, "lr": lr, "lr_used": lr_max,
-              "bs": bs, "valid_pct": valid_pct, "split": split, "seed": seed,
-              "use_nn": use_nn, "y_range": list(y_range), "patience": patience}
+    params = options.model_dump() | {"lr_used": lr_max, "y_range": list(config.y_range)}
     save_collab_output(out_dir, model, data, metrics=metrics, history=list(history),
                        params=params, interpretation=interpretation, lr_find=finder)
-    result = CollabTrainResult(out_dir, metrics, history, float(lr_max), finder.suggestions,
-                               interpretation, data.to_dict(), time.perf_counter() - start, plots)
-    if registry is None:
-        return result
-    return _export_and_promote(result, registry, name or out_dir.name)
+    write_lineage(out_dir, "collab", options, fingerprint_path(data_path))
+    return CollabTrainResult(out_dir, metrics, history, float(lr_max), finder.suggestions,
+                             interpretation, data.to_dict(), time.perf_counter() - start, plots)
 
 
-def _check_y_range(data: RatingsData, y_range) -> None:
+def _fit(learner: Learner, options: RecommenderOptions) -> tuple[LRFinderResult, float]:
+    """LR finder, then the one-cycle fit at the finder's LR or ``options.lr``."""
+    finder = lr_find(learner, num_it=FINDER_STEPS, suggestion=FINDER_SUGGESTION)
+    learner.emit(event="lr_found", stage="collab", suggestions=finder.suggestions,
+                 lr=finder.suggestion)
+    lr_max = finder.suggestion if options.lr == "auto" else float(options.lr)
+    stopper = (EarlyStopping("valid_loss", patience=options.patience)
+               if options.patience else None)
+    learner.fit_one_cycle(options.epochs, lr_max, wd=options.wd, early_stopping=stopper,
+                          stage="collab")
+    return finder, lr_max
+
+
+def resolve_rating_range(data: RatingsData, y_range: str) -> tuple[float, float]:
+    """``"auto"``: from 0 (or the lowest rating) to the highest + 10 % of that span, fastai's
+    (0, 5.5) for 1–5 stars; else the given ``LOW,HIGH``, which must cover every rating."""
     lo, hi = data.rating_range
-    if len(y_range) != 2 or not y_range[0] <= lo or not hi <= y_range[1]:
-        raise TrainingError(f"y_range {tuple(y_range)} does not cover the ratings "
-                            f"({lo:g}–{hi:g}); pass y_range=({min(0.0, lo):g}, {hi * 1.1:g})")
-
-
-def _positive_lr(lr) -> float:
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        raise TrainingError(f"lr must be 'auto' or a number, got {lr!r}") from None
-    if not value > 0:
-        raise TrainingError(f"lr must be positive, got {lr!r}")
-    return value
+    low = min(0.0, lo)
+    bounds = parse_y_range(y_range)
+    if bounds == "auto":
+        return (low, hi + (Y_RANGE_MARGIN * (hi - low) if hi > low else 1.0))
+    if not bounds[0] <= lo or not hi <= bounds[1]:
+        raise TrainingError(f"y_range {bounds} does not cover the ratings ({lo:g}–{hi:g}); "
+                            f"pass y_range=({low:g}, {hi * 1.1:g})")
+    return bounds
 
 
 @contextlib.contextmanager
-def _cpu_threads(threads: int | None):
+def _cpu_threads(threads: int):
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -192,14 +187,14 @@ def _mae(preds: torch.Tensor, targets: torch.Tensor) -> float:
     return float(nn.functional.l1_loss(preds.float(), targets.float()))
 
 
-def _collab_learner(data: RatingsData, config: CollabConfig, *, bs, wd, seed, device,
+def _collab_learner(data: RatingsData, config: CollabConfig, options: RecommenderOptions,
                     progress) -> Learner:
-    torch.manual_seed(seed)  # the embeddings' initial values
+    torch.manual_seed(options.seed)  # the embeddings' initial values
     model = create_collab_model(config)
-    train_loader, valid_loader = build_loaders(data, bs=bs, seed=seed)
+    train_loader, valid_loader = build_rating_loaders(data, bs=options.bs, seed=options.seed)
     return Learner(model, train_loader, valid_loader, nn.functional.mse_loss,
-                   {"rmse": _rmse, "mae": _mae}, device=device, seed=seed, wd=wd,
-                   progress=progress)
+                   {"rmse": _rmse, "mae": _mae}, device=options.device, seed=options.seed,
+                   wd=options.wd, progress=progress)
 
 
 def evaluate(learner: Learner) -> dict:
@@ -236,9 +231,9 @@ def save_collab_output(out_dir: Path, model: nn.Module, data: RatingsData, *, me
             "users": data.users.to_list(), "items": data.items.to_list(),
             "titles": list(data.titles), "data": data.to_dict(), "params": params,
             "interpretation": interpretation}
-    _write_json(out_dir / MODEL_FILE, spec)
-    _write_json(out_dir / "metrics.json", metrics)
-    _write_json(out_dir / "history.json", {"history": history,
+    write_json(out_dir / MODEL_FILE, spec)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "history.json", {"history": history,
                                            "lr_find": lr_find.to_dict() if lr_find else None})
     write_seen_pairs(out_dir / SEEN_FILE, data)
     sample = torch.from_numpy(data.valid_pairs[:VALID_SAMPLE_SIZE].copy())
@@ -259,10 +254,6 @@ def write_seen_pairs(path: Path, data: RatingsData) -> None:
                       "item_idx": pairs[order, 1].astype(np.int32),
                       "in_train": in_train[order]}, schema=SEEN_SCHEMA)
     pq.write_table(table, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def load_collab_output(out_dir: str | Path) -> tuple[nn.Module, dict]:
@@ -294,8 +285,9 @@ def export_recommender(train_out: str | Path, registry: str | Path, name: str):
         "task": "collab", "users": spec["users"], "items": spec["items"],
         "titles": spec["titles"], "id_type": spec["id_type"], "y_range": spec["y_range"],
         "model": spec["model"], "seen": {"file": SEEN_FILE, "columns": SEEN_SCHEMA.names},
-        "metrics": json.loads((train_out / "metrics.json").read_text()),
-        "history": json.loads((train_out / "history.json").read_text())["history"],
+        "metrics": read_json(train_out / "metrics.json"),
+        "history": read_json(train_out / "history.json")["history"],
+        "lineage": read_json(train_out / LINEAGE_FILE),
         "params": spec["params"], "data": spec["data"],
         "interpretation": spec["interpretation"],
     }
@@ -303,15 +295,3 @@ def export_recommender(train_out: str | Path, registry: str | Path, name: str):
     return export_bundle(model, manifest, registry, name, validation_inputs=sample,
                          plots_dir=plots if plots.is_dir() else None,
                          extra_files={SEEN_FILE: train_out / SEEN_FILE})
-
-
-def _export_and_promote(result: CollabTrainResult, registry, name: str) -> CollabTrainResult:
-    """Export; promote only when parity passed (a failed gate raises ParityError with the path)."""
-    from dataclasses import replace
-
-    from export.bundle import promote
-
-    exported = export_recommender(result.out_dir, registry, name)
-    promote(exported.bundle_path)
-    return replace(result, bundle_path=exported.bundle_path, parity=exported.parity,
-                   promoted=True)

@@ -11,8 +11,6 @@ regression in ``training.recipes.multilabel`` and ``training.recipes.regression`
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import DataLoader
 
 from export.pixels import Preprocessing, decode_for_model
 from training.data import images as image_data
+from training.data.image_loaders import ImageItemsDataset, build_image_loaders
 from training.data.transforms import TRAIN_SCALE
 from training.errors import TrainingError
 from training.evaluation import metrics
@@ -32,6 +32,15 @@ from training.fit.fine_tune import fine_tune
 from training.fit.learner import Learner
 from training.models.backbones import create_model
 from training.models.checkpoint import ImageModelSpec, load_image_model, save_image_model
+from training.recipes.options import ImageTrainOptions
+from training.recipes.training_output import (
+    LINEAGE_FILE,
+    fingerprint_items,
+    read_json,
+    with_overrides,
+    write_json,
+    write_lineage,
+)
 
 VALID_SAMPLE_FILE = "valid_sample.safetensors"
 VALID_SAMPLE_SIZE = 16
@@ -93,7 +102,7 @@ class ImageTask:
     metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
     evaluate: Callable[[Learner, Preprocessing, Path], tuple[dict, dict]]
     y_range: tuple[float, float] | None = None
-    dataset_cls: type[image_data.ImageItemsDataset] = image_data.ImageItemsDataset
+    dataset_cls: type[ImageItemsDataset] = ImageItemsDataset
     train_scale: tuple[float, float] = TRAIN_SCALE
     flip: bool = True
 
@@ -101,97 +110,81 @@ class ImageTask:
 def train_image_model(
     data: image_data.ImageData,
     out_dir: str | Path,
+    options: ImageTrainOptions | None = None,
     *,
-    arch: str = "tf_efficientnet_lite0",
-    weights: str = "packaged",
-    size: int = 224,
-    bs: int = 32,
-    freeze_epochs: int = 1,
-    epochs: int = 3,
-    lr: float | str = "auto",
-    patience: int | None = 2,
-    precompute: bool = False,
-    seed: int = 42,
-    workers: int | None = None,
-    device: str = "auto",
     progress=None,
+    **overrides,
 ) -> ImageTrainResult:
-    """Fine-tune ``arch`` on single-label images; write the training output to ``out_dir``."""
+    """Fine-tune on single-label images; write the training output to ``out_dir``.
+
+    overrides: option fields as keywords (``epochs=1, lr=1e-3``), applied to ``options``.
+    """
+    options = with_overrides(ImageTrainOptions, options, overrides)
     task = ImageTask(
         "single_label", tuple(data.classes), nn.CrossEntropyLoss(),
         {"accuracy": metrics.accuracy, "error_rate": metrics.error_rate},
         lambda learner, prep, plots_dir: (_evaluate(learner, data.classes, plots_dir), {}))
-    return train_image_task(
-        task, data, out_dir, arch=arch, weights=weights, size=size, bs=bs,
-        freeze_epochs=freeze_epochs, epochs=epochs, lr=lr, patience=patience,
-        precompute=precompute, seed=seed, workers=workers, device=device, progress=progress)
+    return train_image_task(task, data, out_dir, options, progress=progress)
 
 
-def train_image_task(
-    task: ImageTask,
-    data,
-    out_dir: str | Path,
-    *,
-    arch: str = "tf_efficientnet_lite0",
-    weights: str = "packaged",
-    size: int = 224,
-    bs: int = 32,
-    freeze_epochs: int = 1,
-    epochs: int = 3,
-    lr: float | str = "auto",
-    patience: int | None = 2,
-    precompute: bool = False,
-    seed: int = 42,
-    workers: int | None = None,
-    device: str = "auto",
-    progress=None,
-) -> ImageTrainResult:
-    """Fine-tune ``arch`` for ``task`` on ``data`` (an ``ImageData``, ``MultiLabelData`` or
-    ``RegressionData``): LR finder, frozen head, unfrozen body, best epoch restored; then write
-    the weights, metrics, plots and a validation sample that ``export_image_model`` reads."""
+def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageTrainOptions, *,
+                     progress=None) -> ImageTrainResult:
+    """Fine-tune ``options.arch`` for ``task`` on ``data`` (an ``ImageData``, ``MultiLabelData``
+    or ``RegressionData``): LR finder, frozen head, unfrozen body, best epoch restored; then
+    write the training output that ``export_image_model`` reads."""
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(options.seed)
 
-    model, prep = create_model(arch, len(task.classes), weights, input_size=size,
-                               y_range=task.y_range)
-    learner = _image_learner(model, task, data, prep, bs=bs, workers=workers, device=device,
-                             seed=seed, progress=progress)
-    stopper = EarlyStopping(monitor="valid_loss", patience=patience) if patience else None
-    result = fine_tune(learner, epochs, base_lr=lr, freeze_epochs=freeze_epochs,
-                       early_stopping=stopper, precompute=precompute, plots_dir=plots_dir,
-                       train_plain=learner.train_plain)
+    model, prep = create_model(options.arch, len(task.classes), options.weights,
+                               input_size=options.size, y_range=task.y_range)
+    learner, train_plain = _image_learner(model, task, data, prep, options, progress)
+    stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
+               if options.patience else None)
+    result = fine_tune(learner, options.epochs, base_lr=options.lr,
+                       freeze_epochs=options.freeze_epochs, early_stopping=stopper,
+                       precompute=options.precompute, plots_dir=plots_dir,
+                       train_plain=train_plain)
 
     final, outputs = task.evaluate(learner, prep, plots_dir)
-    spec = ImageModelSpec(arch=arch, task=task.name, n_out=len(task.classes),
+    spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),
                           classes=list(task.classes), y_range=task.y_range, dropout=0.2,
                           preprocessing=prep)
     save_image_model(out_dir, learner.model.cpu(), spec)
     _write_valid_sample(out_dir / VALID_SAMPLE_FILE, data, prep)
-    _write_json(out_dir / "metrics.json", final)
-    _write_json(out_dir / "history.json", result.to_dict())
-    _write_json(out_dir / OUTPUTS_FILE, outputs)
-    _write_json(out_dir / "data.json", {"root": str(data.root), "source": data.source,
-                                        "summary": data.summary()})
+    write_json(out_dir / "metrics.json", final)
+    write_json(out_dir / "history.json", result.to_dict())
+    write_json(out_dir / OUTPUTS_FILE, outputs)
+    write_json(out_dir / "data.json", {"root": str(data.root), "source": data.source,
+                                       "summary": data.summary()})
+    write_lineage(out_dir, task.name, options, image_data_fingerprint(data))
     plots = {p.stem: p for p in sorted(plots_dir.glob("*.png"))}
     seconds = sum(r.seconds for r in result.history)
     return ImageTrainResult(out_dir, final, result.best_epoch, result.stopped_early, seconds,
                             plots)
 
 
-def _image_learner(model: nn.Module, task: ImageTask, data, prep: Preprocessing, *, bs,
-                   workers, device, seed, progress) -> Learner:
+def image_data_fingerprint(data) -> dict:
+    """Fingerprint of every image a run used, with its split and label (a CSV edit counts)."""
+    items = [(item.path, (split, item.label)) for split in ("train", "valid", "test")
+             for item in getattr(data, split, ())]
+    return fingerprint_items(data.root, items)
+
+
+def _image_learner(model: nn.Module, task: ImageTask, data, prep: Preprocessing,
+                   options: ImageTrainOptions, progress) -> tuple[Learner, DataLoader]:
+    """The learner, and the un-augmented training loader precompute caches features from."""
+    device = options.device
     device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) \
         else "cpu"
-    loaders = image_data.build_loaders(data, prep, bs=bs, workers=workers,
-                                       device_type=device_type, seed=seed,
-                                       dataset_cls=task.dataset_cls,
-                                       train_scale=task.train_scale, flip=task.flip)
+    loaders = build_image_loaders(data, prep, bs=options.bs, workers=options.workers,
+                                  device_type=device_type, seed=options.seed,
+                                  dataset_cls=task.dataset_cls, train_scale=task.train_scale,
+                                  flip=task.flip)
     learner = Learner(model, loaders.train, loaders.valid, task.loss_fn, task.metrics,
-                      device=device, seed=seed, progress=progress)
-    learner.train_plain = loaders.train_plain
-    return learner
+                      device=device, seed=options.seed, progress=progress)
+    return learner, loaders.train_plain
 
 
 def _evaluate(learner: Learner, classes, plots_dir: Path) -> dict:
@@ -214,7 +207,7 @@ def _evaluate(learner: Learner, classes, plots_dir: Path) -> dict:
 
 def valid_sample(data, prep: Preprocessing, n: int = VALID_SAMPLE_SIZE) -> torch.Tensor:
     """The first ``n`` validation images as the uint8 NHWC batch the exported graph takes."""
-    images = [torch.from_numpy(decode_for_model(item.path, prep)) for item in data.valid[:n]]
+    images = [torch.from_numpy(decode_for_model(item.path, prep).copy()) for item in data.valid[:n]]
     if not images:
         return torch.empty((0, prep.input_size, prep.input_size, 3), dtype=torch.uint8)
     return torch.stack(images).contiguous()
@@ -226,21 +219,6 @@ def _write_valid_sample(path: Path, data, prep: Preprocessing) -> None:
     sample = valid_sample(data, prep)
     if len(sample):
         save_file({"images": sample}, str(path))
-
-
-def _write_json(path: Path, obj) -> None:
-    """Strict JSON: a metric that is undefined (NaN, e.g. a class with no samples) is null."""
-    path.write_text(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def export_image_model(
@@ -260,7 +238,7 @@ def export_image_model(
     model, spec = load_image_model(train_out)
     sample_path = train_out / VALID_SAMPLE_FILE
     sample = load_file(str(sample_path))["images"] if sample_path.exists() else None
-    outputs = _read_json(train_out / OUTPUTS_FILE) or {}
+    outputs = read_json(train_out / OUTPUTS_FILE) or {}
     manifest = {
         "task": spec.task,
         "arch": spec.arch,
@@ -270,8 +248,9 @@ def export_image_model(
         # multi_label: one threshold or one per class; regression: what the outputs mean.
         "thresholds": outputs.get("thresholds"),
         "targets": outputs.get("targets"),
-        "metrics": _read_json(train_out / "metrics.json"),
-        "history": _read_json(train_out / "history.json"),
+        "metrics": read_json(train_out / "metrics.json"),
+        "history": read_json(train_out / "history.json"),
+        "lineage": read_json(train_out / LINEAGE_FILE),
     }
     plots = train_out / "plots"
     return export_bundle(model.eval(), manifest, registry, name, validation_inputs=sample,
@@ -279,5 +258,3 @@ def export_image_model(
                          plots_dir=plots if plots.is_dir() else None)
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None

@@ -20,30 +20,34 @@ from training.evaluation import metrics
 from training.evaluation.thresholds import choose_threshold, plot_threshold_sweep
 from training.fit.learner import Learner
 from training.recipes.image import ImageTask, ImageTrainResult, train_image_task
+from training.recipes.options import MultiLabelOptions
+from training.recipes.training_output import with_overrides
 
 
 def train_multilabel_model(
     data: MultiLabelData,
     out_dir: str | Path,
+    options: MultiLabelOptions | None = None,
     *,
-    threshold_metric: str = "accuracy_multi",
-    per_label_thresholds: bool = False,
-    **options,
+    progress=None,
+    **overrides,
 ) -> ImageTrainResult:
     """Fine-tune on multi-label images, then choose the decision threshold on validation.
 
-    threshold_metric: ``accuracy_multi``, ``f1_macro`` or ``f1_micro``; per_label_thresholds:
-    one threshold per label instead of one for all. options: the keyword arguments of
-    ``train_image_task`` (arch, weights, size, bs, freeze_epochs, epochs, lr, patience, ...).
+    ``options.threshold_metric`` and ``options.per_label_thresholds`` choose how; overrides:
+    option fields as keywords, applied to ``options``.
     """
+    options = with_overrides(MultiLabelOptions, options, overrides)
+
     def evaluate(learner: Learner, prep: Preprocessing, plots_dir: Path) -> tuple[dict, dict]:
-        return _evaluate(learner, data, plots_dir, threshold_metric, per_label_thresholds)
+        return _evaluate(learner, data, plots_dir, options.threshold_metric,
+                         options.per_label_thresholds)
 
     task = ImageTask(
         "multi_label", tuple(data.classes), nn.BCEWithLogitsLoss(),
         {"accuracy_multi": metrics.accuracy_multi, "mAP": metrics.mean_average_precision},
         evaluate)
-    return train_image_task(task, data, out_dir, **options)
+    return train_image_task(task, data, out_dir, options, progress=progress)
 
 
 def _evaluate(learner: Learner, data: MultiLabelData, plots_dir: Path, threshold_metric: str,

@@ -99,6 +99,9 @@ class RecommenderOptions(Options):
     patience: NonNegativeInt = Field(0, description="early-stopping patience; 0 keeps the "
                                      "last epoch")
     seed: int = Field(42, description="seed of the split and the embeddings")
+    y_range: str = Field("auto", pattern=r"^\s*(auto|[-+0-9.eE]+\s*,\s*[-+0-9.eE]+)\s*$",
+                         description="auto (from 0, or the lowest rating, to the highest + 10 %) "
+                         "| LOW,HIGH")
     user_col: str | None = Field(None, description="user id column of a CSV/Parquet")
     item_col: str | None = Field(None, description="item id column of a CSV/Parquet")
     rating_col: str | None = Field(None, description="rating column of a CSV/Parquet")

@@ -13,12 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
 from export.pixels import Preprocessing, from_model_frame, to_model_frame
-from training.data.images import ImageItemsDataset
+from training.data.image_loaders import ImageItemsDataset
 from training.data.points import (
     POINT_TRAIN_SCALE,
     PointItemsDataset,
@@ -27,10 +26,13 @@ from training.data.points import (
 )
 from training.data.regression import RegressionData
 from training.data.transforms import TRAIN_SCALE
-from training.errors import TrainingError
 from training.evaluation import metrics
+from training.evaluation.plots import save_figure
 from training.fit.learner import Learner
+from training.models.ranges import parse_y_range, y_range_text
 from training.recipes.image import ImageTask, ImageTrainResult, train_image_task, valid_sample
+from training.recipes.options import RegressionOptions
+from training.recipes.training_output import with_overrides
 
 POINT_Y_RANGE = (-1.0, 1.0)
 #: "auto" y_range for plain targets: the training range widened by this fraction of its span
@@ -41,61 +43,53 @@ PLOTTED_IMAGES = 8
 
 def resolve_y_range(data: RegressionData,
                     y_range: tuple[float, float] | str | None) -> tuple[float, float] | None:
-    """``"auto"``: (-1, 1) for points, else the widened training range; None: no squashing."""
-    if y_range is None or y_range == "none":
-        return None
-    if y_range == "auto":
-        if data.points:
-            return POINT_Y_RANGE
-        ranges = data.target_ranges().values()
-        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        margin = Y_RANGE_MARGIN * (high - low) if high > low else 1.0
-        return (low - margin, high + margin)
-    if isinstance(y_range, str) or len(y_range) != 2 or not y_range[0] < y_range[1]:
-        raise TrainingError(f"y_range must be 'auto', 'none' or (low, high) with low < high, "
-                            f"got {y_range!r}")
-    return (float(y_range[0]), float(y_range[1]))
+    """``"auto"``: (-1, 1) for points, else the widened training range; None: no squashing.
 
-
-def parse_y_range(text: str) -> tuple[float, float] | str | None:
-    """The CLI's ``--y-range``: ``auto``, ``none`` or ``LOW,HIGH``."""
-    if text.strip().lower() in ("auto", "none"):
-        return None if text.strip().lower() == "none" else "auto"
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise TrainingError(f"--y-range must be auto, none or LOW,HIGH, got {text!r}") from None
-    return (low, high)  # resolve_y_range refuses low >= high
+    y_range: ``"auto"``, ``"none"``, ``"LOW,HIGH"``, a (low, high) pair or None.
+    """
+    y_range = parse_y_range(y_range)
+    if y_range != "auto":
+        return y_range
+    if data.points:
+        return POINT_Y_RANGE
+    ranges = data.target_ranges().values()
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    margin = Y_RANGE_MARGIN * (high - low) if high > low else 1.0
+    return (low - margin, high + margin)
 
 
 def train_regression_model(
     data: RegressionData,
     out_dir: str | Path,
+    options: RegressionOptions | None = None,
     *,
-    y_range: tuple[float, float] | str | None = "auto",
-    flip: bool = True,
-    **options,
+    progress=None,
+    **overrides,
 ) -> ImageTrainResult:
     """Fine-tune on float or point targets; report valid_mse against baseline_mse.
 
-    flip: horizontal flips in training (turn off when left and right points have names).
-    options: the keyword arguments of ``train_image_task`` (arch, weights, size, bs, ...).
+    ``options.y_range``: auto | none | LOW,HIGH (a (low, high) pair is taken too);
+    ``options.flip``: horizontal flips in training (off when left and right points have names).
+    overrides: option fields as keywords, applied to ``options``.
     """
-    size = int(options.get("size", 224))
+    if "y_range" in overrides:
+        overrides["y_range"] = y_range_text(overrides["y_range"])
+    options = with_overrides(RegressionOptions, options, overrides)
     metric_fns = {"mae": metrics.mae}
     if data.points:
         # Half the input side is one unit of the [-1, 1] frame.
-        metric_fns["pixel_distance"] = lambda p, t: metrics.mean_point_distance(p, t, size / 2)
+        half = options.size / 2
+        metric_fns["pixel_distance"] = lambda p, t: metrics.mean_point_distance(p, t, half)
 
     def evaluate(learner: Learner, prep: Preprocessing, plots_dir: Path) -> tuple[dict, dict]:
         return _evaluate(learner, data, prep, plots_dir)
 
     task = ImageTask(
         "regression", tuple(data.classes), nn.MSELoss(), metric_fns, evaluate,
-        y_range=resolve_y_range(data, y_range),
+        y_range=resolve_y_range(data, options.y_range),
         dataset_cls=PointItemsDataset if data.points else ImageItemsDataset,
-        train_scale=POINT_TRAIN_SCALE if data.points else TRAIN_SCALE, flip=flip)
-    return train_image_task(task, data, out_dir, **options)
+        train_scale=POINT_TRAIN_SCALE if data.points else TRAIN_SCALE, flip=options.flip)
+    return train_image_task(task, data, out_dir, options, progress=progress)
 
 
 def model_frame_targets(data: RegressionData, split: str, prep: Preprocessing) -> torch.Tensor:
@@ -179,8 +173,4 @@ def plot_predicted_vs_true(preds: torch.Tensor, targets: torch.Tensor, names, pa
         ax.plot([low, high], [low, high], "--", color="grey")
         ax.set_xlabel(f"true {name}")
         ax.set_ylabel(f"predicted {name}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
