@@ -7,7 +7,6 @@ print one ``error: ...`` line and exit 2 instead of a traceback.
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +16,13 @@ from flows.cli_output import PLAIN as _PLAIN
 from flows.cli_output import console, out
 from flows.cli_output import print_metrics as _print_metrics
 from flows.cli_score import score_app
-from flows.params import IMAGE_LR_WORDS
+from flows.option_surfaces import OptionsError, declared_options
+from training.recipes.options import (
+    ImageTrainOptions,
+    MultiLabelOptions,
+    RecommenderOptions,
+    RegressionOptions,
+)
 
 app = typer.Typer(add_completion=False, **_PLAIN,
                   help="Fine-tune, export, verify and batch-score vision models and recommenders.")
@@ -26,34 +31,12 @@ app.add_typer(train_app, name="train")
 app.add_typer(score_app, name="score")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from export.errors import ExportError
     from scoring.errors import ScoringError
     from training.errors import TrainingError
 
-    return (TrainingError, ExportError, ScoringError)
-
-
-IMAGE_LR_HELP = ("a number; 'auto' (LR finder, valley, each stage); or valley|steep|minimum|slide: "
-                 "that finder rule once, then halved after unfreezing like a number")
-
-
-def _lr(value: str, words: tuple[str, ...] = ("auto",)) -> float | str:
-    if value in words:
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        from training.errors import TrainingError
-
-        raise TrainingError(
-            f"--lr must be {', '.join(map(repr, words))} or a number, got {value!r}") from None
+    return (TrainingError, ExportError, ScoringError, OptionsError)
 
 
 def _progress_printer():
@@ -73,126 +56,81 @@ def _progress_printer():
     return show
 
 
+# Where a run reads and writes is not an option of the recipe: these stay with each command.
+Images = Annotated[Path, typer.Option(help="folder the fnames are relative to")]
+Registry = Annotated[Path | None, typer.Option(help="also export, verify, promote here")]
+Name = Annotated[str | None, typer.Option(help="model name in the registry")]
+
+
+OutDir = Annotated[Path, typer.Option("--out", help="training output directory")]
+
+
 @train_app.command("images")
+@declared_options(cli=True, options=ImageTrainOptions)
 def train_images(
     data: Annotated[Path, typer.Argument(help="Image folder (train/val[/test] or class folders)"
                                          " or the image root of --csv.")],
     csv: Annotated[Path | None, typer.Option(help="CSV of fname,label[,is_valid].")] = None,
-    arch: str = "tf_efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="imagenet | none | packaged | PATH")] = "packaged",
-    size: int = 224,
-    bs: int = 32,
-    freeze_epochs: int = 1,
-    epochs: int = 3,
-    lr: Annotated[str, typer.Option(help=IMAGE_LR_HELP)] = "auto",
-    patience: Annotated[int, typer.Option(help="early-stopping patience; 0 disables")] = 2,
-    precompute: Annotated[bool, typer.Option(help="cache frozen-body features")] = False,
-    valid_pct: float = 0.2,
-    seed: int = 42,
-    workers: int | None = None,
-    device: Device = Device.auto,
-    out_dir: Annotated[Path, typer.Option("--out", help="training output directory")] = Path(
-        "runs/train"),
-    registry: Annotated[Path | None, typer.Option(help="also export, verify, promote here")] = None,
-    name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
+    out_dir: OutDir = Path("runs/train"),
+    registry: Registry = None,
+    name: Name = None,
+    *,
+    options: ImageTrainOptions,
 ) -> None:
     """Fine-tune a pretrained image classifier (staged unfreezing, one-cycle, early stopping)."""
-    lr_value = _lr(lr, IMAGE_LR_WORDS)  # refuse a bad --lr before any work
     from training.recipes.image import prepare_image_data, train_image_model
 
-    prepared = prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed)
-    console.print(prepared.summary())
-    result = train_image_model(
-        prepared, out_dir, arch=arch, weights=weights, size=size, bs=bs,
-        freeze_epochs=freeze_epochs, epochs=epochs, lr=lr_value,
-        patience=patience or None,
-        precompute=precompute, seed=seed, workers=workers, device=device.value,
-        progress=_progress_printer())
-    _print_metrics(f"best epoch {result.best_epoch}", result.metrics)
-    out.print(f"training output: {result.out_dir}")
-    if registry is not None:
-        _export_verify_promote(result.out_dir, registry, name or result.out_dir.name)
+    prepared = prepare_image_data(data, csv=csv, valid_pct=options.valid_pct, seed=options.seed)
+    _train_and_publish(train_image_model, prepared, out_dir, options, registry, name)
 
 
 @train_app.command("multilabel")
+@declared_options(cli=True, options=MultiLabelOptions)
 def train_multilabel(
     csv: Annotated[Path, typer.Argument(help="CSV of fname,labels[,is_valid]")],
-    images: Annotated[Path, typer.Option(help="folder the fnames are relative to")],
-    label_delim: Annotated[str, typer.Option(help="separator between labels")] = " ",
-    threshold_metric: Annotated[str, typer.Option(
-        help="accuracy_multi | f1_macro | f1_micro")] = "accuracy_multi",
-    per_label_thresholds: Annotated[bool, typer.Option(help="one threshold per label")] = False,
-    split_by: Annotated[str | None, typer.Option(help="group column kept on one side")] = None,
-    arch: str = "tf_efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="imagenet | none | packaged | PATH")] = "packaged",
-    size: int = 224, bs: int = 32, freeze_epochs: int = 1, epochs: int = 3,
-    lr: Annotated[str, typer.Option(help=IMAGE_LR_HELP)] = "auto",
-    patience: Annotated[int, typer.Option(help="early-stopping patience; 0 disables")] = 2,
-    precompute: Annotated[bool, typer.Option(help="cache frozen-body features")] = False,
-    valid_pct: float = 0.2, seed: int = 42, workers: int | None = None,
-    device: Device = Device.auto,
-    out_dir: Annotated[Path, typer.Option("--out", help="training output directory")] = Path(
-        "runs/multilabel"),
-    registry: Annotated[Path | None, typer.Option(help="also export, verify, promote here")] = None,
-    name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
+    images: Images,
+    out_dir: OutDir = Path("runs/multilabel"),
+    registry: Registry = None,
+    name: Name = None,
+    *,
+    options: MultiLabelOptions,
 ) -> None:
     """Fine-tune a multi-label image model (sigmoid per label), then tune its threshold."""
-    lr_value = _lr(lr, IMAGE_LR_WORDS)
     from training.data.multilabel import from_multilabel_csv
     from training.recipes.multilabel import train_multilabel_model
 
-    prepared = from_multilabel_csv(csv, images, label_delim=label_delim, valid_pct=valid_pct,
-                                   seed=seed, split_by=split_by)
-    console.print(prepared.summary(), highlight=False)
-    result = train_multilabel_model(
-        prepared, out_dir, threshold_metric=threshold_metric,
-        per_label_thresholds=per_label_thresholds, arch=arch, weights=weights, size=size, bs=bs,
-        freeze_epochs=freeze_epochs, epochs=epochs, lr=lr_value,
-        patience=patience or None,
-        precompute=precompute, seed=seed, workers=workers, device=device.value,
-        progress=_progress_printer())
-    _finish_training(result, registry, name)
+    prepared = from_multilabel_csv(csv, images, label_delim=options.label_delim,
+                                   valid_pct=options.valid_pct, seed=options.seed,
+                                   split_by=options.split_by)
+    _train_and_publish(train_multilabel_model, prepared, out_dir, options, registry, name)
 
 
 @train_app.command("regression")
+@declared_options(cli=True, options=RegressionOptions)
 def train_regression(
     csv: Annotated[Path, typer.Argument(help="CSV of fname and target or point columns")],
-    images: Annotated[Path, typer.Option(help="folder the fnames are relative to")],
-    targets: Annotated[str | None, typer.Option(help="float target columns: c1,c2")] = None,
-    points: Annotated[str | None, typer.Option(help="pixel point columns: X,Y[,X2,Y2]")] = None,
-    split_by: Annotated[str | None, typer.Option(help="group column kept on one side")] = None,
-    y_range: Annotated[str, typer.Option(help="'auto', 'none' or LOW,HIGH")] = "auto",
-    flip: Annotated[bool, typer.Option(help="horizontal flips in training")] = True,
-    arch: str = "tf_efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="imagenet | none | packaged | PATH")] = "packaged",
-    size: int = 224, bs: int = 32, freeze_epochs: int = 1, epochs: int = 3,
-    lr: Annotated[str, typer.Option(help=IMAGE_LR_HELP)] = "auto",
-    patience: Annotated[int, typer.Option(help="early-stopping patience; 0 disables")] = 2,
-    precompute: Annotated[bool, typer.Option(help="cache frozen-body features")] = False,
-    valid_pct: float = 0.2, seed: int = 42, workers: int | None = None,
-    device: Device = Device.auto,
-    out_dir: Annotated[Path, typer.Option("--out", help="training output directory")] = Path(
-        "runs/regression"),
-    registry: Annotated[Path | None, typer.Option(help="also export, verify, promote here")] = None,
-    name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
+    images: Images,
+    out_dir: OutDir = Path("runs/regression"),
+    registry: Registry = None,
+    name: Name = None,
+    *,
+    options: RegressionOptions,
 ) -> None:
     """Fine-tune an image regression model (float targets or points, sigmoid_range head, MSE)."""
-    lr_value = _lr(lr, IMAGE_LR_WORDS)
     from training.data.regression import from_regression_csv
-    from training.recipes.regression import parse_y_range, train_regression_model
+    from training.recipes.regression import train_regression_model
 
-    prepared = from_regression_csv(csv, images, targets=targets, points=points,
-                                   valid_pct=valid_pct, seed=seed, split_by=split_by)
+    prepared = from_regression_csv(csv, images, targets=options.targets, points=options.points,
+                                   valid_pct=options.valid_pct, seed=options.seed,
+                                   split_by=options.split_by)
+    _train_and_publish(train_regression_model, prepared, out_dir, options, registry, name)
+
+
+def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path | None,
+                       name: str | None) -> None:
+    """Fine-tune with ``recipe``, print the metrics, then export, verify, promote if asked."""
     console.print(prepared.summary(), highlight=False)
-    result = train_regression_model(
-        prepared, out_dir, y_range=parse_y_range(y_range), flip=flip, arch=arch,
-        weights=weights, size=size, bs=bs, freeze_epochs=freeze_epochs, epochs=epochs,
-        lr=lr_value, patience=patience or None, precompute=precompute, seed=seed,
-        workers=workers, device=device.value, progress=_progress_printer())
-    _finish_training(result, registry, name)
-
-
-def _finish_training(result, registry: Path | None, name: str | None) -> None:
+    result = recipe(prepared, out_dir, options, progress=_progress_printer())
     _print_metrics(f"best epoch {result.best_epoch}", result.metrics)
     out.print(f"training output: {result.out_dir}")
     if registry is not None:
@@ -200,42 +138,26 @@ def _finish_training(result, registry: Path | None, name: str | None) -> None:
 
 
 @train_app.command("ratings")
+@declared_options(cli=True, options=RecommenderOptions)
 def train_ratings(
     path: Annotated[Path, typer.Argument(help="MovieLens folder (u.data / ratings.csv) or a"
                                          " CSV/Parquet of ratings")],
-    factors: int = 50,
-    epochs: int = 5,
-    wd: float = 0.2,
-    lr: Annotated[str, typer.Option(help="'auto' (LR finder) or a number")] = "auto",
-    bs: int = 512,
-    valid_pct: float = 0.2,
-    split: Annotated[str, typer.Option(help="random | time")] = "random",
-    use_nn: Annotated[bool, typer.Option(help="embeddings → MLP instead of a dot product")] = False,
-    patience: int = 0,
-    seed: int = 42,
-    user_col: str | None = None,
-    item_col: str | None = None,
-    rating_col: str | None = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="training output directory")] = Path(
-        "runs/recommender"),
-    registry: Annotated[Path | None, typer.Option(help="export, verify, promote here")] = None,
-    name: Annotated[str | None, typer.Option(help="model name in the registry")] = None,
+    out_dir: OutDir = Path("runs/recommender"),
+    registry: Registry = None,
+    name: Name = None,
+    *,
+    options: RecommenderOptions,
 ) -> None:
     """Train a collaborative-filtering recommender (dot product + biases + sigmoid range)."""
     from training.recipes.collab import train_recommender
 
-    columns = {k: v for k, v in {"user_col": user_col, "item_col": item_col,
-                                 "rating_col": rating_col}.items() if v}
-    result = train_recommender(
-        path, out_dir, factors=factors, epochs=epochs, wd=wd, lr=_lr(lr), bs=bs,
-        valid_pct=valid_pct, split=split, seed=seed, use_nn=use_nn, patience=patience or None,
-        registry=registry, name=name, progress=_progress_printer(), **columns)
+    result = train_recommender(path, out_dir, options, progress=_progress_printer())
     _print_metrics("recommender", result.metrics)
-    for line in getattr(result, "report_lines", lambda: [])():
+    for line in result.report_lines():
         out.print(line)
     out.print(f"training output: {result.out_dir}")
-    if getattr(result, "bundle_path", None):
-        out.print(f"bundle: {result.bundle_path} (promoted: {result.promoted})")
+    if registry is not None:
+        _export_verify_promote(result.out_dir, registry, name or result.out_dir.name)
 
 
 def _export_verify_promote(train_out: Path, registry: Path, name: str) -> None:

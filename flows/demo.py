@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from export.bundle import promote
 from flows.demo_data import resolve_demo_data
 from scoring.image_scoring import score_image_folder
 from scoring.recommendations import score_recommendations
 from training.recipes.collab import train_recommender
-from training.recipes.image import export_image_model, prepare_image_data, train_image_model
+from training.recipes.image import prepare_image_data, train_image_model
+from training.recipes.options import ImageTrainOptions, RecommenderOptions
+from training.recipes.publish import publish
 
 
 def run_demo(workdir: Path, say: Callable[[str], None] = print, *,
@@ -28,24 +29,22 @@ def run_demo(workdir: Path, say: Callable[[str], None] = print, *,
     generated = _generated(data.source, "images")
     images = prepare_image_data(data.images)
     say(images.summary())
-    trained = train_image_model(
-        images, workdir / "train-images", arch="tf_efficientnet_lite0", weights="packaged",
+    trained = train_image_model(images, workdir / "train-images", ImageTrainOptions(
         size=64 if generated else 160, bs=8 if generated else 32,
-        freeze_epochs=2 if generated else 1, epochs=3,
-        lr="auto", patience=2, precompute=False, seed=42)
+        freeze_epochs=2 if generated else 1, epochs=3))
     say(f"image model: accuracy {trained.metrics['accuracy']:.3f} "
         f"(best epoch {trained.best_epoch}) → {trained.out_dir}")
-    exported = export_image_model(trained.out_dir, registry, "demo-images")
+    exported, current = publish(trained.out_dir, registry, "demo-images")
     say(exported.parity.to_markdown())
-    say(f"image bundle promoted: {promote(exported.bundle_path)}")
+    say(f"image bundle promoted: {current}")
 
     scored = score_image_folder(_scoring_folder(data.images), registry / "demo-images", out)
     say(scored.summary_line())
 
-    rec = train_recommender(data.ratings, workdir / "train-ratings",
-                            factors=16 if _generated(data.source, "ratings") else 50, epochs=5,
-                            registry=registry, name="demo-recommender")
-    say(f"recommender: valid_mse {rec.metrics['valid_mse']:.4f} → {rec.bundle_path}")
+    rec = train_recommender(data.ratings, workdir / "train-ratings", RecommenderOptions(
+        factors=16 if _generated(data.source, "ratings") else 50, epochs=5))
+    rec_exported, _ = publish(rec.out_dir, registry, "demo-recommender")
+    say(f"recommender: valid_mse {rec.metrics['valid_mse']:.4f} → {rec_exported.bundle_path}")
     recs = score_recommendations(registry / "demo-recommender", out, top_k=10, full_table=True)
     say(recs.summary_line())
 

@@ -9,6 +9,10 @@ volume being cleaned) are the only ones worth retrying, and only on tasks that w
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+from prefect import get_run_logger
 from prefect.states import Failed, State
 
 from export.errors import ExportError
@@ -30,3 +34,15 @@ def retry_on_storage_error(task, task_run, state: State) -> bool:
 def user_failure(error: Exception) -> State:
     """The final state of a run stopped by a user error: its message, no traceback."""
     return Failed(message=str(error))
+
+
+def user_errors_fail_the_run(body: Callable) -> Callable:
+    """Wrap a flow's body: a user error it raises is logged and ends the run as ``user_failure``."""
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except USER_ERRORS as err:
+            get_run_logger().error(str(err))
+            return user_failure(err)
+    return run

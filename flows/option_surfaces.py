@@ -58,6 +58,8 @@ def declared_options(*, cli: bool = False, **models: type[BaseModel]) -> Callabl
                 kwargs[param] = build_options(model, values[param], flags=cli)
             return fn(*args, **kwargs)
 
+        if not cli:
+            call.__doc__ = _with_option_help(fn.__doc__, models)
         call.__signature__ = signature.replace(parameters=kept)
         call.__annotations__ = {p.name: p.annotation for p in kept} | {
             "return": hints.get("return", signature.return_annotation)}
@@ -77,6 +79,13 @@ def build_options(model: type[BaseModel], values: dict, *, flags: bool = False) 
             label = f"--{name.replace('_', '-')}" if flags else name
             problems.append(f"{label}: {e['msg']} (got {e.get('input')!r})")
         raise OptionsError("; ".join(problems)) from None
+
+
+def _with_option_help(doc: str | None, models: dict[str, type[BaseModel]]) -> str:
+    """``doc`` with an ``Args:`` section of the options' help, which Prefect shows in the form."""
+    lines = [f"    {name}: {field.description}" for model in models.values()
+             for name, field in model.model_fields.items() if field.description]
+    return inspect.cleandoc(doc or "") + "\n\nArgs:\n" + "\n".join(lines)
 
 
 def _flow_annotation(field) -> Any:

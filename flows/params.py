@@ -1,30 +1,22 @@
-"""Typed flow parameters: what the Prefect UI and ``prefect deployment run --param`` validate.
+"""Typed flow parameters of ``flows`` itself: paths, model names, Dask addresses, nightly jobs.
 
 Each alias is a pydantic type, so Prefect turns it into the deployment's JSON schema (enums,
-``exclusiveMinimum``, date formats) and rejects a bad value before the run does any work.
-The job models are the list items of the ``nightly`` flow.
+``exclusiveMinimum``, patterns) and rejects a bad value before the run does any work. The
+options of training and scoring are declared in ``training.recipes.options`` and
+``scoring.options``; the names below that come from there are re-exported for old importers.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Runtime = Literal["onnx", "torchscript"]
-Device = Literal["auto", "cpu", "cuda"]
+from scoring.options import Device, Runtime
+from training.recipes.options import IMAGE_LR_WORDS, ImageLearningRate, LearningRate
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-#: Share of the data held out for validation.
-ValidFraction = Annotated[float, Field(gt=0, lt=1)]
-#: ``"auto"`` runs the LR finder; a number skips it.
-LearningRate = Literal["auto"] | PositiveFloat
-#: Words image fine-tuning takes for its LR: "auto" (valley, each stage) or one finder rule,
-#: used once (``training.fit.lr_finder.SUGGESTERS``; a test keeps the two in step).
-IMAGE_LR_WORDS = ("auto", "valley", "steep", "minimum", "slide")
-ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat
 #: A non-empty path or registry reference (``REG/NAME``, ``REG/NAME/VERSION`` or a bundle dir).
 PathText = Annotated[str, Field(min_length=1)]
 #: A Dask scheduler address, ``tcp://HOST:PORT`` (tls, ucx, ws, wss also accepted; IPv6 hosts
@@ -33,6 +25,10 @@ DASK_ADDRESS_PATTERN = r"^(tcp|tls|ucx|ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.
 DaskAddress = Annotated[str, Field(pattern=DASK_ADDRESS_PATTERN)]
 #: A model name in the registry: one plain directory name.
 ModelName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+__all__ = ["DASK_ADDRESS_PATTERN", "IMAGE_LR_WORDS", "DaskAddress", "Device", "ImageJob",
+           "ImageLearningRate", "LearningRate", "ModelName", "NonNegativeInt", "PathText",
+           "PositiveInt", "RecJob", "Runtime"]
 
 
 class ImageJob(BaseModel):

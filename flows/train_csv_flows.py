@@ -1,34 +1,24 @@
 """Training flows for CSV-labelled images: multi-label classification and image regression.
 
 Same chain as ``train-image-model`` (check inputs → prepare → fine-tune → export with the parity
-gate → promote); only the data reader and the recipe differ (``training.recipes.multilabel``,
-``training.recipes.regression``). Data prep is cached on the files' fingerprint like the
-single-label flow's.
+gate → promote); only the data reader, the recipe and the option model differ
+(``training.recipes.multilabel``, ``training.recipes.regression``). Data prep is cached on the
+files' fingerprint like the single-label flow's.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from flows.artifacts import TrainingProgress, publish_metrics, publish_plots
 from flows.cache_keys import prepared_data_key, result_cache_dir
-from flows.failures import USER_ERRORS, user_failure
-from flows.params import (
-    Device,
-    ImageLearningRate,
-    ModelName,
-    NonNegativeInt,
-    PathText,
-    PositiveInt,
-    ValidFraction,
-)
-from flows.train_flows import check_training_inputs, export_task, promote_task, train_dir_for
+from flows.failures import user_errors_fail_the_run
+from flows.option_surfaces import declared_options
+from flows.params import ModelName, PathText
+from flows.train_flows import check_training_inputs, fine_tune_and_publish
+from training.recipes.options import MultiLabelOptions, RegressionOptions
 
 
 @task(name="prepare-multilabel-data", cache_key_fn=prepared_data_key,
@@ -58,111 +48,31 @@ def prepare_regression_task(data: str, csv: str | None, valid_pct: float, seed: 
     return prepared
 
 
-@task(name="fine-tune", cache_policy=NO_CACHE)
-def fine_tune_csv_task(kind: str, prepared, out_dir: Path, options: dict):
-    """The task's recipe: LR finder → frozen head → unfrozen body → best epoch restored."""
-    if kind == "multilabel":
-        from training.recipes.multilabel import train_multilabel_model as recipe
-    else:
-        from training.recipes.regression import train_regression_model as recipe
-    key = f"train-{kind}-model"
-    total = options["freeze_epochs"] + options["epochs"]
-    progress = TrainingProgress(key=f"{key}-progress", total_epochs=total,
-                                description=f"epochs of {out_dir.name}", log=get_run_logger())
-    result = recipe(prepared, out_dir, progress=progress, **options)
-    progress({"event": "end"})
-    publish_plots(result.plots, key=f"{key}-plots", description="LR finder, curves, task plots")
-    publish_metrics({"best_epoch": result.best_epoch, **result.metrics}, key=f"{key}-metrics",
-                    description=f"validation metrics of the restored best epoch ({out_dir})")
-    return result
-
-
-def _train_chain(kind: str, prepared, registry: str, name: str, train_dir: str | None,
-                 options: dict) -> dict:
-    trained = fine_tune_csv_task(kind, prepared, train_dir_for(name, train_dir), options)
-    exported = export_task(trained.out_dir, registry, name, recipe="image-model")
-    pointer = promote_task(exported.bundle_path)
-    return {"train_dir": str(trained.out_dir), "bundle": str(exported.bundle_path),
-            "current": pointer, "metrics": trained.metrics}
-
-
 @flow(name="train-multilabel-model")
-def train_multilabel_model_flow(
-    data: PathText,
-    csv: PathText,
-    registry: PathText,
-    name: ModelName,
-    label_delim: str = " ",
-    threshold_metric: Literal["accuracy_multi", "f1_macro", "f1_micro"] = "accuracy_multi",
-    per_label_thresholds: bool = False,
-    split_by: str | None = None,
-    arch: str = "tf_efficientnet_lite0",
-    weights: str = "packaged",
-    size: PositiveInt = 224,
-    bs: PositiveInt = 32,
-    freeze_epochs: NonNegativeInt = 1,
-    epochs: NonNegativeInt = 3,
-    lr: ImageLearningRate = "auto",
-    patience: NonNegativeInt = 2,
-    seed: int = 42,
-    valid_pct: ValidFraction = 0.2,
-    device: Device = "auto",
-    train_dir: str | None = None,
-) -> dict | State:
+@declared_options(options=MultiLabelOptions)
+@user_errors_fail_the_run
+def train_multilabel_model_flow(data: PathText, csv: PathText, registry: PathText, name: ModelName,
+                                train_dir: str | None = None, *,
+                                options: MultiLabelOptions) -> dict | State:
     """Fine-tune a multi-label model on ``csv`` (``fname,labels[,is_valid]`` relative to
     ``data``), tune its threshold on validation, export, gate on parity, promote."""
-    try:
-        data = check_training_inputs(data, registry, csv)
-        prepared = prepare_multilabel_task.with_options(result_storage=result_cache_dir())(
-            data, csv, valid_pct, seed, label_delim=label_delim, split_by=split_by)
-        options = {"threshold_metric": threshold_metric,
-                   "per_label_thresholds": per_label_thresholds, "arch": arch,
-                   "weights": weights, "size": size, "bs": bs, "freeze_epochs": freeze_epochs,
-                   "epochs": epochs, "lr": lr, "patience": patience or None, "seed": seed,
-                   "device": device}
-        return _train_chain("multilabel", prepared, registry, name, train_dir, options)
-    except USER_ERRORS as err:
-        get_run_logger().error(str(err))
-        return user_failure(err)
+    data = check_training_inputs(data, registry, csv)
+    prepared = prepare_multilabel_task.with_options(result_storage=result_cache_dir())(
+        data, csv, options.valid_pct, options.seed, label_delim=options.label_delim,
+        split_by=options.split_by)
+    return fine_tune_and_publish("multilabel", prepared, registry, name, train_dir, options)
 
 
 @flow(name="train-regression-model")
-def train_regression_model_flow(
-    data: PathText,
-    csv: PathText,
-    registry: PathText,
-    name: ModelName,
-    targets: str | None = None,
-    points: str | None = None,
-    split_by: str | None = None,
-    y_range: str = "auto",
-    flip: bool = True,
-    arch: str = "tf_efficientnet_lite0",
-    weights: str = "packaged",
-    size: PositiveInt = 224,
-    bs: PositiveInt = 32,
-    freeze_epochs: NonNegativeInt = 1,
-    epochs: NonNegativeInt = 3,
-    lr: ImageLearningRate = "auto",
-    patience: NonNegativeInt = 2,
-    seed: int = 42,
-    valid_pct: ValidFraction = 0.2,
-    device: Device = "auto",
-    train_dir: str | None = None,
-) -> dict | State:
+@declared_options(options=RegressionOptions)
+@user_errors_fail_the_run
+def train_regression_model_flow(data: PathText, csv: PathText, registry: PathText, name: ModelName,
+                                train_dir: str | None = None, *,
+                                options: RegressionOptions) -> dict | State:
     """Fine-tune an image regressor on ``csv`` (``fname`` + ``targets`` columns, or pixel
     ``points`` ``X,Y``), export, gate on parity, promote. ``y_range``: auto | none | LOW,HIGH."""
-    try:
-        from training.recipes.regression import parse_y_range
-
-        data = check_training_inputs(data, registry, csv)
-        prepared = prepare_regression_task.with_options(result_storage=result_cache_dir())(
-            data, csv, valid_pct, seed, targets=targets, points=points, split_by=split_by)
-        options = {"y_range": parse_y_range(y_range), "flip": flip, "arch": arch,
-                   "weights": weights, "size": size, "bs": bs, "freeze_epochs": freeze_epochs,
-                   "epochs": epochs, "lr": lr, "patience": patience or None, "seed": seed,
-                   "device": device}
-        return _train_chain("regression", prepared, registry, name, train_dir, options)
-    except USER_ERRORS as err:
-        get_run_logger().error(str(err))
-        return user_failure(err)
+    data = check_training_inputs(data, registry, csv)
+    prepared = prepare_regression_task.with_options(result_storage=result_cache_dir())(
+        data, csv, options.valid_pct, options.seed, targets=options.targets,
+        points=options.points, split_by=options.split_by)
+    return fine_tune_and_publish("regression", prepared, registry, name, train_dir, options)

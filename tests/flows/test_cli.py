@@ -112,7 +112,8 @@ def test_verify_refuses_a_tampered_bundle_in_one_line(chain, tmp_path):
     (["score", "images", "/no/such/folder", "--model", "/no/such/reg/m", "--out", "/tmp/x"],
      "/no/such"),
     (["verify", "/no/such/bundle"], "/no/such/bundle"),
-    (["train", "images", "/no/such/folder", "--lr", "fastest"], "'slide' or a number"),
+    (["train", "images", "/no/such/folder", "--lr", "fastest"], "--lr: "),
+    (["train", "ratings", "/no/such/file", "--epochs", "0"], "--epochs: "),
 ])
 def test_user_errors_are_one_line_without_traceback(args, needle):
     proc = lensflow(*args, check=False)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
+import torch
 from PIL import Image
 
 from flows.demo_data import (
@@ -27,6 +29,7 @@ from flows.demo_data import (
 )
 from training.data.images import from_folder
 from training.errors import TrainingError
+from training.models import packaged_weights as packaged
 
 
 def test_shapes_dataset_layout_and_formats(tmp_path):
@@ -78,18 +81,13 @@ def test_shape_classes_differ_in_shape_not_in_colour(tmp_path):
 @pytest.mark.slow
 def test_shapes_are_learnable_from_pretrained_features(tmp_path):
     """A linear head on packaged EfficientNet-Lite0 features separates the shapes."""
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    packaged = pytest.importorskip("training.models.packaged_weights")
-    from training.data.images import build_loaders
+    from training.data.image_loaders import build_image_loaders
 
-    try:
-        state = packaged.packaged_lite0_state_dict()
-    except TrainingError as err:
-        pytest.skip(f"packaged weights unavailable: {err}")
+    state = packaged.packaged_lite0_state_dict()
     torch.set_num_threads(2)
     data = from_folder(make_shapes_dataset(tmp_path / "s"))
-    loaders = build_loaders(data, packaged.packaged_preprocessing().with_size(96), workers=0)
+    loaders = build_image_loaders(data, packaged.packaged_preprocessing().with_size(96),
+                                  workers=0)
     body = timm.create_model(packaged.PACKAGED_ARCH, pretrained=False)
     body.load_state_dict(state)
     body.reset_classifier(0)

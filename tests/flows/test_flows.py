@@ -6,64 +6,35 @@ its message, the committed partition, the artifacts — without a worker.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from datetime import date, datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
-from paths import REPO
-
-pytest.importorskip("prefect")
-
-from flow_test_data import (  # noqa: E402
+from flow_test_data import (
     artifacts_by_key,
     make_images,
-    make_tinted_images,
     partition_rows_and_run_ids,
 )
-from prefect import flow  # noqa: E402
-from prefect.exceptions import ParameterTypeError  # noqa: E402
-from prefect.states import Failed  # noqa: E402
-from tiny_image_bundle import make_image_bundle  # noqa: E402
+from paths import REPO
+from prefect.exceptions import ParameterTypeError
+from prefect.states import Failed
+from tiny_image_bundle import make_image_bundle
 
-from export.bundle import load_bundle, resolve_bundle  # noqa: E402
-from flows.cache_keys import dataset_fingerprint  # noqa: E402
-from flows.deploy_settings import deploy_settings  # noqa: E402
-from flows.failures import retry_on_storage_error  # noqa: E402
-from flows.prefect_flows import FLOWS  # noqa: E402
-from flows.run_date import date_in_timezone  # noqa: E402
-from flows.score_flows import (  # noqa: E402
+from flows.cache_keys import dataset_fingerprint
+from flows.deploy_settings import deploy_settings
+from flows.failures import retry_on_storage_error
+from flows.prefect_flows import FLOWS
+from flows.run_date import date_in_timezone
+from flows.score_flows import (
     nightly_flow,
     score_image_folder_flow,
     score_recommendations_flow,
 )
-from scoring.errors import ScoringError  # noqa: E402
-from scoring.partition import partition_dir  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A throwaway Prefect server (SQLite in a temp dir) for the module's flow runs."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as mp:
-        # Telemetry writes to the fresh database while it migrates ("database is locked").
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-@pytest.fixture
-def client(prefect_api):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as c:
-        yield c
+from scoring.errors import ScoringError
+from scoring.partition import partition_dir
 
 
 @pytest.fixture
@@ -167,28 +138,6 @@ def test_nightly_refuses_two_jobs_writing_one_partition(tmp_path, bundle_registr
     assert not (tmp_path / "out").exists()
 
 
-def test_prepared_data_is_cached_until_a_file_changes(tmp_path, prefect_api, monkeypatch):
-    from flows.cache_keys import result_cache_dir
-    from flows.demo_data import make_shapes_dataset
-    from flows.train_flows import prepare_image_data_task
-
-    monkeypatch.setenv("LENSFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    data = make_shapes_dataset(tmp_path / "shapes", n_train=4, n_valid=2, size=24)
-
-    @flow
-    def prepare_twice() -> list:
-        prep = prepare_image_data_task.with_options(result_storage=result_cache_dir())
-        states = [prep(str(data), None, 0.2, 42, return_state=True) for _ in range(2)]
-        (data / "train" / "circle" / "circle_0000.jpg").touch()
-        os.utime(data / "train" / "circle" / "circle_0000.jpg", (1, 1))
-        states.append(prep(str(data), None, 0.2, 42, return_state=True))
-        states.append(prep(str(data), None, 0.3, 42, return_state=True))
-        return [s.name for s in states]
-
-    assert prepare_twice() == ["Completed", "Cached", "Completed", "Completed"]
-    assert any((tmp_path / "cache").iterdir())
-
-
 def test_dataset_fingerprint_follows_names_sizes_and_mtimes(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"1234")
@@ -241,70 +190,6 @@ def test_serve_builds_the_deployments_of_prefect_yaml(monkeypatch, tmp_path):
     for (flow_name, _), deployment in deployments.items():
         FLOWS[flow_name].validate_parameters(
             {**per_run.get(flow_name, {}), **deployment.parameters})
-
-
-
-def _fake_training(monkeypatch, tmp_path, export):
-    """Replace the plain training/export functions: this checks the flow's wiring, not ML."""
-    from PIL import Image
-
-    import training.recipes.image as recipe
-
-    def train(prepared, out_dir, *, progress=None, **options):
-        plots = Path(out_dir) / "plots"
-        plots.mkdir(parents=True)
-        Image.new("RGB", (4, 4), "red").save(plots / "learning_curve.png")
-        progress({"event": "epoch_end", "stage": "frozen", "epoch": 0, "train_loss": 1.0,
-                  "valid_loss": 0.9, "metrics": {"accuracy": 0.5}})
-        return recipe.ImageTrainResult(Path(out_dir), {"accuracy": 0.5, "valid_loss": 0.9}, 0,
-                                       False, 1.0, {"learning_curve": plots / "learning_curve.png"})
-
-    promoted = []
-    monkeypatch.setattr(recipe, "prepare_image_data",
-                        lambda data, **kw: SimpleNamespace(summary=lambda: f"prepared {data}"))
-    monkeypatch.setattr(recipe, "train_image_model", train)
-    monkeypatch.setattr(recipe, "export_image_model", export)
-    monkeypatch.setattr("flows.train_flows.promote", lambda path: promoted.append(path) or path)
-    monkeypatch.setenv("LENSFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "data").mkdir()
-    return promoted
-
-
-def test_failed_parity_publishes_the_report_and_never_promotes(
-        tmp_path, monkeypatch, client):
-    from export.errors import ParityError
-    from flows.train_flows import train_image_model_flow
-
-    def export(train_out, registry, name, **kw):
-        report = SimpleNamespace(to_markdown=lambda: "| onnx | max abs diff 0.3 | FAILED |")
-        raise ParityError(f"bundle {registry}/{name}/v1: onnx differs from eager by 0.3",
-                          bundle_path=Path(registry) / name / "v1", report=report)
-
-    promoted = _fake_training(monkeypatch, tmp_path, export)
-    state = train_image_model_flow(str(tmp_path / "data"), str(tmp_path / "reg"), "pets",
-                                   train_dir=str(tmp_path / "train"), return_state=True)
-    assert state.is_failed()
-    assert state.message == f"bundle {tmp_path}/reg/pets/v1: onnx differs from eager by 0.3"
-    assert promoted == []
-    artifacts = artifacts_by_key(client, state.state_details.flow_run_id)
-    assert "FAILED" in artifacts["train-image-model-parity"].data
-    assert "data:image/png;base64," in artifacts["train-image-model-plots"].data
-    metrics = json.loads(artifacts["train-image-model-metrics"].data)
-    assert {"metric": "accuracy", "value": "0.5"} in metrics
-
-
-def test_passed_parity_promotes_the_exported_bundle(tmp_path, monkeypatch, client):
-    from flows.train_flows import train_image_model_flow
-
-    bundle = tmp_path / "reg" / "pets" / "v2"
-    report = SimpleNamespace(to_markdown=lambda: "| onnx | PASSED |")
-    promoted = _fake_training(monkeypatch, tmp_path, lambda *a, **kw: SimpleNamespace(
-        bundle_path=bundle, parity=report))
-    state = train_image_model_flow(str(tmp_path / "data"), str(tmp_path / "reg"), "pets",
-                                   train_dir=str(tmp_path / "train"), return_state=True)
-    assert state.is_completed(), state.message
-    assert promoted == [bundle]
-    assert state.result()["bundle"] == str(bundle)
 
 
 def test_plots_are_embedded_byte_for_byte(tmp_path):
@@ -360,43 +245,3 @@ def test_an_image_bundle_is_refused_by_recommendation_scoring(tmp_path, bundle_r
                                        return_state=True)
     assert state.is_failed()
     assert "is a 'single_label' bundle, not a recommender" in state.message
-
-
-TINY_TRAINING = {"arch": "resnet18", "weights": "none", "size": 32, "bs": 4, "freeze_epochs": 1,
-                 "epochs": 1, "lr": 1e-3, "patience": 0}
-
-
-@pytest.mark.slow
-def test_multilabel_flow_trains_tunes_threshold_and_promotes(tmp_path, client):
-    from flows.train_csv_flows import train_multilabel_model_flow
-
-    data = make_tinted_images(tmp_path / "tints")
-    state = train_multilabel_model_flow(str(data / "img"), str(data / "tints.csv"),
-                                        str(tmp_path / "reg"), "tints",
-                                        train_dir=str(tmp_path / "train"), return_state=True,
-                                        **TINY_TRAINING)
-    assert state.is_completed(), state.message
-    bundle = load_bundle(resolve_bundle(str(tmp_path / "reg" / "tints")))
-    assert bundle.task == "multi_label" and bundle.manifest["classes"] == ["blue", "red"]
-    assert bundle.manifest["thresholds"] == state.result()["metrics"]["threshold"]
-    keys = set(artifacts_by_key(client, state.state_details.flow_run_id))
-    assert {"train-multilabel-model-metrics", "train-image-model-parity"} <= keys
-
-
-@pytest.mark.slow
-def test_regression_flow_trains_value_targets_and_refuses_targets_with_points(tmp_path, client):
-    from flows.train_csv_flows import train_regression_model_flow
-
-    data = make_tinted_images(tmp_path / "tints")
-    args = (str(data / "img"), str(data / "tints.csv"), str(tmp_path / "reg"), "tint")
-    state = train_regression_model_flow(*args, targets="tint", train_dir=str(tmp_path / "t"),
-                                        return_state=True, **TINY_TRAINING)
-    assert state.is_completed(), state.message
-    metrics = state.result()["metrics"]
-    assert {"valid_mse", "baseline_mse"} <= metrics.keys()
-    assert load_bundle(resolve_bundle(str(tmp_path / "reg" / "tint"))).task == "regression"
-
-    bad = train_regression_model_flow(*args, targets="tint", points="tint,tint",
-                                      return_state=True, **TINY_TRAINING)
-    assert bad.is_failed()
-    assert "points" in bad.message and "Traceback" not in bad.message

@@ -30,6 +30,8 @@ from tiny_image_bundle import make_image_bundle
 
 from flows.demo_data import make_planted_ratings, make_shapes_dataset
 from training.recipes.collab import train_recommender
+from training.recipes.options import RecommenderOptions
+from training.recipes.publish import publish
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,9 +39,11 @@ PREFECT = Path(sys.executable).parent / "prefect"
 TIMEZONE = "Asia/Tokyo"  # far from UTC, so a wrong timezone shows up as a wrong run date
 RUN_TIMEOUT_S = 240
 # resnet18 from scratch at 32 px, 1 + 1 epochs; a fixed lr skips the LR finder, whose 100 steps
-# cost minutes on a shared 2-core runner (the in-process flow tests cover its plot).
+# cost minutes on a shared 2-core runner (the in-process flow tests cover its plot). Each option
+# goes as its own flat ``--param``, as a user types it; epochs and patience are not defaults.
 TRAINING_PARAMS = {"name": "shapes-e2e", "arch": "resnet18", "weights": "none", "size": 32,
-                   "bs": 8, "freeze_epochs": 1, "epochs": 1, "lr": 0.001, "workers": 0}
+                   "bs": 8, "freeze_epochs": 1, "epochs": 1, "lr": 0.001, "patience": 0,
+                   "workers": 0}
 
 
 def _free_port() -> int:
@@ -185,8 +189,9 @@ def stack(tmp_path_factory):
         make_image_bundle(stack.registry, name="image-classifier")
         make_images(stack.inbox, 4)
         ratings = make_planted_ratings(root / "ratings", n_users=30, n_items=20)
-        train_recommender(ratings, root / "recommender-train", factors=4, epochs=1,
-                          registry=stack.registry, name="recommender")
+        rec = train_recommender(ratings, root / "recommender-train",
+                                RecommenderOptions(factors=4, epochs=1))
+        publish(rec.out_dir, stack.registry, "recommender")
         stack.wait_for_health(server)
         for args in (("work-pool", "create", "lensflow-process", "--type", "process"),
                      ("deploy", "--all")):
@@ -195,6 +200,7 @@ def stack(tmp_path_factory):
         stack.start("worker", "worker", "start", "--pool", "lensflow-process")
         # The longest run goes first and in the background; the other tests run beside it.
         stack.training = stack.launch("train-image-model/on-demand", **TRAINING_PARAMS,
+                                      train_dir=str(root / "train"),
                                       data=str(make_shapes_dataset(root / "shapes", n_train=8,
                                                                    n_valid=4, size=40)))
         print(f"prefect stack ready in {time.monotonic() - started:.1f}s")
@@ -273,6 +279,9 @@ def test_training_deployment_promotes_a_checked_bundle_with_its_artifacts(stack)
 
     current = (stack.registry / "shapes-e2e" / "current").read_text().strip()
     assert (stack.registry / "shapes-e2e" / current / "manifest.json").is_file()
+    # The flat --param values reached the recipe: one frozen epoch, then one (not 3) unfrozen.
+    history = json.loads((stack.root / "train" / "history.json").read_text())["history"]
+    assert [r["stage"] for r in history] == ["frozen", "unfrozen"]
     with stack.client() as client:
         artifacts = artifacts_by_key(client, outcome.run_id)
     plots = artifacts["train-image-model-plots"].data
