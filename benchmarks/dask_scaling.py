@@ -13,8 +13,8 @@ way, so the figures are the scoring's own:
 
 Each count runs one cold round (workers import torch/ONNX Runtime and verify the bundle) and
 ``--repeat`` warm rounds (bundle and runtime cached per worker), keeping the best warm round.
-The single-process scorers (today's default path: DataLoader decode workers + ONNX Runtime on
-every core) run alongside as the baseline. Prints rows/s side by side, the speed-up, the cores
+The same scorers in one process (one shard: DataLoader decode workers + ONNX Runtime on every
+core) run alongside as the baseline. Prints rows/s side by side, the speed-up, the cores
 the workers really got (worker CPU seconds ÷ wall seconds: on a shared machine, less than the
 worker count) and the serial share (plan + commit ÷ wall).
 
@@ -43,15 +43,19 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from score_images import copy_folder, make_bundle, shared_data  # noqa: E402
 
-from scoring.image_scoring import score_image_folder  # noqa: E402
-from scoring.recommendations import score_recommendations  # noqa: E402
-from scoring.sharded_runs import (  # noqa: E402
+from scoring.image_scoring import (  # noqa: E402
     finish_image_run,
-    finish_rec_run,
     plan_image_run,
-    plan_rec_run,
+    score_image_folder,
+    score_image_shard,
 )
-from scoring.shards import score_image_shard, score_user_shard  # noqa: E402
+from scoring.options import ImageScoreOptions, RecScoreOptions  # noqa: E402
+from scoring.recommendations import (  # noqa: E402
+    finish_rec_run,
+    plan_rec_run,
+    score_recommendations,
+    score_user_shard,
+)
 
 DAY = date(2026, 11, 22)
 
@@ -96,7 +100,7 @@ def sharded_round(client, plan, score_shard, finish) -> dict:
 
 def single_process(folder: Path, image_bundle: Path, rec_bundle: Path, out: Path,
                    batch_size: int, repeat: int) -> dict:
-    """Best of ``repeat`` rounds of today's single-process scorers."""
+    """Best of ``repeat`` rounds of the scorers with their one shard in this process."""
     image_s, rec_s, rows = [], [], {}
     for _ in range(repeat):
         s = score_image_folder(folder, image_bundle, out, run_date=DAY, batch_size=batch_size)
@@ -114,11 +118,12 @@ def on_cluster(n_workers: int, folder: Path, image_bundle: Path, rec_bundle: Pat
     from distributed import Client, LocalCluster
 
     plans = {
-        "images": (lambda: plan_image_run(folder, image_bundle, out, shards=args.shards,
-                                          run_date=DAY, batch_size=args.batch_size),
+        "images": (lambda: plan_image_run(folder, image_bundle, out, ImageScoreOptions(
+                       shards=args.shards, batch_size=args.batch_size), run_date=DAY,
+                       threads=1),
                    score_image_shard, finish_image_run),
-        "recs": (lambda: plan_rec_run(rec_bundle, out, shards=args.shards, top_k=10,
-                                      full_table=True, run_date=DAY),
+        "recs": (lambda: plan_rec_run(rec_bundle, out, RecScoreOptions(
+                     shards=args.shards, top_k=10, full_table=True), run_date=DAY, threads=1),
                  score_user_shard, finish_rec_run),
     }
     figures: dict = {}

@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 
 from export.bundle import load_bundle, resolve_bundle  # noqa: E402
 from export.pixels import Preprocessing, decode_for_model  # noqa: E402
-from scoring.image_folder import walk_images  # noqa: E402
-from scoring.image_scoring import default_workers, score_image_folder  # noqa: E402
+from export.runtime import open_bundle_graph  # noqa: E402
+from scoring.image_folder import default_workers, walk_images  # noqa: E402
+from scoring.image_scoring import score_image_folder  # noqa: E402
 from scoring.partition import read_partition  # noqa: E402
-from scoring.runtime import open_runtime  # noqa: E402
 
 
 def shared_data() -> Path:
@@ -127,7 +127,7 @@ def run_naive(paths: list[Path], bundle, args, workers: int) -> tuple[float, lis
 def run_onnx_only(paths: list[Path], bundle, args) -> float:
     spec = Preprocessing.from_dict(bundle.manifest["preprocessing"])
     images = np.stack([decode_for_model(p, spec) for p in paths])
-    runtime = open_runtime(bundle, "onnx", args.device)
+    runtime = open_bundle_graph(bundle, "onnx", args.device)
     runtime.run(images[: args.batch_size])  # warm-up: first call plans memory
     started = time.perf_counter()
     for i in range(0, len(images), args.batch_size):

@@ -26,7 +26,13 @@ from export.bundle import PARITY, load_bundle
 from export.errors import BundleIntegrityError
 from export.formats import GraphSpec
 from export.manifest import thresholds_for
-from export.runtimes import graph_runners
+from export.runtime import (
+    OnnxRuntime,
+    Runtime,
+    RuntimeUnavailableError,
+    TorchScriptRuntime,
+    onnx_cuda_available,
+)
 
 PARITY_INPUTS = "parity_inputs.safetensors"
 RANDOM_BATCHES = (1, 7, 64)
@@ -150,6 +156,32 @@ def compare(graph: str, runtime: str, input_name: str, outputs: Sequence[np.ndar
     return ParityRow(graph, runtime, input_name, batch, max_abs, max_rel, agreement, passed)
 
 
+def gate_runtimes(bundle_dir: Path, entry: dict) -> dict[str, Runtime]:
+    """Runtime label → loaded graph, for every runtime worth comparing here.
+
+    entry: the graph's manifest entry (``files``, ``input``, ``outputs``). TorchScript runs on
+    the CPU; ONNX Runtime on the CPU and, where a GPU and the provider exist, on CUDA with TF32
+    off. A CUDA provider that fails to start is left out, as a machine without one would be.
+    """
+    files = entry["files"]
+    runtimes: dict[str, Runtime] = {
+        "torchscript": TorchScriptRuntime(bundle_dir / files["torchscript"], "cpu",
+                                          entry.get("outputs") or (), entry.get("input", "")),
+        "onnxruntime-cpu": OnnxRuntime(bundle_dir / files["onnx"], "cpu"),
+    }
+    if onnx_cuda_available():
+        try:
+            runtimes["onnxruntime-cuda"] = OnnxRuntime(bundle_dir / files["onnx"], "cuda",
+                                                       tf32=False)
+        except RuntimeUnavailableError:
+            pass
+    return runtimes
+
+
+def _outputs(runtime: Runtime, x: np.ndarray) -> list[np.ndarray]:
+    return list(runtime.run(x).values())
+
+
 def _gate_inputs(spec: GraphSpec,
                  validation: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(SEED)
@@ -167,7 +199,7 @@ def run_gate(specs: Sequence[GraphSpec], graphs: dict[str, dict], bundle_dir: Pa
     """
     task, rows, stored = manifest["task"], [], {}
     for spec in specs:
-        runners = graph_runners(bundle_dir, graphs[spec.name]["files"])
+        runtimes = gate_runtimes(bundle_dir, graphs[spec.name])
         for input_name, x in _gate_inputs(spec, (validation or {}).get(spec.name)):
             reference = [t.numpy() for t in spec.run_eager(x)]
             if input_name != "validation":
@@ -177,9 +209,9 @@ def run_gate(specs: Sequence[GraphSpec], graphs: dict[str, dict], bundle_dir: Pa
                     stored[f"{spec.name}/{input_name}/output/{out_name}"] = torch.tensor(ref)
             thresholds = (thresholds_for(manifest, reference[0].shape[-1])
                           if task == "multi_label" else None)
-            for runtime, run in runners.items():
-                rows.append(compare(spec.name, runtime, input_name, run(x.numpy()), reference,
-                                    task, tolerances, thresholds))
+            for label, runtime in runtimes.items():
+                rows.append(compare(spec.name, label, input_name, _outputs(runtime, x.numpy()),
+                                    reference, task, tolerances, thresholds))
     save_file(stored, str(bundle_dir / PARITY_INPUTS))
     return ParityReport(all(r.passed for r in rows), tolerances, tuple(rows))
 
@@ -212,11 +244,11 @@ def check_bundle(bundle_path: str | Path,
         if not cases:
             raise BundleIntegrityError(f"bundle {bundle.path}: {PARITY_INPUTS} has no inputs "
                                        f"for graph {graph!r}")
-        runners = graph_runners(bundle.path, entry["files"])
+        runtimes = gate_runtimes(bundle.path, entry)
         for input_name, x, reference in cases:
             thresholds = (thresholds_for(manifest, reference[0].shape[-1])
                           if bundle.task == "multi_label" else None)
-            for runtime, run in runners.items():
-                rows.append(compare(graph, runtime, input_name, run(x), reference,
+            for label, runtime in runtimes.items():
+                rows.append(compare(graph, label, input_name, _outputs(runtime, x), reference,
                                     bundle.task, tolerances, thresholds))
     return ParityReport(all(r.passed for r in rows), tolerances, tuple(rows))

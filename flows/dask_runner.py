@@ -17,22 +17,30 @@ Prefect retries one that raised a storage error. Either way the rerun replaces i
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from export.loader_workers import available_cores
+from flows.failures import STORAGE_RETRY_DELAYS, retry_on_storage_error
 from flows.params import DASK_ADDRESS_PATTERN
 from scoring.errors import ScoringError
-from scoring.runtime import available_cores
+from scoring.shards import RunShards, ShardResult
 
 DASK_ADDRESS_ENV = "LENSFLOW_DASK_ADDRESS"
 #: Shards of a run on a Dask cluster unless the run says: enough to keep a few dozen worker
 #: threads busy, and small enough pieces that a retried shard repeats little work.
 DASK_DEFAULT_SHARDS = 16
+#: Shard tasks retry storage errors; Dask itself reruns a shard whose worker died.
+_SHARD_RETRIES = {"retries": len(STORAGE_RETRY_DELAYS), "retry_delay_seconds": STORAGE_RETRY_DELAYS,
+                  "retry_condition_fn": retry_on_storage_error}
 
 
 class DaskClusterError(ScoringError):
@@ -69,7 +77,35 @@ def shard_task_runner(address: str | None, shards: int) -> TaskRunner:
     return DaskTaskRunner(address=address)
 
 
-def run_shards(shard_task, jobs: Sequence, address: str | None,
+def shard_runner(address: str | None) -> RunShards:
+    """A ``run_shards`` for the scorers: a Prefect task run per shard, on a Dask cluster at
+    ``address`` or on threads in this process (see :data:`scoring.shards.RunShards`)."""
+    def run(score_shard: Callable[..., ShardResult], jobs: Sequence,
+            progress: Callable[[dict], None]) -> list[ShardResult]:
+        name = score_shard.__name__.replace("_", "-")
+        shard_task = task(_with_worker_threads(score_shard) if address else score_shard,
+                          name=name, task_run_name=name + "-{job.shard}", cache_policy=NO_CACHE,
+                          **_SHARD_RETRIES)
+        get_run_logger().info("%d shards, on %s", len(jobs),
+                              f"the Dask cluster at {address}" if address else "threads here")
+        return _run_shard_tasks(shard_task, jobs, address, progress)
+    return run
+
+
+def _with_worker_threads(score_shard: Callable[..., ShardResult]) -> Callable[..., ShardResult]:
+    """``score_shard`` with the job's runtime threads, unless it names them, set to the Dask
+    worker's ``OMP_NUM_THREADS`` (its nanny sets it to spread the cores over worker threads)."""
+    @functools.wraps(score_shard)
+    def on_worker(job, progress=None) -> ShardResult:
+        try:
+            threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+        except ValueError:
+            threads = None
+        return score_shard(dataclasses.replace(job, threads=job.threads or threads), progress)
+    return on_worker
+
+
+def _run_shard_tasks(shard_task, jobs: Sequence, address: str | None,
                progress: Callable[[dict], None] | None = None) -> list:
     """Run ``shard_task(job, progress)`` for every job; the results in job order.
 

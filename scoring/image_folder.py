@@ -13,16 +13,20 @@ file never stops a batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from export.loader_workers import available_cores, worker_context
 from export.pixels import Preprocessing, decode_for_model, is_image_name
 from scoring.errors import ImageFolderError
+
+#: Below this many files, worker start-up costs more than decoding in the main process.
+TINY_FOLDER = 128
 
 
 @dataclass(frozen=True)
@@ -112,3 +116,26 @@ def collate_decoded(items: list[tuple[int, np.ndarray | None, str | None]]) -> D
     else:
         images = torch.empty((0, 0, 0, 3), dtype=torch.uint8)
     return DecodedBatch(np.array([i for i, _ in good], dtype=np.int64), images, failed)
+
+
+def default_workers(n_files: int) -> int:
+    """Decoding processes: none for a tiny folder, else one per spare core (at least one)."""
+    if n_files < TINY_FOLDER:
+        return 0
+    return max(1, min(8, available_cores() - 1))
+
+
+def decoded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
+                    workers: int | None) -> Iterator[DecodedBatch]:
+    """Batches of ``files`` decoded as ``spec`` says, in file order.
+
+    workers: DataLoader decoding processes (None: :func:`default_workers`, 0: this process).
+    """
+    if not files:
+        return iter(())
+    workers = default_workers(len(files)) if workers is None else workers
+    return iter(DataLoader(DecodedImages(files, spec), batch_size=batch_size,
+                           num_workers=workers, collate_fn=collate_decoded,
+                           prefetch_factor=4 if workers else None,
+                           multiprocessing_context=(worker_context("scoring.image_folder")
+                                                    if workers else None)))

@@ -1,47 +1,59 @@
 """Nightly scoring of an image folder with a bundle, to the ``image_predictions`` Parquet table.
 
+One path, plan → shards → commit (:mod:`scoring.shards`): :func:`plan_image_run` verifies the
+bundle and pins its sha256, lists the files and opens the pending partition;
+:func:`score_image_shard` scores one shard's files into its parts, wherever it runs;
+:func:`finish_image_run` commits. :func:`score_image_folder` does all three, with the shards in
+this process unless a ``run_shards`` says otherwise.
+
 Decoding runs in DataLoader worker processes while the runtime scores the previous batch, so the
 model rarely waits for JPEGs. One row per image file in sorted path order; a file that cannot be
-decoded gets ``error`` and no prediction, and the run goes on. Rows land in one partition per run
-date through :mod:`scoring.partition`, so a reader sees the whole night's output or the previous
-one. ``incremental`` skips files whose (path, size, mtime) an earlier committed partition already
-scored without error with the same model version.
+decoded gets ``error`` and no prediction, and the run goes on. ``incremental`` skips files whose
+(path, size, mtime) an earlier committed partition already scored without error with the same
+model version.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from export.bundle import Bundle, load_bundle, resolve_bundle
 from export.errors import ExportError
-from export.loader_workers import available_cores, worker_context
 from export.manifest import IMAGE_TASKS
 from export.pixels import IMAGE_SUFFIXES, Preprocessing
-from scoring.errors import BundleRefError, ImageFolderError, ScoringError
-from scoring.image_folder import (
-    DecodedBatch,
-    DecodedImages,
-    ImageFile,
-    collate_decoded,
-    walk_images,
-)
+from export.runtime import Runtime
+from scoring.bundle_cache import cached_bundle, keep, where
+from scoring.errors import BundleRefError, ImageFolderError
+from scoring.image_folder import DecodedBatch, ImageFile, decoded_batches, walk_images
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
-from scoring.partition import PartitionWriter, new_run_id
-from scoring.runtime import Runtime, open_runtime
+from scoring.options import ImageScoreOptions, resolve_options
+from scoring.partition import PendingPartition, new_run_id, open_partition
+from scoring.shards import (
+    Progress,
+    RunPlan,
+    RunResult,
+    RunShards,
+    ShardJob,
+    ShardResult,
+    check_visible,
+    commit_run,
+    plan_image_shards,
+    run_plan,
+    runtimes_used,
+    shard_runtime,
+    with_runtime,
+)
 
 TABLE = "image_predictions"
-#: Below this many files, worker start-up costs more than decoding in the main process.
-TINY_FOLDER = 128
 
 
 @dataclass(frozen=True)
-class ScoreSummary:
+class ScoreSummary(RunResult):
     """What one image-folder scoring run did."""
 
     files: int
@@ -56,9 +68,6 @@ class ScoreSummary:
     model: str
     runtime: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def summary_line(self) -> str:
         return (
             f"scored {self.scored} of {self.files} images ({self.failed} failed, "
@@ -66,6 +75,115 @@ class ScoreSummary:
             f"{self.runtime} in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) "
             f"-> {self.partition}"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRunPlan(RunPlan):
+    """The shards of one image-folder run and the partition they fill."""
+
+    files: int
+    skipped_incremental: int
+
+    @property
+    def pending(self) -> PendingPartition:
+        return self.pendings[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageShardJob(ShardJob):
+    """Everything a worker needs to score one shard of an image folder (picklable).
+
+    options.workers: DataLoader decoding processes; None: one per spare core in a normal process,
+    none inside a daemonic one (a Dask worker), which may not start children.
+    threads: ONNX Runtime intra-op threads; None: every core available (on a Dask worker the
+    flow sets its ``OMP_NUM_THREADS``).
+    """
+
+    folder: str
+    files: tuple[ImageFile, ...]
+    pending: PendingPartition
+    options: ImageScoreOptions
+    threads: int | None = None
+
+
+def score_image_folder(folder: str | Path, model: str | Path, out: str | Path,
+                       options: ImageScoreOptions | None = None, *, run_date: date | None = None,
+                       run_id: str | None = None, progress: Progress | None = None,
+                       run_shards: RunShards | None = None, **overrides) -> ScoreSummary:
+    """Score every image under ``folder`` into ``<out>/image_predictions/run_date=.../``.
+
+    overrides: option fields as keywords (``batch_size=8``), applied over ``options``.
+    progress: called with ``{"event": "start", "total": n}``, ``{"event": "advance", "n": k}``
+    and ``{"event": "end"}``.
+    run_shards: where the shards run (:data:`scoring.shards.RunShards`); default here, in turn.
+    """
+    options = resolve_options(ImageScoreOptions, options, overrides)
+    plan = plan_image_run(folder, model, out, options, run_date=run_date, run_id=run_id)
+    return run_plan(plan, score_image_shard, finish_image_run, run_shards, progress)
+
+
+def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
+                   options: ImageScoreOptions | None = None, *, run_date: date | None = None,
+                   run_id: str | None = None, threads: int | None = None) -> ImageRunPlan:
+    """Verify the bundle, list the files, open the partition; one job per non-empty shard."""
+    started = time.time()
+    options = options or ImageScoreOptions()
+    run_date = run_date or datetime.now(timezone.utc).date()
+    # Absolute paths: a worker's working directory is not the planner's.
+    folder, out = Path(folder).absolute(), Path(out).absolute()
+    bundle = keep(open_image_bundle(model))
+    files, to_score = files_to_score(folder, out, bundle, run_date,
+                                     incremental=options.incremental)
+    # The parts of each shard overwrite "runtime" with the runtime and device that really ran.
+    pending = open_partition(out, TABLE, run_date, IMAGE_PREDICTIONS_SCHEMA,
+                             partition_metadata(bundle, f"{options.runtime}/{options.device}"),
+                             run_id=run_id or new_run_id())
+    jobs = tuple(
+        ImageShardJob(shard=shard, folder=str(folder), files=tuple(part),
+                      bundle_path=str(bundle.path.absolute()), bundle_sha256=bundle.sha256,
+                      pending=pending, options=options, threads=threads)
+        for shard, part in plan_image_shards(to_score, options.shards or 1))
+    return ImageRunPlan(jobs, (pending,), len(to_score), f"{bundle.name}/{bundle.version}", started,
+                        files=len(files), skipped_incremental=len(files) - len(to_score))
+
+
+def score_image_shard(job: ImageShardJob, progress: Progress | None = None) -> ShardResult:
+    """Score the shard's files into ``part-<shard>-*.parquet`` of the pending partition.
+
+    progress: called with ``{"event": "advance", "n": k}`` after each batch.
+    """
+    started = time.perf_counter()
+    check_visible(job.pending)
+    if job.files and not Path(job.folder).is_dir():
+        raise ImageFolderError(f"folder {job.folder}: not visible on {where()} (every worker "
+                               f"must see the images at the same path)")
+    bundle = cached_bundle(job.bundle_path, job.bundle_sha256, open_image_bundle)
+    files, options = list(job.files), job.options
+    workers = 0 if multiprocessing.current_process().daemon else options.workers
+    # Decoding workers start now, while the runtime loads (a no-op when it is cached).
+    batches = decoded_batches(files, Preprocessing.from_dict(bundle.manifest["preprocessing"]),
+                              options.batch_size, workers)
+    rt = shard_runtime(bundle, options.runtime, options.device, job.threads)
+    builder = RowBuilder(bundle, top_k=options.top_k, output=score_output_name(rt.output_names))
+    pending = with_runtime(job.pending, rt)
+    with pending.part_writer(job.shard) as writer:
+        scored, failed = write_scored_batches(batches, files, rt, builder, writer,
+                                              progress or (lambda event: None))
+    return ShardResult(job.shard, len(files), scored, failed, {pending.table: writer.rows},
+                       round(time.perf_counter() - started, 3), rt.describe(), where())
+
+
+def finish_image_run(plan: ImageRunPlan, results: list[ShardResult]) -> ScoreSummary:
+    """Commit the partition once every shard is in; the run's summary."""
+    committed = commit_run(plan, results)[TABLE]
+    seconds = time.time() - plan.started_at
+    scored = sum(r.scored for r in results)
+    return ScoreSummary(
+        files=plan.files, scored=scored, failed=sum(r.failed for r in results),
+        skipped_incremental=plan.skipped_incremental, rows=committed.rows,
+        seconds=round(seconds, 3), images_per_s=round(scored / seconds, 2) if seconds else 0.0,
+        partition=str(committed.path), run_id=committed.run_id, model=plan.model,
+        runtime=runtimes_used(results))
 
 
 def open_image_bundle(model_ref: str | Path) -> Bundle:
@@ -83,59 +201,6 @@ def open_image_bundle(model_ref: str | Path) -> Bundle:
     if not {"input_size", "resize_size"} <= pre.keys():
         raise BundleRefError(f"model {model_ref}: manifest has no preprocessing input/resize size")
     return bundle
-
-
-def default_workers(n_files: int) -> int:
-    """Decoding processes: none for a tiny folder, else one per spare core (at least one)."""
-    if n_files < TINY_FOLDER:
-        return 0
-    return max(1, min(8, available_cores() - 1))
-
-
-def score_image_folder(
-    folder: str | Path,
-    model_ref: str | Path,
-    out: str | Path,
-    *,
-    run_date: date | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    runtime: str = "onnx",
-    device: str = "auto",
-    top_k: int = 5,
-    incremental: bool = False,
-    run_id: str | None = None,
-    progress: Callable[[dict], None] | None = None,
-) -> ScoreSummary:
-    """Score every image under ``folder`` into ``<out>/image_predictions/run_date=.../``.
-
-    progress: called with ``{"event": "start", "total": n}``, ``{"event": "advance", "n": k}``
-    and ``{"event": "end"}``.
-    """
-    started = time.perf_counter()
-    _check_positive(batch_size=batch_size, top_k=top_k)
-    run_date = run_date or datetime.now(timezone.utc).date()
-    run_id = run_id or new_run_id()
-    bundle = open_image_bundle(model_ref)
-    files, to_score = files_to_score(folder, out, bundle, run_date, incremental=incremental)
-    # Workers start decoding now, while the runtime loads and plans its graph.
-    batches = decoded_batches(to_score, bundle, batch_size, workers)
-    rt = open_runtime(bundle, runtime, device)
-    builder = RowBuilder(bundle, top_k=top_k, output=score_output_name(rt.output_names))
-    notify = progress or (lambda event: None)
-    notify({"event": "start", "total": len(to_score)})
-    with PartitionWriter(out, TABLE, run_date, IMAGE_PREDICTIONS_SCHEMA,
-                         partition_metadata(bundle, rt.describe()), run_id=run_id) as writer:
-        scored, failed = write_scored_batches(batches, to_score, rt, builder, writer, notify)
-    notify({"event": "end"})
-    seconds = time.perf_counter() - started
-    return ScoreSummary(
-        files=len(files), scored=scored, failed=failed,
-        skipped_incremental=len(files) - len(to_score), rows=writer.rows,
-        seconds=round(seconds, 3), images_per_s=round(scored / seconds, 2) if seconds else 0.0,
-        partition=str(writer.path), run_id=run_id, model=f"{bundle.name}/{bundle.version}",
-        runtime=rt.describe(),
-    )
 
 
 def files_to_score(folder: str | Path, out: str | Path, bundle: Bundle, run_date: date, *,
@@ -165,7 +230,7 @@ def write_scored_batches(batches: Iterable[DecodedBatch], files: list[ImageFile]
                          ) -> tuple[int, int]:
     """Run each decoded batch through the graph and write its rows; (scored, failed) files.
 
-    writer: anything with ``write(columns)`` (a ``PartitionWriter`` or a shard's ``PartWriter``).
+    writer: anything with ``write(columns)`` (a shard's ``PartWriter``).
     """
     scored = failed = 0
     for batch in batches:
@@ -177,31 +242,8 @@ def write_scored_batches(batches: Iterable[DecodedBatch], files: list[ImageFile]
     return scored, failed
 
 
-def decoded_batches(files: list[ImageFile], bundle: Bundle, batch_size: int,
-                    workers: int | None) -> Iterator[DecodedBatch]:
-    """Batches of ``files`` decoded as the bundle's preprocessing says, in file order.
-
-    workers: DataLoader decoding processes (None: :func:`default_workers`, 0: this process).
-    """
-    if not files:
-        return iter(())
-    workers = default_workers(len(files)) if workers is None else workers
-    dataset = DecodedImages(files, Preprocessing.from_dict(bundle.manifest["preprocessing"]))
-    return iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                           collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
-                           multiprocessing_context=(worker_context("scoring.image_folder")
-                                                    if workers else None)))
-
-
 def score_output_name(names: list[str]) -> str:
     """The graph output that holds the scores: ``scores`` when named so, else the first."""
     if "scores" in names:
         return "scores"
     return names[0]
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ScoringError(f"{name} must be >= 1, got {value}")
-

@@ -1,30 +1,45 @@
-"""The options of every scoring run, each declared once (see ``training.recipes.options``)."""
+"""The options of every scoring run, each declared once (see ``training.recipes.options``).
+
+The scorers, the Prefect flows and the CLI all take their option parameters from these models.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import os
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scoring.errors import ScoringError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Runtime = Literal["onnx", "torchscript"]
 Device = Literal["auto", "cpu", "cuda"]
+Options = TypeVar("Options", bound="RuntimeOptions")
 
 
-class ScoreOptions(BaseModel):
-    """Base of the scoring option sets: unknown names are refused, values are frozen."""
+class RuntimeOptions(BaseModel):
+    """Which exported graph runs, and where: shared by every scoring run and the nightly flow.
+
+    Unknown names are refused, values are frozen.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     runtime: Runtime = Field("onnx", description="onnx | torchscript: which exported graph runs")
     device: Device = Field("auto", description="auto | cpu | cuda")
-    shards: PositiveInt | None = Field(None, description="pieces the run is split into "
-                                       "(default 1 here, 16 on a Dask cluster)")
 
-    def updated(self, **changes) -> ScoreOptions:
+    def updated(self: Options, **changes) -> Options:
         """A validated copy with ``changes`` applied."""
         return type(self)(**(self.model_dump() | changes))
+
+
+class ScoreOptions(RuntimeOptions):
+    """Base of the scoring option sets."""
+
+    shards: PositiveInt | None = Field(None, description="pieces the run is split into "
+                                       "(default 1 here, 16 on a Dask cluster)")
 
 
 class ImageScoreOptions(ScoreOptions):
@@ -33,7 +48,7 @@ class ImageScoreOptions(ScoreOptions):
     batch_size: PositiveInt = Field(64, description="images per runtime call")
     workers: NonNegativeInt | None = Field(None, description="image-decoding worker processes "
                                            "(default: by folder size and cores)")
-    top_k: NonNegativeInt = Field(5, description="best classes kept per image")
+    top_k: PositiveInt = Field(5, description="best classes kept per image")
     incremental: bool = Field(False, description="skip files an earlier partition scored with "
                               "this model version")
 
@@ -41,8 +56,31 @@ class ImageScoreOptions(ScoreOptions):
 class RecScoreOptions(ScoreOptions):
     """Scoring a recommender: top-k per user, optionally the full user × item table."""
 
-    top_k: NonNegativeInt = Field(10, description="items recommended per user (seen excluded)")
+    top_k: NonNegativeInt = Field(10, description="items recommended per user (seen excluded); "
+                                  "0 with full_table writes only the full table")
     full_table: bool = Field(False, description="also write every user × item score")
-    users: str | None = Field(None, description="file of raw user ids, one per line (default: "
-                              "every user)")
+    users: str | list[int | str] | None = Field(
+        None, description="file of raw user ids, one per line (default: every user)")
     strict: bool = Field(False, description="an unknown user id is an error, not a skip")
+    block_size: PositiveInt = Field(1024, description="users per runtime call (fewer when a "
+                                    "block of scores would pass 64 MiB)")
+
+    @field_validator("users", mode="before")
+    @classmethod
+    def _path_as_text(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def resolve_options(model: type[Options], options: Options | None, overrides: dict) -> Options:
+    """``options`` (default ``model()``) with ``overrides`` applied and checked; a refused value
+    is one :class:`ScoringError` line naming the option."""
+    if options is not None and not isinstance(options, model):
+        raise ScoringError(f"options: expected {model.__name__}, got {type(options).__name__}")
+    try:
+        if options is None:
+            return model(**overrides)
+        return options.updated(**overrides) if overrides else options
+    except ValidationError as err:
+        raise ScoringError("; ".join(
+            f"{'.'.join(map(str, e['loc'])) or model.__name__}: {e['msg']} "
+            f"(got {e.get('input')!r})" for e in err.errors())) from None

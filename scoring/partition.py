@@ -18,7 +18,8 @@ run of the same table and date puts back before it starts.
 ``_SUCCESS`` is the last file written, inside the temporary directory just before the rename, so a
 visible partition always carries it. Several processes may fill one partition: the flow calls
 ``open_partition`` once, each shard writes its own parts through ``PendingPartition.part_writer``,
-and the flow calls ``commit_partition`` once all shards are done. One run per table and date at a
+and the planner calls ``commit_partition`` once all shards are done (a run in one process is
+the same, with its shards in turn). One run per table and date at a
 time: a new run removes any temporary directory another run of that date left behind.
 """
 
@@ -349,64 +350,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class PartitionWriter:
-    """Context manager writing one partition from one process; commits on a clean exit.
-
-    On an exception the temporary directory is removed and the previous partition stays as it was.
-    Files are ``part-00000.parquet``, ``part-00001.parquet``, ...; ``result`` holds the commit.
-    """
-
-    def __init__(
-        self,
-        out: str | Path,
-        table: str,
-        run_date: date,
-        schema: pa.Schema,
-        metadata: dict[str, str],
-        *,
-        rows_per_file: int = 1_000_000,
-        run_id: str | None = None,
-    ):
-        self._args = (out, table, run_date, schema, metadata)
-        self.rows_per_file = rows_per_file
-        self.run_id = run_id
-        self.result: CommittedPartition | None = None
-        self._pending: PendingPartition | None = None
-        self._writer: PartWriter | None = None
-
-    def __enter__(self) -> PartitionWriter:
-        self._pending = open_partition(
-            *self._args, rows_per_file=self.rows_per_file, run_id=self.run_id
-        )
-        self.run_id = self._pending.run_id
-        self._writer = PartWriter(self._pending, lambda seq: f"part-{seq:05d}.parquet")
-        return self
-
-    @property
-    def path(self) -> Path:
-        """Where the partition becomes visible on commit."""
-        return partition_dir(*self._args[:3])
-
-    @property
-    def rows(self) -> int:
-        return self._writer.rows if self._writer else 0
-
-    def write(self, batch: Batch) -> None:
-        self._writer.write(batch)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._writer.abort()
-            abort_partition(self._pending)
-            return
-        try:
-            self._writer.close()
-            self.result = commit_partition(self._pending)
-        except BaseException:
-            abort_partition(self._pending)
-            raise
 
 
 def committed_partitions(out: str | Path, table: str) -> list[Path]:

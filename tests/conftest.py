@@ -17,3 +17,13 @@ def _seeded_rngs():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_data():
+    """``../shared/data`` (or ``$LENSFLOW_SHARED_DATA``); the test skips when it is absent."""
+    from paths import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data absent: {SHARED_DATA}")
+    return SHARED_DATA

@@ -19,7 +19,7 @@ from PIL import Image
 from tiny_export_models import TinyCNN, TinyCollab, collab_manifest, image_manifest, trained_like
 
 import export.formats
-from export import runtimes
+from export import runtime as runtime_module
 from export.bundle import BundleWriter, load_bundle, promote
 from export.convert import export_bundle
 from export.errors import BundleIntegrityError, ExportError, ParityError, PromotionError
@@ -221,10 +221,10 @@ def test_shape_mismatch_and_nan_fail():
 
 def test_cuda_provider_only_when_a_gpu_and_the_provider_exist(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert list(runtimes.onnx_provider_sets()) == ["onnxruntime-cpu"]
+    assert not runtime_module.onnx_cuda_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert list(runtimes.onnx_provider_sets()) == ["onnxruntime-cpu"]
+    assert not runtime_module.onnx_cuda_available()
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert runtimes.onnx_provider_sets()["onnxruntime-cuda"][0][0] == "CUDAExecutionProvider"
+    assert runtime_module.onnx_cuda_available()

@@ -21,32 +21,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from flow_test_data import make_images
+from tiny_image_bundle import make_image_bundle
 
-pytest.importorskip("prefect")
-
-from flow_test_data import make_images  # noqa: E402
-from tiny_image_bundle import make_image_bundle  # noqa: E402
-
-from flows.dask_runner import DASK_ADDRESS_ENV, DaskClusterError, resolve_dask_address  # noqa: E402
-from scoring import bundle_cache  # noqa: E402
-from scoring.errors import PartitionError, ScoringError  # noqa: E402
-from scoring.image_folder import walk_images  # noqa: E402
-from scoring.image_scoring import score_image_folder  # noqa: E402
-from scoring.partition import partition_dir  # noqa: E402
-from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations  # noqa: E402
-from scoring.sharded_runs import (  # noqa: E402
+from flows.dask_runner import DASK_ADDRESS_ENV, DaskClusterError, resolve_dask_address
+from scoring import bundle_cache
+from scoring.errors import PartitionError, ScoringError
+from scoring.image_folder import walk_images
+from scoring.image_scoring import (
     finish_image_run,
-    finish_rec_run,
     plan_image_run,
-    plan_rec_run,
-)
-from scoring.shards import (  # noqa: E402
-    plan_image_shards,
-    plan_user_shards,
+    score_image_folder,
     score_image_shard,
-    score_user_shard,
-    shard_of,
 )
+from scoring.options import ImageScoreOptions, RecScoreOptions
+from scoring.partition import partition_dir
+from scoring.recommendations import (
+    FULL_TABLE,
+    TOPK_TABLE,
+    finish_rec_run,
+    plan_rec_run,
+    score_recommendations,
+    score_user_shard,
+)
+from scoring.shards import plan_image_shards, plan_user_shards, shard_of
 
 DAY = date(2026, 11, 22)
 
@@ -141,8 +139,8 @@ def test_shards_in_a_loop_equal_the_single_process_run_and_load_the_bundle_once(
     single = score_image_folder(data["images"], data["model"], tmp_path / "single",
                                 run_date=DAY, workers=0)
     bundle_cache.clear()
-    plan = plan_image_run(data["images"], data["model"], tmp_path / "sharded", shards=3,
-                          run_date=DAY, workers=0)
+    plan = plan_image_run(data["images"], data["model"], tmp_path / "sharded",
+                          ImageScoreOptions(shards=3, workers=0), run_date=DAY)
     results = [score_image_shard(job) for job in plan.jobs]
     summary = finish_image_run(plan, results)
     assert len(plan.jobs) == 3 and summary.rows == single.rows == 28
@@ -153,8 +151,9 @@ def test_shards_in_a_loop_equal_the_single_process_run_and_load_the_bundle_once(
 
 
 def test_user_shards_in_a_loop_equal_the_single_process_run(data, tmp_path):
-    plan = plan_rec_run(data["rec"], tmp_path / "sharded", shards=3, top_k=3, full_table=True,
-                        run_date=DAY, block_size=4)
+    plan = plan_rec_run(data["rec"], tmp_path / "sharded",
+                        RecScoreOptions(shards=3, top_k=3, full_table=True, block_size=4),
+                        run_date=DAY)
     summary = finish_rec_run(plan, [score_user_shard(job) for job in plan.jobs])
     single = score_recommendations(data["rec"], tmp_path / "single", top_k=3, full_table=True,
                                    run_date=DAY, block_size=4)
@@ -166,16 +165,17 @@ def test_user_shards_in_a_loop_equal_the_single_process_run(data, tmp_path):
 
 
 def test_a_rerun_shard_replaces_its_parts_and_a_stray_part_blocks_the_commit(data, tmp_path):
-    plan = plan_image_run(data["images"], data["model"], tmp_path, shards=2, run_date=DAY,
-                          workers=0, run_id="night-1")
+    two_shards = ImageScoreOptions(shards=2, workers=0)
+    plan = plan_image_run(data["images"], data["model"], tmp_path, two_shards, run_date=DAY,
+                          run_id="night-1")
     first = [score_image_shard(job) for job in plan.jobs]
     again = score_image_shard(plan.jobs[0])  # as a retry does, after a first full attempt
     summary = finish_image_run(plan, [again, *first[1:]])
     assert summary.rows == 28
     assert _rows(summary.partition)["path"].is_unique
 
-    plan = plan_image_run(data["images"], data["model"], tmp_path, shards=2, run_date=DAY,
-                          workers=0, run_id="night-2")
+    plan = plan_image_run(data["images"], data["model"], tmp_path, two_shards, run_date=DAY,
+                          run_id="night-2")
     results = [score_image_shard(job) for job in plan.jobs]
     part = next(plan.pending.temp_dir.glob("part-*.parquet"))
     shutil.copy(part, plan.pending.temp_dir / "part-00099-0000.parquet")  # not a planned shard
@@ -227,6 +227,7 @@ def test_a_malformed_dask_address_is_refused_before_any_work(data, tmp_path, pre
 def test_an_unreachable_scheduler_fails_in_one_line_and_commits_nothing(
         data, tmp_path, prefect_api):
     import dask
+    import distributed  # noqa: F401  its config defaults first: leaving set() drops what was added
 
     from flows.score_flows import score_image_folder_flow
 
@@ -246,8 +247,8 @@ def test_an_unreachable_scheduler_fails_in_one_line_and_commits_nothing(
 def cluster(prefect_api):
     """Two worker processes, one thread each, on 127.0.0.1; a client that is not the default
     (so the flows connect by address, as to a remote scheduler)."""
-    distributed = pytest.importorskip("distributed")
-    pytest.importorskip("prefect_dask")
+    import distributed
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
                                   processes=True, dashboard_address=None,
                                   silence_logs=40) as local, \
@@ -305,21 +306,17 @@ def test_a_worker_killed_mid_shard_still_commits_every_row_exactly_once(
         data, tmp_path, cluster, monkeypatch):
     """The first shard to start writes its parts, leaves a finished copy and a half-written file
     behind as a crash would, and SIGKILLs its own worker; Dask reruns it elsewhere."""
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
     import flows.score_flows as score_flows
 
     local, client = cluster
     marker = tmp_path / "killed"
 
-    @task(name="score-image-shard", cache_policy=NO_CACHE)
-    def dying_shard(job, progress=None):
+    def dying_shard(score_shard, job, progress=None):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            return score_image_shard(job, progress)
-        score_image_shard(job)
+            return score_shard(job, progress)
+        score_shard(job)
         temp, prefix = job.pending.temp_dir, f"part-{job.shard:05d}"
         shutil.copy(temp / f"{prefix}-0000.parquet", temp / f"{prefix}-0007.parquet")
         (temp / f".{prefix}-0008.parquet.inprogress").write_bytes(b"PAR1")
@@ -327,7 +324,18 @@ def test_a_worker_killed_mid_shard_still_commits_every_row_exactly_once(
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    monkeypatch.setattr(score_flows, "score_image_shard_task", dying_shard)
+    shard_runner = score_flows.shard_runner
+
+    def runner_of_dying_shards(address):
+        run = shard_runner(address)
+
+        def run_dying(score_shard, jobs, progress):
+            def score_image_shard(job, progress=None):
+                return dying_shard(score_shard, job, progress)
+            return run(score_image_shard, jobs, progress)
+        return run_dying
+
+    monkeypatch.setattr(score_flows, "shard_runner", runner_of_dying_shards)
     state = score_flows.score_image_folder_flow(
         str(data["images"]), str(data["model"]), str(tmp_path), run_date=DAY, shards=4,
         dask_address=local.scheduler_address, return_state=True)

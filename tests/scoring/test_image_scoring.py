@@ -24,6 +24,7 @@ from scoring.errors import BundleRefError, ImageFolderError, ScoringError
 from scoring.image_folder import walk_images
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA
 from scoring.image_scoring import score_image_folder
+from scoring.options import ImageScoreOptions
 from scoring.partition import read_partition
 
 DAY = date(2026, 11, 22)
@@ -194,7 +195,9 @@ def test_schema_is_pinned(tmp_path, registry):
     _good_images(tmp_path / "in")
     summary = score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "out",
                                  run_date=DAY, workers=0)
-    schema = pq.read_schema(Path(summary.partition) / "part-00000.parquet")
+    parts = sorted(Path(summary.partition).glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000-0000.parquet"]
+    schema = pq.read_schema(parts[0])
     ts = pa.timestamp("us", tz="UTC")
     strings, floats = pa.list_(pa.string()), pa.list_(pa.float32())
     expected = [("path", pa.string()), ("file_size", pa.int64()), ("mtime", ts),
@@ -206,6 +209,7 @@ def test_schema_is_pinned(tmp_path, registry):
     assert [(f.name, f.type) for f in schema] == expected
     assert schema.metadata[b"lensflow.model_name"] == b"tiny"
     assert schema.metadata[b"lensflow.run_id"] == summary.run_id.encode()
+    assert schema.metadata[b"lensflow.runtime"] == summary.runtime.encode() == b"onnx/cpu"
     assert IMAGE_PREDICTIONS_SCHEMA.names == [name for name, _ in expected]
 
 
@@ -235,6 +239,27 @@ def test_multi_label_and_regression_fill_their_own_columns(tmp_path, registry):
     rows = read_partition(tmp_path / "out", "image_predictions", DAY).to_pylist()
     assert all(len(r["outputs"]) == 2 and r["pred_label"] is None for r in rows)
     assert all(r["topk_labels"] is None and r["labels"] is None for r in rows)
+
+
+def test_shards_in_this_process_write_the_rows_of_the_single_shard_run(tmp_path, registry):
+    _good_images(tmp_path / "in")
+    options = ImageScoreOptions(batch_size=4, workers=0)
+    single = score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "one", options,
+                                run_date=DAY)
+    ran: list[int] = []
+
+    def in_turn(score_shard, jobs, progress):
+        ran.extend(job.shard for job in jobs)
+        return [score_shard(job, progress) for job in jobs]
+
+    sharded = score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "three", options,
+                                 run_date=DAY, shards=3, run_shards=in_turn)
+    assert len(ran) == 3 and (sharded.rows, sharded.scored) == (single.rows, single.scored)
+    assert len(list(Path(sharded.partition).glob("part-*.parquet"))) == 3
+    columns = [c for c in IMAGE_PREDICTIONS_SCHEMA.names if c != "scored_at"]
+    one = read_partition(tmp_path / "one", "image_predictions", DAY).select(columns)
+    three = read_partition(tmp_path / "three", "image_predictions", DAY).select(columns)
+    assert three.sort_by("path").equals(one.sort_by("path"))
 
 
 def test_onnx_and_torchscript_score_alike_and_workers_keep_order(tmp_path, registry):
@@ -329,8 +354,12 @@ def test_user_mistakes_are_one_line_errors(tmp_path, registry):
         with pytest.raises(kind, match=words) as caught:
             score_image_folder(folder, ref, tmp_path / "out", workers=0)
         assert "\n" not in str(caught.value)
-    with pytest.raises(ScoringError, match="batch_size"):
-        score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "out", batch_size=0)
+    for bad, words in (({"batch_size": 0}, "batch_size: Input should be greater than 0"),
+                       ({"top_k": 0}, "top_k"), ({"runtime": "tensorrt"}, "runtime"),
+                       ({"batchsize": 8}, "batchsize: Extra inputs are not permitted")):
+        with pytest.raises(ScoringError, match=words) as caught:
+            score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "out", **bad)
+        assert "\n" not in str(caught.value)
     assert not (tmp_path / "out" / "image_predictions").exists() or not any(
         (tmp_path / "out" / "image_predictions").glob("run_date=*"))
 

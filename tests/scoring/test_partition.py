@@ -1,4 +1,4 @@
-"""The Parquet partition writer: layout, metadata, bounded files, shards, commit under a kill."""
+"""The Parquet partition protocol: layout, metadata, bounded files, shards, commit under a kill."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from paths import REPO
 
 from scoring.errors import PartitionError
 from scoring.partition import (
-    PartitionWriter,
+    CommittedPartition,
+    abort_partition,
     commit_partition,
     committed_partitions,
     open_partition,
@@ -37,19 +38,21 @@ def _rows(start: int, n: int) -> dict:
     return {"user": users, "score": [u / 2 for u in users]}
 
 
-def _write(out: Path, start: int, n: int, **kw) -> PartitionWriter:
-    with PartitionWriter(out, "scores", DAY, SCHEMA, META, **kw) as w:
+def _write(out: Path, start: int, n: int, **kw) -> CommittedPartition:
+    """One run of one shard: open, write, commit."""
+    pending = open_partition(out, "scores", DAY, SCHEMA, META, **kw)
+    with pending.part_writer(0) as w:
         w.write(_rows(start, n))
-    return w
+    return commit_partition(pending, expected_shards=[0])
 
 
 def test_layout_success_metadata_and_hive_read(tmp_path):
-    w = _write(tmp_path, 0, 10, run_id="run-1")
+    result = _write(tmp_path, 0, 10, run_id="run-1")
     part_dir = tmp_path / "scores" / "run_date=2026-11-22"
-    assert w.result.path == part_dir and w.result.rows == 10 and w.result.files == 1
-    assert sorted(p.name for p in part_dir.iterdir()) == ["_SUCCESS", "part-00000.parquet"]
+    assert result.path == part_dir and result.rows == 10 and result.files == 1
+    assert sorted(p.name for p in part_dir.iterdir()) == ["_SUCCESS", "part-00000-0000.parquet"]
     assert json.loads((part_dir / "_SUCCESS").read_text())["rows"] == 10
-    meta = pq.read_schema(part_dir / "part-00000.parquet").metadata
+    meta = pq.read_schema(part_dir / "part-00000-0000.parquet").metadata
     assert meta[b"lensflow.model_name"] == b"m"
     assert meta[b"lensflow.bundle_sha256"] == b"ab" * 32
     assert meta[b"lensflow.run_id"] == b"run-1"
@@ -61,29 +64,33 @@ def test_layout_success_metadata_and_hive_read(tmp_path):
 
 
 def test_rows_per_file_bounds_files_and_keeps_order(tmp_path):
-    with PartitionWriter(tmp_path, "scores", DAY, SCHEMA, META, rows_per_file=7) as w:
+    pending = open_partition(tmp_path, "scores", DAY, SCHEMA, META, rows_per_file=7)
+    with pending.part_writer(0) as w:
         for start in range(0, 30, 4):  # batches that straddle file boundaries
             w.write(pa.RecordBatch.from_pydict(_rows(start, 4), schema=SCHEMA))
-    names = sorted(p.name for p in w.result.path.glob("*.parquet"))
-    assert names == [f"part-{i:05d}.parquet" for i in range(5)]
-    sizes = [pq.read_metadata(w.result.path / n).num_rows for n in names]
+    result = commit_partition(pending)
+    names = sorted(p.name for p in result.path.glob("*.parquet"))
+    assert names == [f"part-00000-{i:04d}.parquet" for i in range(5)]
+    sizes = [pq.read_metadata(result.path / n).num_rows for n in names]
     assert sizes == [7, 7, 7, 7, 4]
     assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == list(range(32))
 
 
 def test_empty_run_still_writes_a_readable_schema(tmp_path):
-    w = _write(tmp_path, 0, 0)
+    result = _write(tmp_path, 0, 0)
     table = read_partition(tmp_path, "scores", DAY)
     assert table.num_rows == 0 and table.schema.names == SCHEMA.names
-    assert w.result.files == 1
+    assert result.files == 1
 
 
 def test_exception_keeps_previous_partition_and_removes_temp(tmp_path):
     _write(tmp_path, 0, 5)
+    pending = open_partition(tmp_path, "scores", DAY, SCHEMA, META)
     with pytest.raises(RuntimeError):
-        with PartitionWriter(tmp_path, "scores", DAY, SCHEMA, META) as w:
+        with pending.part_writer(0) as w:
             w.write(_rows(100, 50))
             raise RuntimeError("boom")
+    abort_partition(pending)
     assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == list(range(5))
     assert [p.name for p in (tmp_path / "scores").iterdir()] == ["run_date=2026-11-22"]
 
@@ -162,14 +169,15 @@ SLOW_WRITER = textwrap.dedent(
     import sys, time
     from datetime import date
     import pyarrow as pa
-    from scoring.partition import PartitionWriter
+    from scoring.partition import open_partition
     schema = pa.schema([("user", pa.int64()), ("score", pa.float32())])
     meta = {"model_name": "m", "model_version": "v2", "bundle_sha256": "cd" * 32}
-    with PartitionWriter(sys.argv[1], "scores", date(2026, 11, 22), schema, meta,
-                         rows_per_file=10) as w:
+    pending = open_partition(sys.argv[1], "scores", date(2026, 11, 22), schema, meta,
+                             rows_per_file=10)
+    with pending.part_writer(0) as w:
         for i in range(10_000):
             w.write({"user": list(range(1000 + i * 10, 1010 + i * 10)), "score": [0.0] * 10})
-            w._writer._flush()
+            w._flush()
             if i == 3:
                 print("writing", flush=True)
             time.sleep(0.01)

@@ -14,6 +14,7 @@ import torch
 
 from export.convert import export_bundle
 from scoring.errors import ScoringError
+from scoring.options import RecScoreOptions
 from scoring.recommendations import (
     FULL_TABLE,
     TOPK_TABLE,
@@ -142,6 +143,17 @@ def test_users_as_list_and_string_ids(tmp_path):
     assert len(full) == N_ITEMS and set(full.user_id) == {"u103"}
     assert pq.read_schema(next((tmp_path / "out" / FULL_TABLE).rglob("*.parquet"))) \
         .field("user_id").type == pa.string()
+
+
+def test_user_blocks_run_in_this_process_write_the_single_shard_rows_in_order(bundle, tmp_path):
+    path, _, _ = bundle
+    options = RecScoreOptions(top_k=3, full_table=True, block_size=4)
+    single = score_recommendations(path, tmp_path / "one", options, run_date=DAY)
+    sharded = score_recommendations(path, tmp_path / "three", options, run_date=DAY, shards=3)
+    assert (sharded.topk_rows, sharded.full_rows) == (single.topk_rows, single.full_rows)
+    for table in (TOPK_TABLE, FULL_TABLE):
+        assert len(list((tmp_path / "three" / table).rglob("part-*.parquet"))) == 3
+        assert read(tmp_path / "three", table).equals(read(tmp_path / "one", table))
 
 
 def test_torchscript_runtime_writes_the_same_top_k(bundle, tmp_path):

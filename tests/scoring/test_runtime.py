@@ -1,4 +1,5 @@
-"""Runtimes over a bundle: ONNX Runtime and TorchScript agree, CPU-only machines stay quiet."""
+"""The one runtime wrapper over a bundle: ONNX Runtime and TorchScript agree, CPU-only machines
+stay quiet, and a scorer's runtime problem is a scoring error."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import sys
 import numpy as np
 import pytest
 from paths import REPO
+from PIL import Image
 from tiny_image_bundle import make_image_bundle
 
+from export import runtime as runtime_module
 from export.bundle import load_bundle
-from scoring import runtime as runtime_module
-from scoring.errors import RuntimeUnavailableError
-from scoring.runtime import available_cores, open_runtime
+from export.errors import ExportError
+from export.loader_workers import available_cores
+from export.runtime import RuntimeUnavailableError
+from export.runtime import open_bundle_graph as open_runtime
+from scoring import errors as scoring_errors
+from scoring.image_scoring import score_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +69,18 @@ def test_cuda_without_gpu_is_one_clear_error(bundle, monkeypatch):
     assert open_runtime(bundle, "onnx", "auto").device == "cpu"
 
 
+def test_a_runtime_error_is_an_export_error_and_a_scoring_error_in_the_scorer(bundle, tmp_path,
+                                                                              monkeypatch):
+    assert issubclass(RuntimeUnavailableError, ExportError)
+    monkeypatch.setattr(runtime_module, "cuda_present", lambda: False)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_images(1)[0]).save(tmp_path / "in" / "a.png")
+    with pytest.raises(scoring_errors.RuntimeUnavailableError, match="no CUDA GPU"):
+        score_image_folder(tmp_path / "in", bundle.path, tmp_path / "out", device="cuda",
+                           workers=0)
+    assert not list((tmp_path / "out" / "image_predictions").glob("run_date=*"))
+
+
 def test_bad_kind_device_or_graph_name_the_parameter(bundle):
     with pytest.raises(RuntimeUnavailableError, match="runtime must be one of"):
         open_runtime(bundle, "tensorrt")
@@ -77,8 +95,8 @@ def test_cpu_only_run_prints_no_provider_noise(bundle):
     code = (
         "import numpy as np\n"
         "from export.bundle import load_bundle\n"
-        "from scoring.runtime import open_runtime, cuda_present\n"
-        f"rt = open_runtime(load_bundle({str(bundle.path)!r}), 'onnx', 'auto')\n"
+        "from export.runtime import open_bundle_graph, cuda_present\n"
+        f"rt = open_bundle_graph(load_bundle({str(bundle.path)!r}), 'onnx', 'auto')\n"
         "rt.run(np.zeros((1, 32, 32, 3), np.uint8))\n"
         "print('gpu' if cuda_present() else 'cpu')\n"
     )

@@ -1,0 +1,191 @@
+"""The one runtime wrapper: a bundle's exported graph in ONNX Runtime or TorchScript.
+
+Both take a numpy batch and return ``{output_name: array}`` (in the graph's output order), so the
+parity gate and the scorers never care which one runs, and both are set up here alike: quiet
+sessions, intra-op threads = the cores this process may use (``os.sched_getaffinity``, not the
+machine's total), idle threads that do not spin. ONNX Runtime asks for its CUDA provider only
+when a GPU is really there (torch sees one *and* this ORT build has the provider), so CPU-only
+machines get no provider-failure spam; ``device="cuda"`` without one is a one-line
+:class:`RuntimeUnavailableError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import Bundle
+from export.errors import ExportError
+from export.formats import quiet_torchscript
+from export.loader_workers import available_cores
+from export.manifest import IMAGE_OUTPUTS
+
+KINDS = ("onnx", "torchscript")
+DEVICES = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+
+
+class RuntimeUnavailableError(ExportError):
+    """The requested runtime or device is not usable here (e.g. ``device="cuda"`` with no GPU)."""
+
+
+def cuda_present() -> bool:
+    """Whether torch sees a usable CUDA GPU (the one check both runtimes agree on)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def onnx_cuda_available() -> bool:
+    """Whether ONNX Runtime can run on a GPU here: torch sees one and ORT has the provider."""
+    import onnxruntime as ort
+
+    return cuda_present() and CUDA in ort.get_available_providers()
+
+
+def use_cuda(device: str, provider_available: bool = True) -> bool:
+    """Whether to run on the GPU for ``device`` (auto | cpu | cuda); cuda without one refuses."""
+    if device not in DEVICES:
+        raise RuntimeUnavailableError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return False
+    gpu = cuda_present()
+    if device == "cuda" and not gpu:
+        raise RuntimeUnavailableError("device 'cuda' requested but no CUDA GPU is available")
+    if device == "cuda" and not provider_available:
+        raise RuntimeUnavailableError(
+            "device 'cuda' requested but this onnxruntime has no CUDAExecutionProvider")
+    return gpu and provider_available
+
+
+class Runtime:
+    """One loaded graph. ``run`` maps a batch to named outputs."""
+
+    kind: str
+    device: str
+    input_name: str
+    output_names: list[str]
+
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.kind}/{self.device}"
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime ``InferenceSession`` on the CUDA provider when a GPU is there, else the CPU.
+
+    tf32: let CUDA convolutions and matmuls use TF32 (off for the parity gate, which checks the
+    graph at float32, not what a faster math mode trades away).
+    """
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int | None = None, *,
+                 tf32: bool = True):
+        import onnxruntime as ort
+
+        cuda = use_cuda(device, CUDA in ort.get_available_providers())
+        ort.set_default_logger_severity(3)
+        providers: list = [CPU]
+        if cuda:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # reuse the CUDA/cuDNN libraries the torch wheel installed
+            providers = [(CUDA, {"use_tf32": "1" if tf32 else "0"}), CPU]
+        self.session = ort.InferenceSession(str(path), session_options(threads),
+                                            providers=providers)
+        self.providers = self.session.get_providers()
+        if cuda and CUDA not in self.providers:
+            raise RuntimeUnavailableError(
+                f"{path}: ONNX Runtime could not start its CUDA provider (active: "
+                f"{self.providers})")
+        self.device = "cuda" if CUDA in self.providers else "cpu"
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, {self.input_name: inputs})
+        return dict(zip(self.output_names, values, strict=True))
+
+
+def session_options(threads: int | None = None):
+    """Quiet ONNX Runtime session options; ``threads`` intra-op threads (default every core
+    this process may use)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or available_cores()
+    options.inter_op_num_threads = 1
+    # Idle ORT threads would otherwise busy-wait on cores the decode workers need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class TorchScriptRuntime(Runtime):
+    """``torch.jit.load`` of a ``.ts`` file, run under ``torch.inference_mode``.
+
+    output_names: names of a graph that returns a bare tensor or tuple.
+    """
+
+    kind = "torchscript"
+
+    def __init__(self, path: Path, device: str = "auto",
+                 output_names: list[str] | tuple[str, ...] = IMAGE_OUTPUTS,
+                 input_name: str = "images"):
+        import torch
+
+        self.device = "cuda" if use_cuda(device) else "cpu"
+        with quiet_torchscript():
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.input_name = input_name
+        self.output_names = list(output_names)
+
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            result = self.module(torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device))
+        if isinstance(result, dict):
+            return {k: v.cpu().numpy() for k, v in result.items()}
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        names = self.output_names if len(result) == len(self.output_names) \
+            else [f"output_{i}" for i in range(len(result))]
+        return {name: t.cpu().numpy() for name, t in zip(names, result, strict=True)}
+
+
+def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
+                      graph: str = "model", *, threads: int | None = None) -> Runtime:
+    """Load ``<graph>.onnx`` or ``<graph>.ts`` of a bundle (files as its manifest names them).
+
+    device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU).
+    threads: ONNX Runtime intra-op threads; default the cores available to this process.
+    """
+    if kind not in KINDS:
+        raise RuntimeUnavailableError(f"runtime must be one of {', '.join(KINDS)}, got {kind!r}")
+    declared = bundle.manifest.get("graphs", {}).get(graph, {})
+    relpath = (declared.get("files") or {}).get(kind) or f"{graph}{_SUFFIX[kind]}"
+    if not bundle.has_file(relpath):
+        raise RuntimeUnavailableError(f"bundle {bundle.path}: has no {relpath} for runtime {kind}")
+    if kind == "onnx":
+        return OnnxRuntime(bundle.file(relpath), device, threads)
+    input_name, output_names = _graph_io(bundle, graph, declared)
+    return TorchScriptRuntime(bundle.file(relpath), device, output_names, input_name)
+
+
+def _graph_io(bundle: Bundle, graph: str, declared: dict) -> tuple[str, list[str]]:
+    """Input and output names of a graph: the manifest's ``graphs.<graph>`` entry, else the
+    sibling ONNX graph, else the names of an image bundle's graph."""
+    if declared.get("outputs"):
+        return declared.get("input", "images"), list(declared["outputs"])
+    if bundle.has_file(f"{graph}.onnx"):
+        import onnx
+
+        proto = onnx.load(str(bundle.file(f"{graph}.onnx")), load_external_data=False)
+        return proto.graph.input[0].name, [o.name for o in proto.graph.output]
+    return "images", list(IMAGE_OUTPUTS)
