@@ -6,6 +6,14 @@ is staged in a hidden temporary directory and renamed into place whole (the writ
 commit of Gray & Reuter's *Transaction Processing*, as used by Git's object store), so a reader
 never sees half a bundle. ``<registry>/<name>/current`` names the promoted version and is
 replaced atomically with ``os.replace``.
+
+Every byte is pinned. A bundle's digest is the sha256 of its ``manifest.json`` bytes, which list
+the sha256 of every other file; it is ``Bundle.sha256``, the identity scoring writes into every
+output. The digest is stored outside the bundle directory, where editing the manifest does not
+edit it: in ``<registry>/<name>/<version>.digest.json`` (written at export, with an optional
+Ed25519 signature, see ``export.signing``) and in ``current`` (``<version> sha256:<digest>``).
+Loading checks the manifest against both, every listed file against the manifest, and that no
+file was added; any difference is refused in one line.
 """
 
 from __future__ import annotations
@@ -25,13 +33,24 @@ from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 
+from export import signing
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError, PromotionError
+from export.pins import (
+    CURRENT,
+    digest_record,
+    file_sha256,
+    fsync_path,
+    pointer_text,
+    read_pointer,
+    read_record,
+    record_path,
+    write_atomically,
+    write_record,
+)
 
 MANIFEST = "manifest.json"
-CURRENT = "current"
 PARITY = "parity.json"
 _VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
-_CHUNK = 1 << 20
 
 _last_stamp: datetime | None = None
 _stamp_lock = threading.Lock()
@@ -53,15 +72,6 @@ def new_version(now: datetime | None = None) -> str:
     elif now.tzinfo is None:
         raise ValueError("new_version: `now` must be timezone-aware (UTC)")
     return f"{now.astimezone(timezone.utc).strftime(_VERSION_FORMAT)}-{secrets.token_hex(2)}"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -88,15 +98,6 @@ def _listed_files(root: Path) -> dict[str, dict]:
         if path.is_file() and rel != MANIFEST:
             files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     return files
-
-
-def fsync_path(path: str | Path) -> None:
-    """Flush a file or a directory (its entries: renames, new files) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_and_freeze(root: Path) -> None:
@@ -141,7 +142,14 @@ class BundleWriter:
         self.committed: Path | None = None
 
     def __enter__(self) -> BundleWriter:
-        self.model_dir.mkdir(parents=True, exist_ok=True)
+        for where in (self.registry, self.model_dir):
+            if where.exists() and not where.is_dir():
+                raise ExportError(f"registry {where}: exists and is not a directory")
+        try:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ExportError(f"registry {self.model_dir}: cannot create ({err.strerror})") \
+                from None
         if self.path.exists():
             raise ExportError(f"bundle {self.path}: version already exists")
         self.dir = Path(tempfile.mkdtemp(prefix=f".tmp-{self.version}-", dir=self.model_dir))
@@ -152,8 +160,9 @@ class BundleWriter:
         if self.committed is None and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def commit(self, manifest: dict) -> Path:
-        """Write ``manifest.json`` over the staged files and rename the bundle into place."""
+    def commit(self, manifest: dict, *, signing_key: object = None) -> Path:
+        """Write ``manifest.json`` over the staged files, record its digest (signed with
+        ``signing_key``, an Ed25519 private key, when given) and rename the bundle into place."""
         if self.dir is None or self.committed is not None:
             raise ExportError(f"bundle {self.path}: commit outside an open BundleWriter")
         full = {
@@ -168,18 +177,32 @@ class BundleWriter:
         _fsync_and_freeze(self.dir)
         # mkdtemp makes the staging dir owner-only; a committed bundle is for every reader.
         self.dir.chmod(0o755)
+        record = digest_record(self.name, self.version, file_sha256(self.dir / MANIFEST),
+                               signing_key)
+        # The record first: whoever sees the bundle directory also sees its digest.
+        write_record(self.path, record)
         try:
             os.rename(self.dir, self.path)
         except OSError as err:
+            record_path(self.path).unlink(missing_ok=True)
             raise ExportError(f"bundle {self.path}: cannot commit ({err.strerror})") from err
         fsync_path(self.model_dir)
         self.committed = self.path
         return self.path
 
 
+def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
+    """Verify a bundle, then sign its digest (replacing its record); returns the record path."""
+    bundle = load_bundle(bundle_path, verify=True)
+    return write_record(bundle.path, digest_record(bundle.name, bundle.version, bundle.sha256,
+                                                   signing_key))
+
+
 @dataclass(frozen=True)
 class Bundle:
-    """A bundle read from disk; ``sha256`` (of manifest.json's bytes) is its identity."""
+    """A bundle read from disk; ``sha256`` (of manifest.json's bytes, the digest its record and
+    ``current`` pin) is its identity. ``signature``: ``verified``, ``unchecked`` (signed, no
+    verify key set) or ``unsigned``."""
 
     path: Path
     manifest: dict = field(repr=False)
@@ -187,6 +210,7 @@ class Bundle:
     version: str
     sha256: str
     task: str
+    signature: str = field(default="unsigned", compare=False)
 
     def file(self, relpath: str) -> Path:
         """Path of a file the manifest lists; a file it does not list is an error."""
@@ -236,17 +260,63 @@ def _verify_files(path: Path, files: dict) -> None:
                 f"bundle {path}: {rel} sha256 mismatch (expected {expected}, got {got})")
 
 
+def _refuse_unlisted(path: Path, files: dict) -> None:
+    """A file (or link) the manifest does not list was added after export: refuse it."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        for name in sorted(filenames + links):
+            rel = (here / name).relative_to(path).as_posix()
+            if rel != MANIFEST and rel not in files:
+                raise BundleIntegrityError(
+                    f"bundle {path}: {rel} is not listed in manifest.json (added after export)")
+
+
+def _pinned_by_current(path: Path) -> tuple[Path, str] | None:
+    """``(pointer, digest)`` when the model's ``current`` names this bundle and pins a digest."""
+    try:
+        pin = read_pointer(path.parent / CURRENT)
+    except BundleNotFoundError:
+        return None  # resolving the model reports a broken pointer; this bundle may be fine
+    if pin is None or pin[0] != path.name or pin[1] is None:
+        return None
+    return path.parent / CURRENT, pin[1]
+
+
+def _check_digest(path: Path, manifest: dict, digest: str) -> str:
+    """The manifest's digest against its record, ``current``'s pin and the signature; returns
+    the signature's standing."""
+    record = read_record(path)
+    if record["sha256"] != digest:
+        raise BundleIntegrityError(
+            f"bundle {path}: manifest.json changed after export (sha256 {digest[:12]}…, "
+            f"{record_path(path).name} records {record['sha256'][:12]}…)")
+    if (record.get("name"), record.get("version")) != (manifest["name"], manifest["version"]):
+        raise BundleIntegrityError(f"bundle {path}: {record_path(path).name} is the record of "
+                                   f"{record.get('name')}/{record.get('version')}")
+    pinned = _pinned_by_current(path)
+    if pinned is not None and pinned[1] != digest:
+        raise BundleIntegrityError(
+            f"bundle {path}: {pinned[0]} pins sha256 {pinned[1][:12]}… but the manifest hashes "
+            f"to {digest[:12]}… — the bundle changed after promotion")
+    return signing.check_signature(str(path), record.get("signature"), digest)
+
+
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
-    """Read a bundle directory; with ``verify`` every listed file's sha256 is checked."""
+    """Read a bundle directory, refusing a manifest its digest record, ``current`` or signature
+    does not vouch for; with ``verify`` also every listed file's sha256, and no unlisted file."""
     path = Path(path)
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
     manifest, raw = _read_manifest(path)
+    digest = hashlib.sha256(raw).hexdigest()
+    signature = _check_digest(path, manifest, digest)
     if verify:
         _verify_files(path, manifest["files"])
+        _refuse_unlisted(path, manifest["files"])
     return Bundle(path=path, manifest=manifest, name=manifest["name"],
-                  version=manifest["version"], sha256=hashlib.sha256(raw).hexdigest(),
-                  task=manifest["task"])
+                  version=manifest["version"], sha256=digest, task=manifest["task"],
+                  signature=signature)
 
 
 def list_versions(registry: str | Path, name: str) -> list[str]:
@@ -260,35 +330,39 @@ def list_versions(registry: str | Path, name: str) -> list[str]:
 
 def current_version(registry: str | Path, name: str) -> str | None:
     """The promoted version of a model, or None when nothing was promoted yet."""
-    pointer = Path(registry) / name / CURRENT
-    try:
-        version = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    if not version or "/" in version or version.startswith("."):
-        raise BundleNotFoundError(f"{pointer}: does not hold a version id")
-    return version
+    pin = read_pointer(Path(registry) / name / CURRENT)
+    return pin[0] if pin else None
 
 
 def resolve_bundle(ref: str | Path) -> Path:
     """Turn a bundle directory, ``REG/NAME`` (its current version) or ``REG/NAME/VERSION`` into
-    the bundle directory."""
+    the bundle directory; ``REG/NAME`` must still hash to the digest ``current`` pins."""
     path = Path(ref)
     if (path / MANIFEST).is_file():
         return path
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
-    version = current_version(path.parent, path.name)
-    if version is None:
+    pointer = path / CURRENT
+    pin = read_pointer(pointer)
+    if pin is None:
         if list_versions(path.parent, path.name):
             raise BundleNotFoundError(
                 f"no promoted version of {path.name!r} in {path.parent} — run lensflow promote")
         raise BundleNotFoundError(
             f"bundle {path}: neither a bundle (no manifest.json) nor a model with versions")
+    version, pinned = pin
     target = path / version
     if not (target / MANIFEST).is_file():
         raise BundleNotFoundError(
-            f"{path / CURRENT}: names version {version!r}, which is not a bundle in {path}")
+            f"{pointer}: names version {version!r}, which is not a bundle in {path}")
+    if pinned is None:
+        raise BundleIntegrityError(f"{pointer}: names {version} but pins no digest (written "
+                                   "before bundles were pinned) — run lensflow promote again")
+    got = file_sha256(target / MANIFEST)
+    if got != pinned:
+        raise BundleIntegrityError(
+            f"bundle {target}: {pointer} pins sha256 {pinned[:12]}… but the manifest hashes to "
+            f"{got[:12]}… — the bundle changed after promotion")
     return target
 
 
@@ -303,23 +377,9 @@ def read_parity_passed(bundle: Bundle) -> bool:
     return isinstance(report, dict) and report.get("passed") is True
 
 
-def _write_atomically(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the pointer from other readers
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
-
-
 def promote(bundle_path: str | Path) -> Path:
-    """Make a verified bundle whose parity passed the current version; returns the pointer path."""
+    """Make a verified bundle whose parity passed the current version, pinning its digest;
+    returns the pointer path."""
     bundle = load_bundle(bundle_path, verify=True)
     path = Path(bundle_path)
     if path.name != bundle.version:
@@ -330,5 +390,5 @@ def promote(bundle_path: str | Path) -> Path:
     if not read_parity_passed(bundle):
         raise PromotionError(f"bundle {path}: parity.json records a failed parity gate")
     pointer = path.parent / CURRENT
-    _write_atomically(pointer, bundle.version + "\n")
+    write_atomically(pointer, pointer_text(bundle.version, bundle.sha256))
     return pointer

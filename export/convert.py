@@ -5,7 +5,8 @@ The per-format conversions live in ``export.formats``; this module is the recipe
 The recipe reads top to bottom: check the manifest, convert every graph (TorchScript, ONNX,
 optional ``.pt2``), save the eager weights as safetensors, run the parity gate, write its report,
 commit. A bundle whose parity failed is still committed so it can be inspected, then
-``ParityError`` is raised with its path; ``promote`` refuses it.
+``ParityError`` is raised with its path; ``promote`` refuses it. The commit records the bundle
+digest beside it, signed when a signing key is given or ``$LENSFLOW_SIGNING_KEY`` is set.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from export.errors import ConversionError, ExportError, ParityError
 from export.formats import GraphSpec, convert_graph, graph_specs
 from export.manifest import IMAGE_TASKS
 from export.parity import PARITY_INPUTS, ParityReport, ParityTolerances, run_gate
+from export.signing import load_signing_key, signing_key_from_env
 
 WEIGHTS = "weights.safetensors"
 PARITY_MD = "parity.md"
@@ -119,13 +121,18 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
                   validation_inputs: object = None,
                   tolerances: ParityTolerances = ParityTolerances(),
                   plots_dir: Path | None = None, extra_files: dict[str, Path] | None = None,
-                  weights: bool = True, pt2: bool = True) -> ExportResult:
+                  weights: bool = True, pt2: bool = True,
+                  signing_key: str | Path | None = None) -> ExportResult:
     """Convert, check parity and commit ``<registry>/<name>/<version>/``.
 
     validation_inputs: a real batch — images as uint8 (N, H, W, 3) or normalised float
         (N, 3, H, W); collab as int (N, 2) user/item index pairs. Up to 256 rows are used.
+    signing_key: Ed25519 private key PEM that signs the bundle digest (default
+        ``$LENSFLOW_SIGNING_KEY``; unsigned when neither is set).
     Raises ``ParityError`` (after committing the bundle) when an export diverges.
     """
+    # A bad key fails here, before minutes of conversion.
+    key = load_signing_key(signing_key) if signing_key else signing_key_from_env()
     manifest = _normalised_manifest(manifest)
     # Export runs on CPU and must neither move nor mode-switch the caller's model.
     model = copy.deepcopy(model).cpu().float().eval()
@@ -147,7 +154,7 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
             "weights": WEIGHTS if weights else None,
             "parity": {"passed": report.passed, "tolerances": tolerances.to_dict(),
                        "inputs": PARITY_INPUTS},
-        })
+        }, signing_key=key)
     bundle = load_bundle(path)
     result = ExportResult(path, bundle.name, bundle.version, bundle.sha256, report)
     if not report.passed:

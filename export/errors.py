@@ -35,3 +35,15 @@ class ConversionError(ExportError):
 
 class ManifestError(ExportError):
     """A manifest field a scorer or exporter needs is missing or has a value it cannot use."""
+
+
+class BundleSignatureError(BundleIntegrityError):
+    """A bundle's signature is missing where one is required, or does not verify with the key."""
+
+
+class SigningKeyError(ExportError):
+    """A signing or verify key file is missing, unreadable or not an Ed25519 PEM key."""
+
+
+class GraphMismatchError(ManifestError):
+    """The manifest describes a graph input the exported graph does not take (e.g. its size)."""

@@ -1,14 +1,16 @@
 """The parity gate: exports must compute what the eager model computes, within tolerances.
 
-Every graph is run in eager PyTorch (the reference), TorchScript and ONNX Runtime on a real
-validation batch (when given) and on random valid inputs at batch sizes 1, 7 and 64 — sizes
+At export every graph is run in eager PyTorch (the reference), TorchScript and ONNX Runtime on
+a real validation batch (when given) and on random valid inputs at batch sizes 1, 7 and 64 — sizes
 the export never saw, which catches a batch axis baked in as a constant. An element passes when
 ``|a - b| <= atol + rtol * |b|`` (``numpy.allclose``'s rule, b the reference). Decisions must
 agree too: top-1 class for single_label, thresholded labels for multi_label; a row whose
 reference is within tolerance of the decision boundary cannot be decided and is not counted.
 
 The random inputs and their eager outputs are stored in the bundle (``parity_inputs.safetensors``)
-so ``check_bundle`` can re-run the gate from the bundle alone, without the training code.
+so ``check_bundle`` can re-run the gate from the bundle alone, without the training code. It
+runs ONNX Runtime only unless asked for TorchScript: a ``.ts`` file is code, and a registry
+reader should not run code it did not ask for.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from export.runtime import (
     Runtime,
     RuntimeUnavailableError,
     TorchScriptRuntime,
+    check_graph_input,
     onnx_cuda_available,
 )
 
@@ -156,22 +159,27 @@ def compare(graph: str, runtime: str, input_name: str, outputs: Sequence[np.ndar
     return ParityRow(graph, runtime, input_name, batch, max_abs, max_rel, agreement, passed)
 
 
-def gate_runtimes(bundle_dir: Path, entry: dict) -> dict[str, Runtime]:
+def gate_runtimes(bundle_dir: Path, entry: dict, *, torchscript: bool = True,
+                  files: dict | None = None) -> dict[str, Runtime]:
     """Runtime label → loaded graph, for every runtime worth comparing here.
 
-    entry: the graph's manifest entry (``files``, ``input``, ``outputs``). TorchScript runs on
-    the CPU; ONNX Runtime on the CPU and, where a GPU and the provider exist, on CUDA with TF32
-    off. A CUDA provider that fails to start is left out, as a machine without one would be.
+    entry: the graph's manifest entry (``files``, ``input``, ``outputs``). TorchScript (code, so
+    only when ``torchscript``) runs on the CPU; ONNX Runtime on the CPU and, where a GPU and the
+    provider exist, on CUDA with TF32 off. A CUDA provider that fails to start is left out, as a
+    machine without one would be.
+    files: the manifest's file table; TorchScript bytes must then hash to what it lists.
     """
-    files = entry["files"]
-    runtimes: dict[str, Runtime] = {
-        "torchscript": TorchScriptRuntime(bundle_dir / files["torchscript"], "cpu",
-                                          entry.get("outputs") or (), entry.get("input", "")),
-        "onnxruntime-cpu": OnnxRuntime(bundle_dir / files["onnx"], "cpu"),
-    }
+    names = entry["files"]
+    runtimes: dict[str, Runtime] = {}
+    if torchscript:
+        expected = ((files or {}).get(names["torchscript"]) or {}).get("sha256")
+        runtimes["torchscript"] = TorchScriptRuntime(
+            bundle_dir / names["torchscript"], "cpu", entry.get("outputs") or (),
+            entry.get("input", ""), sha256=expected)
+    runtimes["onnxruntime-cpu"] = OnnxRuntime(bundle_dir / names["onnx"], "cpu")
     if onnx_cuda_available():
         try:
-            runtimes["onnxruntime-cuda"] = OnnxRuntime(bundle_dir / files["onnx"], "cuda",
+            runtimes["onnxruntime-cuda"] = OnnxRuntime(bundle_dir / names["onnx"], "cuda",
                                                        tf32=False)
         except RuntimeUnavailableError:
             pass
@@ -224,10 +232,11 @@ def _stored_cases(tensors: dict[str, torch.Tensor], graph: str,
              [tensors[f"{graph}/{n}/output/{o}"].numpy() for o in output_names]) for n in names]
 
 
-def check_bundle(bundle_path: str | Path,
-                 tolerances: ParityTolerances | None = None) -> ParityReport:
-    """Re-run the gate from a written bundle: hashes, then TorchScript and ONNX Runtime against
-    the eager outputs stored at export (tolerances default to the ones the bundle passed with)."""
+def check_bundle(bundle_path: str | Path, tolerances: ParityTolerances | None = None, *,
+                 torchscript: bool = False) -> ParityReport:
+    """Re-run the gate from a written bundle: digest and hashes, then ONNX Runtime (and
+    TorchScript, which is code, only when ``torchscript``) against the eager outputs stored at
+    export (tolerances default to the ones the bundle passed with)."""
     bundle = load_bundle(bundle_path, verify=True)
     manifest = bundle.manifest
     if tolerances is None:
@@ -244,7 +253,11 @@ def check_bundle(bundle_path: str | Path,
         if not cases:
             raise BundleIntegrityError(f"bundle {bundle.path}: {PARITY_INPUTS} has no inputs "
                                        f"for graph {graph!r}")
-        runtimes = gate_runtimes(bundle.path, entry)
+        runtimes = gate_runtimes(bundle.path, entry, torchscript=torchscript,
+                                 files=manifest["files"])
+        onnx_runtime = runtimes["onnxruntime-cpu"]
+        check_graph_input(bundle, graph, getattr(onnx_runtime, "input_shape", []),
+                          entry["files"]["onnx"])
         for input_name, x, reference in cases:
             thresholds = (thresholds_for(manifest, reference[0].shape[-1])
                           if bundle.task == "multi_label" else None)

@@ -11,12 +11,15 @@ machines get no provider-failure spam; ``device="cuda"`` without one is a one-li
 
 from __future__ import annotations
 
+import hashlib
+import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from export.bundle import Bundle
-from export.errors import ExportError
+from export.errors import BundleIntegrityError, ExportError, GraphMismatchError
 from export.formats import quiet_torchscript
 from export.loader_workers import available_cores
 from export.manifest import IMAGE_OUTPUTS
@@ -105,6 +108,7 @@ class OnnxRuntime(Runtime):
                 f"{self.providers})")
         self.device = "cuda" if CUDA in self.providers else "cpu"
         self.input_name = self.session.get_inputs()[0].name
+        self.input_shape = list(self.session.get_inputs()[0].shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -129,6 +133,9 @@ def session_options(threads: int | None = None):
 class TorchScriptRuntime(Runtime):
     """``torch.jit.load`` of a ``.ts`` file, run under ``torch.inference_mode``.
 
+    A TorchScript file is code. It is read into memory once and, with ``sha256`` (the digest the
+    bundle's pinned manifest lists), loaded only when those very bytes hash to it, so a file
+    swapped after verification is never run.
     output_names: names of a graph that returns a bare tensor or tuple.
     """
 
@@ -136,12 +143,15 @@ class TorchScriptRuntime(Runtime):
 
     def __init__(self, path: Path, device: str = "auto",
                  output_names: list[str] | tuple[str, ...] = IMAGE_OUTPUTS,
-                 input_name: str = "images"):
+                 input_name: str = "images", *, sha256: str | None = None):
         import torch
 
         self.device = "cuda" if use_cuda(device) else "cpu"
+        data = Path(path).read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise BundleIntegrityError(f"{path}: sha256 differs from the manifest's; not loaded")
         with quiet_torchscript():
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            self.module = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
         self.input_name = input_name
         self.output_names = list(output_names)
 
@@ -163,6 +173,9 @@ def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
                       graph: str = "model", *, threads: int | None = None) -> Runtime:
     """Load ``<graph>.onnx`` or ``<graph>.ts`` of a bundle (files as its manifest names them).
 
+    TorchScript is loaded only when ``kind`` asks for it, and only bytes that hash to what the
+    bundle's pinned manifest lists. An image graph whose input size differs from the manifest's
+    ``preprocessing.input_size`` is refused in one line.
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU).
     threads: ONNX Runtime intra-op threads; default the cores available to this process.
     """
@@ -173,9 +186,39 @@ def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
     if not bundle.has_file(relpath):
         raise RuntimeUnavailableError(f"bundle {bundle.path}: has no {relpath} for runtime {kind}")
     if kind == "onnx":
-        return OnnxRuntime(bundle.file(relpath), device, threads)
+        runtime = OnnxRuntime(bundle.file(relpath), device, threads)
+        check_graph_input(bundle, graph, runtime.input_shape, relpath)
+        return runtime
+    onnx_file = (declared.get("files") or {}).get("onnx") or f"{graph}.onnx"
+    if bundle.has_file(onnx_file):
+        check_graph_input(bundle, graph, onnx_input_shape(bundle.file(onnx_file)), onnx_file)
     input_name, output_names = _graph_io(bundle, graph, declared)
-    return TorchScriptRuntime(bundle.file(relpath), device, output_names, input_name)
+    return TorchScriptRuntime(bundle.file(relpath), device, output_names, input_name,
+                              sha256=bundle.manifest["files"][relpath].get("sha256"))
+
+
+def onnx_input_shape(path: Path) -> list:
+    """Dims of an ONNX graph's first input (ints, or names of dynamic axes)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def check_graph_input(bundle: Bundle, graph: str, shape: Sequence, relpath: str) -> None:
+    """Refuse an image graph whose fixed input size is not the manifest's ``input_size``."""
+    prep = bundle.manifest.get("preprocessing")
+    if graph != "model" or not isinstance(prep, dict) or "input_size" not in prep or not shape:
+        return
+    size = prep["input_size"]
+    layout = prep.get("input_layout", "NHWC")
+    spatial = list(shape[1:3] if layout == "NHWC" else shape[2:4])
+    fixed = [d for d in spatial if isinstance(d, int) and d > 0]
+    if len(shape) != 4 or any(d != size for d in fixed):
+        raise GraphMismatchError(
+            f"bundle {bundle.path}: manifest preprocessing.input_size {size} differs from "
+            f"{relpath}'s input shape {[d if isinstance(d, int) else 'N' for d in shape]}")
 
 
 def _graph_io(bundle: Bundle, graph: str, declared: dict) -> tuple[str, list[str]]:

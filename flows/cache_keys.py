@@ -15,17 +15,18 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-#: Where cached task results live; shared by every run on this machine, worker or not.
+#: Where cached data prep lives; shared by every run on this machine, worker or not.
 CACHE_DIR_ENV = "LENSFLOW_CACHE_DIR"
 
 
 def result_cache_dir() -> Path:
-    """Absolute directory for persisted task results (``$LENSFLOW_CACHE_DIR`` or
-    ``~/.cache/lensflow/prefect-results``)."""
+    """Absolute cache directory (``$LENSFLOW_CACHE_DIR`` or ``~/.cache/lensflow``); prepared
+    splits are JSON files in its ``prepared-data/`` (the pickled Prefect results earlier
+    versions kept in ``~/.cache/lensflow/prefect-results`` are never read)."""
     configured = os.environ.get(CACHE_DIR_ENV)
     if configured:
         return Path(configured).expanduser().resolve()
-    return Path.home() / ".cache" / "lensflow" / "prefect-results"
+    return Path.home() / ".cache" / "lensflow"
 
 
 def dataset_fingerprint(path: str | Path) -> str:
@@ -53,8 +54,8 @@ def dataset_fingerprint(path: str | Path) -> str:
 
 
 def prepared_data_key(context, parameters: Mapping) -> str:
-    """``cache_key_fn`` of the data-prep task: fingerprints of ``data`` (and ``csv``) plus the
-    other parameters."""
+    """Key of a prepared split: fingerprints of ``data`` (and ``csv``) plus the other parameters
+    (``context`` is unused; the signature is Prefect's ``cache_key_fn``'s)."""
     others = {k: v for k, v in parameters.items() if k not in ("data", "csv")}
     # The prep code is part of the key: a changed data layout must not be served stale.
     from training import data as data_package
@@ -64,4 +65,4 @@ def prepared_data_key(context, parameters: Mapping) -> str:
     if parameters.get("csv"):
         parts.append(dataset_fingerprint(parameters["csv"]))
     parts.append(json.dumps(others, sort_keys=True, default=str))
-    return "prepare-image-data-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return "prepared-data-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""The ``lensflow`` command: train, export, verify, promote, score, demo, serve.
+"""The ``lensflow`` command: train, export, verify, promote, keygen, score, demo, serve.
 
 Each command is a thin call into ``training``, ``export`` or ``scoring``; errors a user can cause
 print one ``error: ...`` line and exit 2 instead of a traceback.
@@ -6,6 +6,7 @@ print one ``error: ...`` line and exit 2 instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -173,29 +174,46 @@ def export_cmd(
     train_out: Annotated[Path, typer.Argument(help="training output directory")],
     registry: Annotated[Path, typer.Option(help="registry root")],
     name: Annotated[str, typer.Option(help="model name")],
+    sign_key: Annotated[Path | None, typer.Option(
+        help="Ed25519 private key PEM that signs the bundle (default $LENSFLOW_SIGNING_KEY)")]
+    = None,
 ) -> None:
     """Export a training output to a bundle (TorchScript, ONNX, torch.export) and run parity."""
+    from export.errors import ExportError
+    from export.signing import SIGNING_KEY_ENV, load_signing_key
     from training.recipes.publish import export_training_output
 
+    if registry.exists() and not registry.is_dir():
+        raise ExportError(f"registry {registry}: exists and is not a directory")
+    if sign_key is not None:
+        load_signing_key(sign_key)  # a bad key fails before the export starts
+        # The publish step reads the key from the environment; this process ends after export.
+        os.environ[SIGNING_KEY_ENV] = str(sign_key)
     result = export_training_output(train_out, registry, name)
     out.print(result.parity.to_markdown())
-    out.print(f"bundle: {result.bundle_path}")
+    out.print(f"bundle: {result.bundle_path}\nsha256: {result.sha256}")
 
 
 @app.command("verify")
 def verify_cmd(
     bundle: Annotated[str, typer.Argument(help="bundle dir or REG/NAME[/VERSION]")],
+    torchscript: Annotated[bool, typer.Option(
+        help="also load and check model.ts (TorchScript is code: only for bundles you trust)")]
+    = False,
 ) -> None:
-    """Check every file hash and re-run the parity gate from the bundle alone."""
+    """Check the bundle's digest, signature and every file hash, then re-run the parity gate
+    on ONNX Runtime (and TorchScript with --torchscript) from the bundle alone."""
     from export.bundle import load_bundle, resolve_bundle
     from export.parity import check_bundle
 
     path = resolve_bundle(bundle)
-    loaded = load_bundle(path)
-    report = check_bundle(path)
+    loaded = load_bundle(path, verify=False)  # digest and signature; check_bundle hashes files
+    report = check_bundle(path, torchscript=torchscript)
     out.print(report.to_markdown())
     out.print(f"{loaded.name} {loaded.version}: hashes ok, parity "
-              f"{'passed' if report.passed else 'FAILED'}")
+              f"{'passed' if report.passed else 'FAILED'} "
+              f"({'onnx, torchscript' if torchscript else 'onnx'}); sha256 {loaded.sha256}; "
+              f"signature {loaded.signature}")
     if not report.passed:
         raise typer.Exit(1)
 
@@ -204,10 +222,22 @@ def verify_cmd(
 def promote_cmd(
     bundle: Annotated[str, typer.Argument(help="bundle dir or REG/NAME/VERSION")],
 ) -> None:
-    """Point REG/NAME/current at this bundle (only when its parity passed)."""
+    """Point REG/NAME/current at this bundle, pinning its digest (only when parity passed)."""
     from export.bundle import promote, resolve_bundle
 
     out.print(f"promoted: {promote(resolve_bundle(bundle))}")
+
+
+@app.command("keygen")
+def keygen_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="folder for the two PEM files")],
+) -> None:
+    """Make an Ed25519 key pair for signing bundles (private key readable by you only)."""
+    from export.signing import SIGNING_KEY_ENV, VERIFY_KEY_ENV, write_key_pair
+
+    private, public = write_key_pair(out_dir)
+    out.print(f"signing key (keep secret): {private}\nverify key: {public}\n"
+              f"export with {SIGNING_KEY_ENV}={private}; score with {VERIFY_KEY_ENV}={public}")
 
 
 @app.command("demo")

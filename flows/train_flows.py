@@ -5,14 +5,15 @@ discriminative LRs, early stopping), ``training.recipes.publish`` exports and ru
 gate, ``export.bundle.promote`` moves the registry's ``current`` pointer. The options are the
 declared ``training.recipes.options`` models, flattened into flow parameters by
 ``declared_options``. The flow adds what Prefect is for: data prep cached across runs on the
-dataset's fingerprint, one task per stage so the UI shows where a run stopped, retries only on
-the storage-touching promote, and artifacts for the plots, metrics and parity table.
+dataset's fingerprint (as JSON, ``flows.prepared_cache``: no pickle), one task per stage so the
+UI shows where a run stopped, retries only on the storage-touching promote, and artifacts for
+the plots, metrics and parity table. An export signs its bundle when ``$LENSFLOW_SIGNING_KEY``
+names a key.
 """
 
 from __future__ import annotations
 
 import importlib
-from datetime import timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -23,7 +24,6 @@ from prefect.states import State
 from export.bundle import promote
 from export.errors import ParityError
 from flows.artifacts import TrainingProgress, publish_markdown, publish_metrics, publish_plots
-from flows.cache_keys import prepared_data_key, result_cache_dir
 from flows.failures import (
     STORAGE_RETRY_DELAYS,
     retry_on_storage_error,
@@ -31,6 +31,7 @@ from flows.failures import (
 )
 from flows.option_surfaces import declared_options
 from flows.params import ModelName, PathText
+from flows.prepared_cache import prepared_or_cached
 from training.errors import TrainingError
 from training.recipes.options import ImageTrainOptions, RecommenderOptions
 
@@ -68,15 +69,15 @@ def check_training_inputs(data: str, registry: str, csv: str | None = None) -> s
     return str(path.resolve())
 
 
-@task(name="prepare-image-data", cache_key_fn=prepared_data_key,
-      cache_expiration=timedelta(days=30), persist_result=True, result_serializer="pickle")
+@task(name="prepare-image-data", cache_policy=NO_CACHE, persist_result=False)
 def prepare_image_data_task(data: str, csv: str | None, valid_pct: float, seed: int):
-    """Find, validate and split the images (cached: an unchanged dataset is not re-read)."""
+    """Find, validate and split the images (cached as JSON: an unchanged dataset is not re-read)."""
     from training.recipes.image import prepare_image_data
 
-    prepared = prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed)
-    get_run_logger().info(prepared.summary())
-    return prepared
+    return prepared_or_cached(
+        {"kind": "image", "data": data, "csv": csv, "valid_pct": valid_pct, "seed": seed},
+        lambda: prepare_image_data(data, csv=csv, valid_pct=valid_pct, seed=seed),
+        get_run_logger())
 
 
 @task(name="fine-tune", cache_policy=NO_CACHE)
@@ -153,8 +154,7 @@ def train_image_model_flow(data: PathText, registry: PathText, name: ModelName,
     ``csv`` (``fname,label[,is_valid]``). The other parameters are ``ImageTrainOptions``.
     """
     data = check_training_inputs(data, registry, csv)
-    prepared = prepare_image_data_task.with_options(result_storage=result_cache_dir())(
-        data, csv, options.valid_pct, options.seed)
+    prepared = prepare_image_data_task(data, csv, options.valid_pct, options.seed)
     return fine_tune_and_publish("image", prepared, registry, name, train_dir, options)
 
 

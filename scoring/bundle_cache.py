@@ -2,8 +2,10 @@
 
 A Dask worker process runs many shards of one run (and many runs over its life). Verifying a
 bundle reads and hashes every file, and an ONNX Runtime session plans its graph when it opens:
-both are paid once per process and bundle here, keyed by the bundle's directory and the sha256
-of its ``manifest.json`` (its identity, which the flow pins when it plans the run). A worker that
+both are paid once per process and bundle here, keyed by the bundle's directory and its digest
+(``Bundle.sha256``: the sha256 of ``manifest.json``, which ``load_bundle`` has checked against the
+digest record beside the bundle, ``current``'s pin and any signature; the flow pins it when it
+plans the run and every output row carries it). A worker that
 finds a different manifest than the one the run pinned refuses to score with it rather than mix
 two model versions in one partition. The few most recently used bundles are kept (a long-lived
 worker serving successive nightly versions does not grow without bound).

@@ -35,6 +35,16 @@ def write_bundle(registry: Path, name: str = "ants", passed: bool | None = True,
         return writer.commit({"task": "single_label", "classes": ["ant", "bee"]})
 
 
+def reseal(path: Path) -> None:
+    """Rewrite a bundle's digest record for its edited manifest, as anyone who can write the
+    registry could: only ``current``'s pin or a signature can tell."""
+    record = path.parent / f"{path.name}.digest.json"
+    data = json.loads(record.read_text())
+    data["sha256"] = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    record.chmod(0o644)
+    record.write_text(json.dumps(data))
+
+
 def flip_byte(path: Path, offset: int = 0) -> None:
     path.chmod(stat.S_IRUSR | stat.S_IWUSR)
     data = bytearray(path.read_bytes())
@@ -60,7 +70,8 @@ def test_round_trip_lists_every_file_with_its_hash(tmp_path):
         bundle.file("model.pt2")
     # Immutable: no write bit on any file; no staging directory left behind.
     assert all(not (p.stat().st_mode & 0o222) for p in path.rglob("*") if p.is_file())
-    assert [p.name for p in (tmp_path / "ants").iterdir()] == [path.name]
+    assert sorted(p.name for p in (tmp_path / "ants").iterdir()) == [
+        path.name, f"{path.name}.digest.json"]
     assert path.stat().st_mode & 0o055 == 0o055, "readable by a scorer running as another user"
 
 
@@ -70,6 +81,17 @@ def test_exception_inside_writer_leaves_nothing(tmp_path):
         raise RuntimeError("export crashed")
     assert list((tmp_path / "ants").iterdir()) == []
     assert list_versions(tmp_path, "ants") == []
+
+
+def test_a_registry_that_is_a_file_is_one_line(tmp_path):
+    registry = tmp_path / "registry"
+    registry.write_text("not a folder")
+    with pytest.raises(ExportError, match=f"registry {registry}: exists and is not a directory"):
+        write_bundle(registry)
+    (tmp_path / "reg2").mkdir()
+    (tmp_path / "reg2" / "ants").write_text("a file where the model folder goes")
+    with pytest.raises(ExportError, match="reg2/ants: exists and is not a directory"):
+        write_bundle(tmp_path / "reg2")
 
 
 def test_version_ids_sort_by_time_and_never_collide():
@@ -120,6 +142,9 @@ def test_manifest_cannot_point_outside_the_bundle(tmp_path):
     manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
     (path / "manifest.json").chmod(0o600)
     (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match="manifest.json changed after export"):
+        load_bundle(path)
+    reseal(path)
     with pytest.raises(BundleIntegrityError, match="invalid path"):
         load_bundle(path)
 
@@ -154,9 +179,10 @@ def test_promote_and_resolve(tmp_path):
     promote(second)
     assert resolve_bundle(str(tmp_path / "ants")) == second
     assert resolve_bundle(tmp_path / "ants" / first.name) == first
-    # Only the two bundles and the pointer: no temp file left by the atomic replace.
+    # The two bundles, their digest records and the pointer: no temp file left behind.
     assert sorted(p.name for p in (tmp_path / "ants").iterdir()) == sorted(
-        [first.name, second.name, "current"])
+        [first.name, second.name, "current", f"{first.name}.digest.json",
+         f"{second.name}.digest.json"])
     with pytest.raises(BundleNotFoundError, match="no such directory"):
         resolve_bundle(tmp_path / "bees")
     with pytest.raises(BundleNotFoundError, match="no such directory"):
@@ -174,7 +200,7 @@ def test_current_survives_a_crash_while_replacing_it(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         promote(second)
     monkeypatch.undo()
-    assert (tmp_path / "ants" / "current").read_text().strip() == first.name
+    assert current_version(tmp_path, "ants") == first.name
     assert not [p for p in (tmp_path / "ants").iterdir() if p.name.startswith(".")]
 
 

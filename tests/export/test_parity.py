@@ -44,13 +44,28 @@ def perturb_largest_initializer(path, delta: float) -> None:
 
 
 def resign(bundle_dir, rel: str) -> None:
-    """Record a file's new hash in the manifest, so only the gate — not the hashes — can object."""
+    """Record a file's new hash in the manifest and the manifest's in the digest record (as
+    anyone who can write the registry could), so only the gate — not the hashes — can object."""
     manifest_path = bundle_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     data = (bundle_dir / rel).read_bytes()
     manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
     manifest_path.write_text(json.dumps(manifest))
+    record_path = bundle_dir.parent / f"{bundle_dir.name}.digest.json"
+    record = json.loads(record_path.read_text())
+    record["sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    record_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    record_path.write_text(json.dumps(record))
+
+
+def copy_bundle(bundle_dir, to_model_dir) -> Path:
+    """Copy a bundle with its digest record into another model folder."""
+    copy = to_model_dir / bundle_dir.name
+    shutil.copytree(bundle_dir, copy)
+    record = f"{bundle_dir.name}.digest.json"
+    shutil.copy(bundle_dir.parent / record, to_model_dir / record)
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +102,7 @@ def test_check_bundle_reruns_the_gate_from_the_bundle_alone(good_bundle):
 
 @pytest.mark.slow
 def test_broken_onnx_fails_the_gate_naming_the_runtime(good_bundle, tmp_path):
-    copy = tmp_path / "pets" / good_bundle.version
-    shutil.copytree(good_bundle.bundle_path, copy)
+    copy = copy_bundle(good_bundle.bundle_path, tmp_path / "pets")
     perturb_largest_initializer(copy / "model.onnx", delta=0.5)
     with pytest.raises(BundleIntegrityError, match="model.onnx sha256 mismatch"):
         check_bundle(copy)
@@ -102,8 +116,7 @@ def test_broken_onnx_fails_the_gate_naming_the_runtime(good_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_tolerances_are_configurable(good_bundle, tmp_path):
-    copy = tmp_path / "pets" / good_bundle.version
-    shutil.copytree(good_bundle.bundle_path, copy)
+    copy = copy_bundle(good_bundle.bundle_path, tmp_path / "pets")
     perturb_largest_initializer(copy / "model.onnx", delta=0.05)
     resign(copy, "model.onnx")
     strict = check_bundle(copy)
@@ -228,3 +241,17 @@ def test_cuda_provider_only_when_a_gpu_and_the_provider_exist(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert runtime_module.onnx_cuda_available()
+
+
+@pytest.mark.slow
+def test_check_bundle_runs_torchscript_only_when_asked(good_bundle, monkeypatch):
+    loaded = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **kw: loaded.append(a) or real_load(*a, **kw))
+    report = check_bundle(good_bundle.bundle_path)
+    assert report.passed and loaded == []
+    assert {r.runtime for r in report.rows} >= {"onnxruntime-cpu"}
+    assert "torchscript" not in {r.runtime for r in report.rows}
+    report = check_bundle(good_bundle.bundle_path, torchscript=True)
+    assert report.passed and len(loaded) == 1
+    assert "torchscript" in {r.runtime for r in report.rows}

@@ -14,6 +14,7 @@ import sys
 import pyarrow.dataset as ds
 import pytest
 
+from export.bundle import current_version
 from flows.demo_data import make_shapes_dataset
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def test_train_writes_the_training_output_and_promotes_a_verified_bundle(chain):
     assert {"learning_curve.png", "confusion_matrix.png"} <= {
         p.name for p in (train / "plots").iterdir()}
 
-    current = (chain["registry"] / "shapes" / "current").read_text().strip()
+    current = current_version(chain["registry"], "shapes")
     bundle = chain["registry"] / "shapes" / current
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["task"] == "single_label"
@@ -95,7 +96,7 @@ def test_verify_refuses_a_tampered_bundle_in_one_line(chain, tmp_path):
 
     copy = tmp_path / "reg" / "shapes"
     shutil.copytree(chain["registry"] / "shapes", copy)
-    version = (copy / "current").read_text().strip()
+    version = current_version(copy.parent, "shapes")
     onnx_file = copy / version / "model.onnx"
     onnx_file.chmod(0o644)
     data = bytearray(onnx_file.read_bytes())

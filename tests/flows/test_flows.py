@@ -23,6 +23,7 @@ from prefect.exceptions import ParameterTypeError
 from prefect.states import Failed
 from tiny_image_bundle import make_image_bundle
 
+from export.bundle import current_version
 from flows.cache_keys import dataset_fingerprint
 from flows.deploy_settings import deploy_settings
 from flows.failures import retry_on_storage_error
@@ -217,7 +218,7 @@ def test_trained_recommender_is_promoted_then_scored_by_the_nightly_run(tmp_path
                                    bs=256, train_dir=str(tmp_path / "train"), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    current = (registry / "movies" / "current").read_text().strip()
+    current = current_version(registry, "movies")
     assert result["bundle"] == str(registry / "movies" / current)
     artifacts = artifacts_by_key(client, state.state_details.flow_run_id)
     assert "### lr_find\n\n![lr_find](data:image/png;base64," in \

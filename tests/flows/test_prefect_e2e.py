@@ -28,6 +28,7 @@ from flow_test_data import artifacts_by_key, make_images, partition_rows_and_run
 from paths import REPO
 from tiny_image_bundle import make_image_bundle
 
+from export.bundle import current_version
 from flows.demo_data import make_planted_ratings, make_shapes_dataset
 from training.recipes.collab import train_recommender
 from training.recipes.options import RecommenderOptions
@@ -277,7 +278,7 @@ def test_training_deployment_promotes_a_checked_bundle_with_its_artifacts(stack)
     outcome = stack.training.finish()
     assert outcome.returncode == 0, outcome.output + stack.log_tail("worker", 80)
 
-    current = (stack.registry / "shapes-e2e" / "current").read_text().strip()
+    current = current_version(stack.registry, "shapes-e2e")
     assert (stack.registry / "shapes-e2e" / current / "manifest.json").is_file()
     # The flat --param values reached the recipe: one frozen epoch, then one (not 3) unfrozen.
     history = json.loads((stack.root / "train" / "history.json").read_text())["history"]

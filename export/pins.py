@@ -1,0 +1,126 @@
+"""Where a bundle's digest is pinned, outside the bundle directory: its record and ``current``.
+
+A bundle's digest is the sha256 of its ``manifest.json`` bytes; the manifest lists the sha256 of
+every other file, so the digest pins every byte. Editing the manifest cannot edit these:
+
+- ``<registry>/<name>/<version>.digest.json``, written at export before the bundle is renamed
+  into place: ``{"format": 1, "name", "version", "sha256": digest, "signature"?}``.
+- ``<registry>/<name>/current``, written by promotion: ``<version> sha256:<digest>``.
+
+Both are written whole (temp file, fsync, ``os.replace``), so a reader sees the old or the new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from export import signing
+from export.errors import BundleIntegrityError, BundleNotFoundError
+
+CURRENT = "current"
+RECORD_SUFFIX = ".digest.json"
+PIN_PREFIX = "sha256:"
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file or a directory (its entries: renames, new files) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(target: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``target`` with ``text`` whole: temp file beside it, fsync, ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp's 0600 would hide the file from other readers
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(target.parent)
+
+
+def record_path(bundle_dir: str | Path) -> Path:
+    """``<version>.digest.json`` beside a bundle directory."""
+    bundle_dir = Path(os.path.abspath(bundle_dir))
+    return bundle_dir.with_name(bundle_dir.name + RECORD_SUFFIX)
+
+
+def digest_record(name: str, version: str, digest: str, signing_key: object = None) -> dict:
+    """What ``<version>.digest.json`` holds: the bundle digest and, when signed, its signature."""
+    record = {"format": 1, "name": name, "version": version, "sha256": digest}
+    if signing_key is not None:
+        record["signature"] = signing.sign_digest(signing_key, digest)
+    return record
+
+
+def write_record(bundle_dir: Path, record: dict) -> Path:
+    """Write a bundle's digest record (read-only) beside it; returns its path."""
+    path = record_path(bundle_dir)
+    write_atomically(path, json.dumps(record, indent=2) + "\n", mode=0o444)
+    return path
+
+
+def read_record(bundle_dir: Path) -> dict:
+    """A bundle's digest record; a missing or unreadable one is a one-line error."""
+    where = record_path(bundle_dir)
+    try:
+        record = json.loads(where.read_bytes())
+    except FileNotFoundError:
+        raise BundleIntegrityError(
+            f"bundle {bundle_dir}: no digest record {where.name} beside it (exported before "
+            "bundles were pinned, or copied without it) — re-export it with lensflow export") \
+            from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleIntegrityError(f"bundle {bundle_dir}: digest record {where.name} is "
+                                   f"unreadable ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise BundleIntegrityError(f"bundle {bundle_dir}: digest record {where.name} has no "
+                                   "sha256")
+    return record
+
+
+def pointer_text(version: str, digest: str) -> str:
+    """The content of ``current`` naming ``version`` and pinning its digest."""
+    return f"{version} {PIN_PREFIX}{digest}\n"
+
+
+def read_pointer(pointer: Path) -> tuple[str, str | None] | None:
+    """``(version, pinned digest)`` of a ``current`` file (digest None in a pre-pinning one);
+    None when there is no pointer."""
+    try:
+        fields = pointer.read_text().split()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BundleNotFoundError(f"{pointer}: unreadable ({err})") from None
+    version = fields[0] if fields else ""
+    if not version or "/" in version or version.startswith(".") or len(fields) > 2:
+        raise BundleNotFoundError(f"{pointer}: does not hold a version id")
+    if len(fields) == 1:
+        return version, None
+    digest = fields[1].removeprefix(PIN_PREFIX)
+    if not fields[1].startswith(PIN_PREFIX) or len(digest) != 64:
+        raise BundleNotFoundError(f"{pointer}: second field is not sha256:<64 hex digits>")
+    return version, digest

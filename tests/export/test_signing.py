@@ -1,0 +1,142 @@
+"""Optional Ed25519 signatures over the bundle digest: sign at export, verify on every load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
+from export.errors import BundleSignatureError, SigningKeyError
+from export.signing import (
+    REQUIRE_SIGNED_ENV,
+    SIGNING_KEY_ENV,
+    VERIFY_KEY_ENV,
+    load_signing_key,
+    write_key_pair,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_keys_from_the_environment(monkeypatch):
+    for name in (SIGNING_KEY_ENV, VERIFY_KEY_ENV, REQUIRE_SIGNED_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def keys(tmp_path) -> tuple[Path, Path]:
+    return write_key_pair(tmp_path / "keys")
+
+
+def write_bundle(registry: Path, signing_key=None) -> Path:
+    with BundleWriter(registry, "ants") as writer:
+        (writer.dir / "model.onnx").write_bytes(b"onnx-bytes" * 20)
+        (writer.dir / "parity.json").write_text(json.dumps({"passed": True}))
+        return writer.commit({"task": "single_label", "classes": ["ant", "bee"]},
+                             signing_key=signing_key)
+
+
+def tamper_and_reseal(bundle: Path) -> None:
+    """Swap the classes and rewrite the digest record, keeping the old signature."""
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["classes"] = ["bee", "ant"]
+    manifest_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    manifest_path.write_text(json.dumps(manifest))
+    record_path = bundle.parent / f"{bundle.name}.digest.json"
+    record = json.loads(record_path.read_text())
+    record["sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    record_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    record_path.write_text(json.dumps(record))
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(keys):
+    private, public = keys
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert b"BEGIN PRIVATE KEY" in private.read_bytes()
+    assert b"BEGIN PUBLIC KEY" in public.read_bytes()
+    with pytest.raises(SigningKeyError, match="already exists"):
+        write_key_pair(private.parent)
+
+
+def test_signed_bundle_verifies_and_a_tampered_one_is_refused(tmp_path, keys, monkeypatch):
+    private, public = keys
+    bundle = write_bundle(tmp_path / "reg", load_signing_key(private))
+    record = json.loads((bundle.parent / f"{bundle.name}.digest.json").read_text())
+    assert record["signature"]["algorithm"] == "ed25519"
+    assert load_bundle(bundle).signature == "unchecked"  # no verify key configured
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
+    assert load_bundle(bundle).signature == "verified"
+    promote(bundle)
+    assert resolve_bundle(bundle.parent) == bundle
+    tamper_and_reseal(bundle)
+    # A fresh copy of the registry (no ``current`` to pin it): only the signature can tell.
+    (bundle.parent / "current").unlink()
+    with pytest.raises(BundleSignatureError, match=f"bundle {bundle}: signature does not verify"):
+        load_bundle(bundle)
+
+
+def test_a_signature_by_another_key_is_refused(tmp_path, keys, monkeypatch):
+    _, public = keys
+    other_private, _ = write_key_pair(tmp_path / "other")
+    bundle = write_bundle(tmp_path / "reg", load_signing_key(other_private))
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    with pytest.raises(BundleSignatureError, match="signed with another key"):
+        load_bundle(bundle)
+    with pytest.raises(BundleSignatureError):
+        promote(bundle)
+
+
+def test_unsigned_bundles_are_refused_when_signatures_are_required(tmp_path, keys, monkeypatch):
+    private, public = keys
+    bundle = write_bundle(tmp_path / "reg")
+    assert load_bundle(bundle).signature == "unsigned"
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
+    with pytest.raises(BundleSignatureError, match=f"{VERIFY_KEY_ENV} names no public key"):
+        load_bundle(bundle)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    with pytest.raises(BundleSignatureError, match=f"bundle {bundle}: unsigned, and "
+                                                   f"{REQUIRE_SIGNED_ENV}=1 refuses"):
+        load_bundle(bundle)
+    with pytest.raises(BundleSignatureError, match="unsigned"):
+        promote(bundle)
+    # Signing an existing (verified) bundle afterwards makes it acceptable.
+    monkeypatch.delenv(REQUIRE_SIGNED_ENV)
+    sign_bundle(bundle, load_signing_key(private))
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
+    assert load_bundle(bundle).signature == "verified"
+
+
+def test_bad_key_files_are_one_line(tmp_path, keys, monkeypatch):
+    private, public = keys
+    with pytest.raises(SigningKeyError, match=f"signing key {tmp_path}/nope.pem: cannot read"):
+        load_signing_key(tmp_path / "nope.pem")
+    with pytest.raises(SigningKeyError, match="not an unencrypted PEM private key"):
+        load_signing_key(public)
+    bundle = write_bundle(tmp_path / "reg", load_signing_key(private))
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(private))
+    with pytest.raises(SigningKeyError, match="verify key .*not a PEM public key"):
+        load_bundle(bundle)
+
+
+@pytest.mark.slow
+def test_export_signs_with_the_key_from_the_environment(tmp_path, keys, monkeypatch):
+    import torch
+    from tiny_export_models import TinyCNN, image_manifest, trained_like
+
+    from export.convert import export_bundle
+
+    private, public = keys
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(private))
+    torch.manual_seed(0)
+    result = export_bundle(trained_like(TinyCNN(n_out=4)), image_manifest(), tmp_path / "reg",
+                           "pets", pt2=False)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
+    assert load_bundle(result.bundle_path).signature == "verified"
+    assert os.path.exists(result.bundle_path.parent / f"{result.version}.digest.json")
