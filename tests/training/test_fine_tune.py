@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from training.errors import TrainingError
 from training.evaluation.metrics import accuracy
 from training.fit.early_stopping import EarlyStopping
-from training.fit.fine_tune import fine_tune
+from training.fit.fine_tune import AUTO_RULE, fine_tune
+from training.fit.head_sweep import sweep_length
 from training.fit.learner import Learner
 from training.fit.lr_finder import SUGGESTERS
 from training.fit.schedule import even_mults
@@ -81,6 +82,7 @@ def test_staged_recipe_with_a_given_base_lr():
     assert [(r.epoch, r.stage) for r in result.history] == [
         (0, "frozen"), (1, "unfrozen"), (2, "unfrozen")]
     assert result.lr_finds == {}
+    assert result.lr_choice["frozen"].source == "given"
     assert result.stage_lrs["frozen"] == pytest.approx([1e-3, 1e-3, 1e-2])
     assert result.stage_lrs["unfrozen"] == pytest.approx(even_mults(5e-5, 5e-3, 3))
     # Frozen stage: body weights fixed, BatchNorm affines trained; then everything moves.
@@ -107,28 +109,58 @@ def test_staged_recipe_with_a_given_base_lr():
     assert all(p.requires_grad for p in learner.model.parameters())
 
 
-def test_auto_lr_takes_each_stage_from_the_finder():
-    learner = make_learner()
-    result = fine_tune(learner, epochs=1, base_lr="auto")
-    frozen, unfrozen = result.lr_finds["frozen"], result.lr_finds["unfrozen"]
+def test_auto_sweeps_the_head_on_cached_features_and_halves_after_unfreezing():
+    result = fine_tune(make_learner(), epochs=1, base_lr="auto")
+    frozen = result.lr_finds["frozen"]
+    assert set(result.lr_finds) == {"frozen"}  # no second, full-model sweep
+    assert frozen.chosen == AUTO_RULE and len(frozen.lrs) == sweep_length(6)
     assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.suggestion)
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(frozen.suggestion / 2)
+    assert result.stage_lrs["unfrozen"][0] == pytest.approx(frozen.suggestion / 2 / 100)
+
+
+def test_auto_suggests_the_same_lr_with_and_without_precompute():
+    plain = fine_tune(make_learner(), epochs=1, base_lr="auto")
+    cached = fine_tune(make_learner(), epochs=1, base_lr="auto", precompute=True)
+    a, b = plain.lr_finds["frozen"], cached.lr_finds["frozen"]
+    assert a.suggestions == b.suggestions and a.losses == b.losses
+    assert plain.stage_lrs == cached.stage_lrs
+
+
+def test_auto_can_still_sweep_the_whole_model_after_unfreezing():
+    result = fine_tune(make_learner(), epochs=1, base_lr="auto", find_lr_again=True)
+    frozen, unfrozen = result.lr_finds["frozen"], result.lr_finds["unfrozen"]
     assert result.stage_lrs["unfrozen"][-1] == pytest.approx(unfrozen.suggestion)
-    assert result.stage_lrs["unfrozen"][0] == pytest.approx(unfrozen.suggestion / 100)
-    # The two sweeps see different trainable sets, so they are different curves.
-    assert frozen.losses != unfrozen.losses
+    assert len(unfrozen.lrs) <= 100 < len(frozen.lrs)  # fastai's sweep over the whole model
+    assert result.lr_choice["unfrozen"].source == "finder"
+    assert not result.lr_choice["unfrozen"].cached_features
 
 
-def test_auto_without_a_second_finder_halves_the_first_suggestion():
-    result = fine_tune(make_learner(), epochs=1, base_lr="auto", find_lr_again=False)
-    assert set(result.lr_finds) == {"frozen"}
-    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(
-        result.lr_finds["frozen"].suggestion / 2)
+def test_each_stage_says_why_it_trained_at_its_lr():
+    result = fine_tune(make_learner(), epochs=1, base_lr="auto")
+    data = json.loads(json.dumps(result.to_dict()))["lr_choice"]
+    frozen, unfrozen = data["frozen"], data["unfrozen"]
+    assert frozen["source"] == "finder" and frozen["rule"] == AUTO_RULE
+    assert frozen["cached_features"] and frozen["sweep_iterations"] == sweep_length(6)
+    assert set(frozen["suggestions"]) == set(SUGGESTERS)
+    assert frozen["lr"] == pytest.approx(frozen["suggestions"][AUTO_RULE])
+    assert unfrozen["source"] == "frozen" and unfrozen["factor"] == 0.5
+    assert unfrozen["lr"] == pytest.approx(frozen["lr"] / 2)
+    assert unfrozen["suggestions"] == frozen["suggestions"]
+
+    given = fine_tune(make_learner(), epochs=1, base_lr=1e-2).to_dict()["lr_choice"]
+    assert given["frozen"] == {"lr": 1e-2, "source": "given", "rule": None, "suggestions": {},
+                               "sweep_iterations": None, "cached_features": False,
+                               "factor": 1.0}
+    assert given["unfrozen"]["lr"] == pytest.approx(5e-3)
+    assert given["unfrozen"]["source"] == "frozen"
 
 
 def test_a_named_rule_picks_the_frozen_lr_once_then_acts_as_that_number():
     result = fine_tune(make_learner(), epochs=1, base_lr="slide")
     frozen = result.lr_finds["frozen"]
     assert set(result.lr_finds) == {"frozen"} and frozen.chosen == "slide"
+    assert len(frozen.lrs) <= 100 and not result.lr_choice["frozen"].cached_features
     assert frozen.suggestion == pytest.approx(frozen.suggestions["slide"])
     assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.suggestion)
     assert result.stage_lrs["unfrozen"][-1] == pytest.approx(frozen.suggestion / 2)
@@ -190,14 +222,14 @@ def test_precompute_trains_the_head_on_cached_features_then_the_whole_model(tmp_
     assert all(torch.equal(rec.states[0][k], start[k]) for k in body)  # train_bn=False
     assert not all(torch.equal(rec.states[1][k], start[k]) for k in body)
     assert not torch.equal(rec.states[0]["head.weight"], start["head.weight"])
-    assert set(result.lr_finds) == {"frozen", "unfrozen"}
+    assert set(result.lr_finds) == {"frozen"}
     assert learner.train_module is learner.model
 
 
 def test_plots_and_json(tmp_path):
     learner = make_learner()
     result = fine_tune(learner, epochs=1, base_lr="auto", plots_dir=tmp_path / "plots")
-    names = {"lr_find_frozen", "lr_find_unfrozen", "learning_curve"}
+    names = {"lr_find_frozen", "learning_curve"}
     assert set(result.plots) == names
     for name in names:
         png = tmp_path / "plots" / f"{name}.png"
@@ -205,7 +237,8 @@ def test_plots_and_json(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(json.dumps(result.to_dict()))
     assert [r["stage"] for r in data["history"]] == ["frozen", "unfrozen"]
-    assert data["lr_finds"]["frozen"]["chosen"] == "valley"
+    assert data["lr_finds"]["frozen"]["chosen"] == AUTO_RULE
+    assert set(data["lr_choice"]) == {"frozen", "unfrozen"}
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from training.errors import TrainingError
 from training.evaluation.plots import plot_lr_find
+from training.fit import head_sweep
+from training.fit.head_sweep import lr_find_head, sweep_length
 from training.fit.learner import Learner
 from training.fit.lr_finder import (
     LRFinderResult,
@@ -21,6 +23,7 @@ from training.fit.lr_finder import (
     suggest_steep,
     suggest_valley,
 )
+from training.fit.precompute import precomputed_body
 
 torch.set_num_threads(1)
 
@@ -172,3 +175,57 @@ def test_bad_arguments_are_training_errors():
     with pytest.raises(TrainingError, match="start_lr < end_lr"):
         lr_find(learner, start_lr=1.0, end_lr=1e-3)
     assert isinstance(lr_find(learner, num_it=20), LRFinderResult)
+
+
+# ---- the frozen stage's sweep of the head on cached body features -------------------------
+
+
+def test_head_sweep_leaves_model_optimizer_buffers_and_rngs_bit_identical():
+    learner = make_learner()
+    learner.fit_one_cycle(1, 1e-2)
+    learner.freeze()
+    learner.model.train()  # caching puts the body in eval mode: that must be undone too
+    before = everything(learner)
+    result = lr_find_head(learner, num_it=50)
+    assert len(result.lrs) > 5
+    assert_nested_equal(before, everything(learner))
+    assert learner.train_module is learner.model
+    after_finder = learner.fit_one_cycle(1, 1e-2)[-1]
+    twin = make_learner()
+    twin.fit_one_cycle(1, 1e-2)
+    twin.freeze()
+    twin.model.train()
+    assert twin.fit_one_cycle(1, 1e-2)[-1].train_loss == after_finder.train_loss
+
+
+def test_head_sweep_is_the_same_with_or_without_precompute(monkeypatch):
+    monkeypatch.setattr(head_sweep, "MAX_CACHED", 40)  # a subset of the 96 samples, both ways
+    plain = make_learner()
+    plain.freeze()
+    without = lr_find_head(plain)
+    cached = make_learner()
+    with precomputed_body(cached):
+        with_cache = lr_find_head(cached)
+        assert cached.train_module is not cached.model  # still on precompute's cache
+    assert without.losses == with_cache.losses
+    assert without.suggestions == with_cache.suggestions
+
+
+def test_head_sweep_length_scales_with_the_data():
+    assert sweep_length(7) == head_sweep.MIN_ITERATIONS  # ants/bees: 245 images, bs 32
+    assert sweep_length(100) == 100 * head_sweep.PASSES > sweep_length(30) > sweep_length(7)
+    assert sweep_length(10_000) == head_sweep.MAX_ITERATIONS
+    small = lr_find_head(make_learner(n_train=96, bs=1), stop_div=False)
+    assert len(small.lrs) == small.num_it == sweep_length(96)
+    subset = head_sweep.cached_subset(10_000)
+    assert len(subset) == head_sweep.MAX_CACHED and subset[0] == 0 and subset[-1] == 9_999
+    assert head_sweep.cached_subset(100) is None
+
+
+def test_head_sweep_needs_a_body_and_a_head():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    learner = Learner(nn.Linear(6, 3), DataLoader(TensorDataset(x, y), batch_size=8), None,
+                      nn.CrossEntropyLoss(), device="cpu")
+    with pytest.raises(TrainingError, match="needs a model with .body and .head"):
+        lr_find_head(learner)

@@ -1,12 +1,18 @@
 """Staged fine-tuning, the fast.ai recipe (lesson 1-6; fastai's ``Learner.fine_tune``).
 
 Freeze the body and train the head with one-cycle at ``base_lr``; halve ``base_lr``; unfreeze;
-optionally run the LR finder again; train every layer group with discriminative LRs
-``slice(base_lr / lr_mult, base_lr)``. ``base_lr="auto"`` takes each stage's LR from the LR
-finder's valley suggestion; ``base_lr="slide"`` (or another rule) takes the frozen stage's LR from
-that rule and goes on as if you had passed the number. The unfrozen stage follows fastai's
-``fine_tune`` (30% warm-up from ``lr_max / 5``); the frozen stage warms up for 25% of its steps,
-not fastai's 99%, which spent a small data set's few frozen steps all warming up.
+train every layer group with discriminative LRs ``slice(base_lr / lr_mult, base_lr)``.
+
+``base_lr="auto"`` takes the frozen stage's LR from ``AUTO_RULE`` on a sweep of the head over
+cached body features (``training.fit.head_sweep``: a few hundred head steps, nearly free, the same
+with or without ``precompute``) and halves it after unfreezing, as fastai's ``fine_tune`` does
+with a number. Measured on ants/bees (``benchmarks/lr_rules.py``): a second, full-model sweep
+after unfreezing cost more than the training and its valley (~2e-4) trained worse than the
+halved head LR. ``base_lr="slide"`` (or another rule) runs the finder over the module being
+fitted, as before, and goes on as if you had passed the number. The unfrozen stage follows
+fastai's ``fine_tune`` (30% warm-up from ``lr_max / 5``); the frozen stage warms up for 25% of its
+steps, not fastai's 99%, which spent a small data set's few frozen steps all warming up.
+Each stage's ``LRChoice`` says where its LR came from.
 """
 
 from __future__ import annotations
@@ -15,15 +21,46 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
 from training.errors import TrainingError
 from training.evaluation.plots import plot_learning_curve, plot_lr_find
 from training.fit.early_stopping import EarlyStopping
+from training.fit.head_sweep import lr_find_head
 from training.fit.learner import EpochRecord, Learner
 from training.fit.lr_finder import SUGGESTERS, LRFinderResult, lr_find
 from training.fit.precompute import precomputed_body
 from training.fit.schedule import layer_groups_of, lrs_per_group
 
 FROZEN, UNFROZEN = "frozen", "unfrozen"
+#: The finder rule ``base_lr="auto"`` applies to the cached-feature head sweep.
+AUTO_RULE = "valley"
+#: The unfrozen stage's top LR as a multiple of the frozen stage's (fastai's ``fine_tune``).
+UNFROZEN_FACTOR = 0.5
+
+
+@dataclass(frozen=True)
+class LRChoice:
+    """Why a stage trained at its top LR.
+
+    source: ``given`` (a number, × ``factor`` after unfreezing), ``finder`` (``rule`` applied to a
+    sweep of ``sweep_iterations`` steps, over cached body features or not) or ``frozen`` (the
+    frozen stage's LR × ``factor``).
+    suggestions: every rule's value on that sweep (the frozen stage's, for ``frozen``).
+    """
+
+    lr: float
+    source: str
+    rule: str | None = None
+    suggestions: dict[str, float] = field(default_factory=dict)
+    sweep_iterations: int | None = None
+    cached_features: bool = False
+    factor: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "source": self.source, "rule": self.rule,
+                "suggestions": dict(self.suggestions), "sweep_iterations": self.sweep_iterations,
+                "cached_features": self.cached_features, "factor": self.factor}
 
 
 @dataclass(frozen=True)
@@ -41,6 +78,7 @@ class FineTuneResult:
     best_metrics: dict[str, float]
     stopped_early: bool
     plots: dict[str, str]
+    lr_choice: dict[str, LRChoice] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +89,7 @@ class FineTuneResult:
             "best_metrics": dict(self.best_metrics),
             "stopped_early": self.stopped_early,
             "plots": dict(self.plots),
+            "lr_choice": {stage: c.to_dict() for stage, c in self.lr_choice.items()},
         }
 
 
@@ -65,20 +104,42 @@ class _Run:
     lr_finds: dict[str, LRFinderResult] = field(default_factory=dict)
     stage_lrs: dict[str, list[float]] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
+    lr_choice: dict[str, LRChoice] = field(default_factory=dict)
 
     @property
     def stopped(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped_early
 
-    def find_lr(self, stage: str, rule: str) -> float:
-        result = lr_find(self.learner, suggestion=rule)
+    def find_lr(self, stage: str, rule: str, *, head_only: bool = False,
+                train_plain=None) -> float:
+        """``rule``'s suggestion from a sweep of the module being fitted, or with ``head_only``
+        of the head on cached body features."""
+        if head_only:
+            result = lr_find_head(self.learner, train_plain, suggestion=rule)
+        else:
+            result = lr_find(self.learner, suggestion=rule)
         self.lr_finds[stage] = result
         if self.plots_dir is not None:
             path = plot_lr_find(result, Path(self.plots_dir) / f"lr_find_{stage}.png")
             self.plots[f"lr_find_{stage}"] = str(path)
         self.learner.emit(event="lr_found", stage=stage, suggestions=result.suggestions,
                           lr=result.suggestion)
+        self.lr_choice[stage] = LRChoice(
+            result.suggestion, "finder", rule, dict(result.suggestions), len(result.lrs),
+            cached_features=head_only or self.learner.train_module is not self.learner.model)
         return result.suggestion
+
+    def given(self, stage: str, lr: float) -> float:
+        self.lr_choice[stage] = LRChoice(lr, "given")
+        return lr
+
+    def from_frozen(self, stage: str, lr: float, factor: float) -> float:
+        """``lr × factor``: from the frozen stage's choice, or a number given with none."""
+        frozen = self.lr_choice.get(FROZEN, LRChoice(lr, "given"))
+        source = FROZEN if FROZEN in self.lr_choice else "given"
+        self.lr_choice[stage] = LRChoice(lr * factor, source, frozen.rule,
+                                         dict(frozen.suggestions), factor=factor)
+        return lr * factor
 
     def fit(self, stage: str, epochs: int, lrs: slice, **one_cycle) -> None:
         self.stage_lrs[stage] = lrs_per_group(lrs, len(layer_groups_of(self.learner.model)))
@@ -102,6 +163,7 @@ class _Run:
                 "train_loss": best.train_loss, "valid_loss": best.valid_loss, **best.metrics},
             stopped_early=self.stopped,
             plots=self.plots,
+            lr_choice=self.lr_choice,
         )
 
 
@@ -112,7 +174,7 @@ def fine_tune(
     freeze_epochs: int = 1,
     lr_mult: float = 100,
     *,
-    find_lr_again: bool = True,
+    find_lr_again: bool = False,
     early_stopping: EarlyStopping | None = None,
     precompute: bool = False,
     plots_dir: Path | None = None,
@@ -123,16 +185,17 @@ def fine_tune(
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
-    base_lr: a float; ``"auto"`` for the LR finder's valley suggestion in each stage; or a
+    base_lr: a float; ``"auto"`` for ``AUTO_RULE`` on a head sweep over cached body features
+    (models with ``.body`` and ``.head``; others sweep the model), halved after unfreezing; or a
     suggestion rule (``valley``, ``steep``, ``minimum``, ``slide``): that rule's suggestion from
-    one finder run, then used exactly like a float you passed (halved after unfreezing).
-    find_lr_again: with ``"auto"``, the unfrozen stage's top LR is a fresh finder's suggestion
-    instead of half the frozen stage's. precompute: train the head on cached body features
-    (``train_plain``: an un-augmented train loader for the cache). plots_dir: write LR finder
-    and learning curves.
+    one finder run over the module being fitted, then used exactly like a float you passed.
+    find_lr_again: with ``"auto"``, the unfrozen stage's top LR is a fresh full-model finder's
+    suggestion instead of half the frozen stage's. precompute: train the head on cached body
+    features (``train_plain``: an un-augmented train loader for the cache, and for the auto
+    head sweep). plots_dir: write LR finder and learning curves.
     """
     auto = base_lr == "auto"
-    rule = "valley" if auto else (base_lr if base_lr in SUGGESTERS else None)
+    rule = AUTO_RULE if auto else (base_lr if base_lr in SUGGESTERS else None)
     if rule is None and (isinstance(base_lr, str) or not base_lr > 0):
         raise TrainingError(f"base_lr must be a positive number, 'auto' or one of "
                             f"{', '.join(SUGGESTERS)}, got {base_lr!r}")
@@ -140,17 +203,25 @@ def fine_tune(
         raise TrainingError(f"nothing to train: epochs={epochs}, freeze_epochs={freeze_epochs}")
     run = _Run(learner, early_stopping, plots_dir)
     lr = None if rule else float(base_lr)
+    head_only = auto and _has_body_and_head(learner.model)
 
     if freeze_epochs:
         learner.freeze()
         with precomputed_body(learner, train_plain) if precompute else contextlib.nullcontext():
-            lr = run.find_lr(FROZEN, rule) if rule else lr
+            lr = run.find_lr(FROZEN, rule, head_only=head_only, train_plain=train_plain) \
+                if rule else run.given(FROZEN, lr)
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
             run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
 
     learner.unfreeze()
     if epochs and not run.stopped:
-        again = lr is None or (auto and find_lr_again)
-        lr = run.find_lr(UNFROZEN, rule) if again else lr / 2
+        if lr is None or (auto and find_lr_again):
+            lr = run.find_lr(UNFROZEN, rule)
+        else:
+            lr = run.from_frozen(UNFROZEN, lr, UNFROZEN_FACTOR)
         run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
     return run.result()
+
+
+def _has_body_and_head(model) -> bool:
+    return all(isinstance(getattr(model, name, None), nn.Module) for name in ("body", "head"))

@@ -37,6 +37,8 @@ class LRFinderResult:
     losses: tuple[float, ...]
     suggestions: dict[str, float]
     chosen: str = "valley"
+    #: Iterations the sweep was planned for (it stops early once the loss diverges).
+    num_it: int | None = None
 
     @property
     def suggestion(self) -> float:
@@ -49,6 +51,7 @@ class LRFinderResult:
             "suggestions": dict(self.suggestions),
             "chosen": self.chosen,
             "suggestion": self.suggestion,
+            "num_it": self.num_it,
         }
 
 
@@ -125,7 +128,7 @@ def suggest_all(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> d
     return {name: fn(lrs, losses) for name, fn in SUGGESTERS.items()}
 
 
-class _TrainingState:
+class TrainingState:
     """Everything a sweep can change, copied so it can be put back bit for bit."""
 
     def __init__(self, learner: Learner) -> None:
@@ -217,7 +220,7 @@ def lr_find(
                             f"{suggestion!r}")
     if not 0 < start_lr < end_lr:
         raise TrainingError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
-    state = _TrainingState(learner)
+    state = TrainingState(learner)
     try:
         lrs, losses = _sweep(learner, start_lr, end_lr, num_it, beta, stop_div)
     finally:
@@ -229,4 +232,5 @@ def lr_find(
         losses=tuple(losses),
         suggestions=suggest_all(lrs, losses, num_it),
         chosen=suggestion,
+        num_it=num_it,
     )

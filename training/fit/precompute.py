@@ -121,7 +121,7 @@ def feature_loader(features, targets, batch_size: int, *, shuffle: bool, drop_la
     return DataLoader(data, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None)
 
 
-def _require_body_and_head(model: nn.Module) -> None:
+def require_body_and_head(model: nn.Module) -> None:
     if not (isinstance(getattr(model, "body", None), nn.Module)
             and isinstance(getattr(model, "head", None), nn.Module)):
         raise TrainingError(
@@ -139,7 +139,7 @@ def precomputed_body(learner: Learner, train_loader=None) -> Iterator[Learner]:
     the head's loader follow the learner's train loader; it always shuffles.
     """
     model = learner.model
-    _require_body_and_head(model)
+    require_body_and_head(model)
     learner.freeze(train_bn=False)
     train_x, train_y = compute_features(learner, train_loader or learner.train_loader)
     valid = learner.valid_loader
