@@ -1,40 +1,47 @@
-"""Hive-partitioned Parquet output with an all-or-nothing commit per run date.
+"""Hive-partitioned Parquet output: one writer per partition, an all-or-nothing commit per run date.
 
-Layout: ``<out>/<table>/run_date=YYYY-MM-DD/part-*.parquet`` plus ``_SUCCESS``. Parts are written
-into a hidden sibling directory ``<out>/<table>/.run_date=YYYY-MM-DD-<run_id>.tmp/`` — hidden so
-that Hive-style readers (pyarrow's dataset discovery ignores the prefixes ``.`` and ``_``, Spark and
-Hive do likewise) never list it — and the finished directory is renamed into place in one step, the
-Hadoop ``FileOutputCommitter`` idea (write to a temporary location, commit by rename, mark with
-``_SUCCESS``).
+Layout under an output root ``<out>``::
 
-Replacing an earlier partition of the same date: on Linux the new and old directories are swapped
-with one ``renameat2(RENAME_EXCHANGE)`` call, so some complete partition is visible at every
-instant. Where that call is missing (other systems, some file systems) the old directory is renamed
-aside and the new one renamed in: between those two ``rename`` calls — microseconds, no I/O of data
-— the date has no partition at all; a reader then sees "no data for that date", never half of one.
-A crash inside that window leaves the old partition under a hidden ``.old`` name, which the next
-run of the same table and date puts back before it starts.
+    <table>/run_date=YYYY-MM-DD/part-<shard>-<seq>.parquet, _SUCCESS   what readers see
+    _staging/<table>/run_date=YYYY-MM-DD/<run_id>/                      a run's parts, until commit
+    _staging/<table>/run_date=YYYY-MM-DD.lock                          the writer's lock
+    _runs/<run_id>.json                                                 a run's record (shards.py)
 
-``_SUCCESS`` is the last file written, inside the temporary directory just before the rename, so a
-visible partition always carries it. Several processes may fill one partition: the flow calls
-``open_partition`` once, each shard writes its own parts through ``PendingPartition.part_writer``,
-and the planner calls ``commit_partition`` once all shards are done (a run in one process is
-the same, with its shards in turn). One run per table and date at a
-time: a new run removes any temporary directory another run of that date left behind.
+Staging sits outside every table directory, so no reader's glob (``<out>/<table>/*/*.parquet``,
+pyarrow or Spark discovery) lists it, yet on the same file system, so the finished directory moves
+into place with one rename: the Hadoop ``FileOutputCommitter`` idea, ``_SUCCESS`` written last.
+An earlier partition of the date is swapped out with one ``renameat2(RENAME_EXCHANGE)`` on Linux,
+so some complete partition is visible at every instant; elsewhere it is renamed aside first, and a
+crash between the two renames is repaired (the old partition put back) by the next run. A
+replacement numbers its parts after the partition it replaces, so a reader that listed the old
+files and opens them after the swap gets "file not found", never a mix of the two runs.
+
+One writer per (table, date): the planner holds an exclusive ``flock`` on the lock file from
+:func:`open_partition` to the commit or abort; the kernel drops it when the process dies, however
+it dies. A second run fails at once naming the holder. Every :func:`open_partition` also removes
+the staging of dead runs (lock free) of every table and date of its output root. Several
+processes may fill one partition: each shard writes its own parts through
+:meth:`PendingPartition.part_writer`, and the planner commits once all shards are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -44,10 +51,25 @@ import pyarrow.parquet as pq
 from scoring.errors import PartitionError
 
 SUCCESS_MARKER = "_SUCCESS"
+STAGING_DIR = "_staging"
+_TRASH_DIR = "_trash"  # inside STAGING_DIR: what runs cleared, deleted after their lock is freed
 REQUIRED_METADATA = ("model_name", "model_version", "bundle_sha256")
 _IN_PROGRESS_SUFFIX = ".inprogress"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_PART_SEQ = re.compile(r"part-\d+-(\d+)\.parquet")
 Batch = pa.RecordBatch | pa.Table | dict
+
+#: Test hook of the fault suite (tests/scoring/test_faults.py): when set to one of
+#: :data:`FAULT_STEPS`, the process SIGKILLs itself at that step, as an OOM kill or a lost node
+#: would. Never set outside tests.
+FAULT_ENV = "LENSFLOW_FAULT_AT"
+FAULT_STEPS = ("mid-write", "before-swap", "after-swap", "before-record")
+
+
+def fault_point(step: str) -> None:
+    """Test hook: die by SIGKILL here when ``$LENSFLOW_FAULT_AT`` names ``step``."""
+    if os.environ.get(FAULT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_run_id() -> str:
@@ -74,10 +96,11 @@ class CommittedPartition:
 
 @dataclass(frozen=True)
 class PendingPartition:
-    """A partition being filled: its temporary directory and the schema (with metadata) of parts.
+    """A partition being filled: its staging directory and the schema (with metadata) of parts.
 
     Picklable, so a flow can hand it to shard tasks running in other processes or machines that see
-    the same file system.
+    the same file system. first_seq: the first part number, past those of the partition it will
+    replace.
     """
 
     out: Path
@@ -87,6 +110,7 @@ class PendingPartition:
     schema: pa.Schema
     rows_per_file: int = 1_000_000
     row_group_rows: int = 65_536
+    first_seq: int = 0
 
     @property
     def table_dir(self) -> Path:
@@ -97,8 +121,17 @@ class PendingPartition:
         return partition_dir(self.out, self.table, self.run_date)
 
     @property
+    def staging_dir(self) -> Path:
+        """Where every run of this table and date stages (its runs' directories, ``.old``)."""
+        return self.out / STAGING_DIR / self.table / f"run_date={self.run_date.isoformat()}"
+
+    @property
     def temp_dir(self) -> Path:
-        return self.table_dir / f".run_date={self.run_date.isoformat()}-{self.run_id}.tmp"
+        return self.staging_dir / self.run_id
+
+    @property
+    def lock_path(self) -> Path:
+        return self.staging_dir.with_name(self.staging_dir.name + ".lock")
 
     def part_writer(self, shard: int) -> PartWriter:
         """Writer of ``part-{shard:05d}-{seq:04d}.parquet``; a retried shard replaces its parts."""
@@ -109,7 +142,7 @@ class PendingPartition:
             stale.unlink()
         for stale in self.temp_dir.glob(f".{prefix}*"):
             stale.unlink()
-        return PartWriter(self, lambda seq: f"{prefix}{seq:04d}.parquet")
+        return PartWriter(self, lambda seq: f"{prefix}{self.first_seq + seq:04d}.parquet")
 
 
 def _with_lensflow_metadata(
@@ -138,7 +171,10 @@ def open_partition(
     rows_per_file: int = 1_000_000,
     run_id: str | None = None,
 ) -> PendingPartition:
-    """Create the hidden temporary directory of a run, after clearing what crashed runs left."""
+    """Take the partition's lock, clear what dead runs left, create this run's staging directory.
+
+    A partition another live run is writing is a :class:`PartitionError` naming that run.
+    """
     run_id = run_id or new_run_id()
     if not _RUN_ID.fullmatch(run_id):
         raise PartitionError(f"run_id {run_id!r} may hold only letters, digits, '_', '.', '-'")
@@ -152,24 +188,183 @@ def open_partition(
         schema=_with_lensflow_metadata(schema, metadata, table, run_date, run_id),
         rows_per_file=rows_per_file,
     )
-    pending.table_dir.mkdir(parents=True, exist_ok=True)
-    _recover_and_clean(pending)
-    pending.temp_dir.mkdir()
+    _make_dirs(pending.out, [pending.table_dir, pending.lock_path.parent])
+    _lock(pending)
+    try:
+        _clear_staging(pending.final_dir, pending.staging_dir)
+        _clear_legacy_staging(pending.table_dir)
+        _clear_dead_runs(pending.out)
+        pending = replace(pending, first_seq=_next_seq(pending.final_dir))
+        pending.temp_dir.mkdir(parents=True)
+    except BaseException:
+        _unlock(pending.lock_path)
+        raise
     return pending
 
 
-def _recover_and_clean(pending: PendingPartition) -> None:
-    stem = f".run_date={pending.run_date.isoformat()}-"
-    leftovers = sorted(pending.table_dir.glob(f"{stem}*.old"))
-    if not pending.final_dir.exists():
-        # A crash between the two renames of the fallback commit: put the old partition back.
-        for old in reversed(leftovers):
+def _make_dirs(out: Path, dirs: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise PartitionError(f"out {out}: is a file, not a directory")
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PartitionError(f"out {out}: cannot create {d}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise PartitionError(f"out {out}: not writable")
+
+
+# Lock files this process holds, by path. flock belongs to the open file, which a forked child
+# (a DataLoader worker) would share and keep alive after this process died: children close it.
+_held: dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
+def _forget_locks_in_child() -> None:
+    global _held_guard
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+    _held_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _lock(pending: PendingPartition) -> None:
+    """Hold the partition's lock, recording who holds it; a live holder is a PartitionError."""
+    for _ in range(100):  # a sweeper holds it for a few renames: wait that out, not a run
+        try:
+            fd = _try_lock(pending.lock_path)
+        except OSError as err:
+            raise PartitionError(f"out {pending.out}: cannot lock {pending.lock_path}: "
+                                 f"{err.strerror}") from None
+        holder = None if fd is not None else _holder(pending.lock_path)
+        if fd is not None or not (holder or {}).get("sweeping"):
+            break
+        time.sleep(0.02)
+    if fd is None:
+        who = (f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}, since "
+               f"{holder['started_at']})" if holder else f"another run (lock {pending.lock_path})")
+        raise PartitionError(
+            f"{pending.table} run_date={pending.run_date.isoformat()} under {pending.out} is "
+            f"being written by {who}; not starting a second writer")
+    _write_holder(fd, run_id=pending.run_id)
+    with _held_guard:
+        _held[pending.lock_path] = fd
+
+
+def _write_holder(fd: int, **fields) -> None:
+    holder = fields | {"pid": os.getpid(), "host": socket.gethostname(),
+                       "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding ``flock`` on ``path`` (created if missing), or None while another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder unlinked it between our open and our lock: open the new one
+
+
+def _holder(path: Path) -> dict | None:
+    for _ in range(20):  # the holder writes who it is just after taking the lock
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    return None
+
+
+def _unlock(path: Path) -> None:
+    """Release a lock this process holds, removing its file and the empty staging directory."""
+    with _held_guard:
+        fd = _held.pop(path, None)
+    if fd is None:
+        return
+    try:
+        path.unlink(missing_ok=True)  # while still held: see the inode check in _try_lock
+        with contextlib.suppress(OSError):
+            path.with_name(path.name.removesuffix(".lock")).rmdir()
+    finally:
+        os.close(fd)
+
+
+def _clear_staging(final: Path, staging: Path, trash: Path | None = None) -> None:
+    """Under the partition's lock: put back an old partition a crash left aside, delete the rest
+    or move it to ``trash`` (renames only: a sweeper holds the lock for moments)."""
+    if not staging.is_dir():
+        return
+    if not final.exists():
+        # A crash between the two renames of the fallback commit.
+        for old in sorted(staging.glob("*.old"), reverse=True):
             if (old / SUCCESS_MARKER).exists():
-                os.rename(old, pending.final_dir)
+                os.rename(old, final)
                 break
-    for stale in [*leftovers, *pending.table_dir.glob(f"{stem}*.tmp")]:
-        if stale.exists():
-            shutil.rmtree(stale)
+    for leftover in list(staging.iterdir()):
+        if trash is None:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            continue
+        for _ in range(3):  # another sweeper may be deleting the trash directory itself
+            trash.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(leftover, trash / uuid.uuid4().hex)
+                break
+
+
+def _clear_dead_runs(out: Path) -> None:
+    """Remove the staging of every table and date of ``out`` whose writer is dead (lock free).
+
+    Best effort: what cannot be removed now is left for the next run.
+    """
+    root, trash = out / STAGING_DIR, out / STAGING_DIR / _TRASH_DIR
+    for table_dir in sorted(p for p in root.iterdir() if p.is_dir() and p != trash):
+        names = {p.name.removesuffix(".lock") for p in table_dir.glob("run_date=*")}
+        for name in sorted(names):
+            lock = table_dir / f"{name}.lock"
+            with _held_guard:
+                if lock in _held:
+                    continue
+            with contextlib.suppress(OSError):
+                fd = _try_lock(lock)
+                if fd is None:
+                    continue  # a live run
+                try:
+                    _write_holder(fd, sweeping=True)
+                    _clear_staging(out / table_dir.name / name, table_dir / name, trash)
+                    with contextlib.suppress(OSError):
+                        (table_dir / name).rmdir()
+                    lock.unlink(missing_ok=True)
+                finally:
+                    os.close(fd)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clear_legacy_staging(table_dir: Path) -> None:
+    """Hidden staging directories inside the table, left by lensflow before ``_staging``."""
+    for old in sorted(table_dir.glob(".run_date=*.old"), reverse=True):
+        final = table_dir / old.name[1:len(".run_date=YYYY-MM-DD")]
+        if not final.exists() and (old / SUCCESS_MARKER).exists():
+            os.rename(old, final)
+    for stale in [*table_dir.glob(".run_date=*.tmp"), *table_dir.glob(".run_date=*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _next_seq(final: Path) -> int:
+    seqs = [int(m.group(1)) for p in final.glob("part-*.parquet")
+            if (m := _PART_SEQ.fullmatch(p.name))]
+    return max(seqs) + 1 if seqs else 0
 
 
 class PartWriter:
@@ -240,6 +435,7 @@ class PartWriter:
             room = self.pending.rows_per_file - self._rows_in_file
             chunk = table.slice(offset, room)
             self._writer.write_table(chunk, row_group_size=self.pending.row_group_rows)
+            fault_point("mid-write")
             self._rows_in_file += chunk.num_rows
             self.rows += chunk.num_rows
             offset += chunk.num_rows
@@ -273,11 +469,14 @@ def _as_table(data: Batch, schema: pa.Schema) -> pa.Table:
 
 
 def commit_partition(
-    pending: PendingPartition, *, expected_shards: Iterable[int] | None = None
+    pending: PendingPartition, *, expected_shards: Iterable[int] | None = None,
+    release: bool = True,
 ) -> CommittedPartition:
-    """Make the filled temporary directory the partition of its date, replacing any earlier one.
+    """Make the filled staging directory the partition of its date, replacing any earlier one.
 
     expected_shards: shard numbers that must each have written at least one part.
+    release: drop the partition's lock once committed (a multi-table run keeps every lock until
+    its run record is written, then calls :func:`release_partition`).
     """
     temp = pending.temp_dir
     if not temp.is_dir():
@@ -291,25 +490,42 @@ def commit_partition(
         if missing:
             raise PartitionError(f"{temp}: no part from shard(s) {missing}")
     rows = sum(pq.read_metadata(p).num_rows for p in parts)
-    _write_success(temp, pending, len(parts), rows)
+    _write_success(temp, pending, parts, rows)
     for path in [*parts, temp / SUCCESS_MARKER]:
         _fsync_path(path)
     _fsync_path(temp)
+    fault_point("before-swap")
     _swap_into_place(temp, pending.final_dir)
     _fsync_path(pending.table_dir)
+    fault_point("after-swap")
+    if release:
+        release_partition(pending)
     return CommittedPartition(pending.final_dir, pending.run_id, len(parts), rows)
 
 
 def abort_partition(pending: PendingPartition) -> None:
-    """Discard everything written for this run; the visible partition is untouched."""
+    """Discard everything written for this run and free the partition; the visible one stays."""
     shutil.rmtree(pending.temp_dir, ignore_errors=True)
+    release_partition(pending)
 
 
-def _write_success(temp: Path, pending: PendingPartition, files: int, rows: int) -> None:
+def release_partition(pending: PendingPartition) -> None:
+    """Let the next run of this table and date start (a no-op outside the planner's process)."""
+    _unlock(pending.lock_path)
+
+
+def _write_success(temp: Path, pending: PendingPartition, parts: list[Path], rows: int) -> None:
+    meta = {k.decode(): v.decode() for k, v in (pending.schema.metadata or {}).items()}
     body = {
         "run_id": pending.run_id,
-        "files": files,
+        "table": pending.table,
+        "run_date": pending.run_date.isoformat(),
+        "files": len(parts),
         "rows": rows,
+        "parts": [p.name for p in parts],
+        "model_name": meta["lensflow.model_name"],
+        "model_version": meta["lensflow.model_version"],
+        "bundle_sha256": meta["lensflow.bundle_sha256"],
         "committed_at": datetime.now(timezone.utc).isoformat(),
     }
     (temp / SUCCESS_MARKER).write_text(json.dumps(body) + "\n")
@@ -322,7 +538,7 @@ def _swap_into_place(temp: Path, final: Path) -> None:
     if _exchange(temp, final):
         shutil.rmtree(temp)  # now holds the previous partition
         return
-    aside = temp.with_name(temp.name.removesuffix(".tmp") + ".old")
+    aside = temp.with_name(temp.name + ".old")
     os.rename(final, aside)
     os.rename(temp, final)  # the only window with no partition: between these two calls
     shutil.rmtree(aside)

@@ -16,13 +16,24 @@ a Dask cluster only change where the shards run (a ``run_shards`` callable).
   users in the same order as a single-shard run.
 
 Workers keep verified bundles and loaded runtimes per process (:mod:`scoring.bundle_cache`).
+
+A run is one commit: it commits its partitions one after another (each one rename), then writes
+its record ``<out>/_runs/<run_id>.json`` last, atomically — run id, date, model, bundle sha256,
+times, and every partition with its files and rows. A downstream job that needs every table from
+one run reads :func:`current_run`: the newest record of the date whose partitions all still carry
+its run id in their ``_SUCCESS``. A run killed between two partitions leaves no record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,12 +46,16 @@ from scoring.bundle_cache import cached_for, where
 from scoring.errors import PartitionError, RuntimeUnavailableError, ScoringError
 from scoring.image_folder import ImageFile
 from scoring.partition import (
+    SUCCESS_MARKER,
     CommittedPartition,
     PendingPartition,
     abort_partition,
     commit_partition,
+    fault_point,
+    release_partition,
 )
 
+RUNS_DIR = "_runs"
 Progress = Callable[[dict], None]
 Summary = TypeVar("Summary")
 
@@ -126,17 +141,83 @@ def _ignore(event: dict) -> None:
 
 
 def commit_run(plan: RunPlan, results: Sequence[ShardResult]) -> dict[str, CommittedPartition]:
-    """Commit every partition of the plan once each planned shard reported in, by table."""
+    """Commit every partition of the plan once each planned shard reported in, then write the
+    run's record; by table. The partitions stay locked until the record is written."""
     shards = [job.shard for job in plan.jobs]
     try:
         got = sorted(r.shard for r in results)
         if got != sorted(shards):
             raise ScoringError(f"shard results {got} do not match the planned shards "
                                f"{sorted(shards)}")
-        return {p.table: _commit(p, shards, results) for p in plan.pendings}
+        committed = {p.table: _commit(p, shards, results) for p in plan.pendings}
+        fault_point("before-record")
+        write_run_record(plan, committed)
     except BaseException:
         abort_run(plan)
         raise
+    for pending in plan.pendings:
+        release_partition(pending)
+    return committed
+
+
+def write_run_record(plan: RunPlan, committed: dict[str, CommittedPartition]) -> Path:
+    """``<out>/_runs/<run_id>.json``, written to a temporary name, synced, then renamed."""
+    first = plan.pendings[0]
+    meta = {k.decode(): v.decode() for k, v in (first.schema.metadata or {}).items()}
+    record = {
+        "run_id": first.run_id,
+        "run_date": first.run_date.isoformat(),
+        "model": plan.model,
+        "bundle_sha256": meta["lensflow.bundle_sha256"],
+        "started_at": datetime.fromtimestamp(plan.started_at, timezone.utc).isoformat(),
+        "committed_at": datetime.now(timezone.utc).isoformat(),
+        "host": socket.gethostname(),
+        "partitions": {table: {"path": str(c.path.relative_to(first.out)), "files": c.files,
+                               "rows": c.rows} for table, c in committed.items()},
+    }
+    runs = first.out / RUNS_DIR
+    runs.mkdir(exist_ok=True)
+    path, temp = runs / f"{first.run_id}.json", runs / f".{first.run_id}.json.tmp"
+    with open(temp, "w") as f:
+        f.write(json.dumps(record, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    fd = os.open(runs, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def current_run(out: str | Path, run_date: date, tables: Sequence[str] = ()) -> dict | None:
+    """The record of the newest complete run of ``run_date`` that wrote every one of ``tables``:
+    complete while every partition it committed still holds its rows (its ``_SUCCESS`` names the
+    run id). None if there is none."""
+    records = []
+    for path in Path(out).glob(f"{RUNS_DIR}/*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    for record in sorted(records, key=lambda r: r.get("committed_at", ""), reverse=True):
+        if (record.get("run_date") == run_date.isoformat()
+                and set(tables) <= set(record.get("partitions", {}))
+                and _still_visible(out, record)):
+            return record
+    return None
+
+
+def _still_visible(out: str | Path, record: dict) -> bool:
+    for part in record["partitions"].values():
+        try:
+            success = json.loads((Path(out) / part["path"] / SUCCESS_MARKER).read_text())
+        except (OSError, ValueError):
+            return False
+        if success.get("run_id") != record["run_id"]:
+            return False
+    return True
 
 
 def abort_run(plan: RunPlan) -> None:
@@ -155,7 +236,7 @@ def _commit(pending: PendingPartition, shards: list[int],
     if found != expected:
         raise PartitionError(f"{pending.temp_dir}: parts hold {found} rows but the shards wrote "
                              f"{expected}; not committing")
-    return commit_partition(pending, expected_shards=shards)
+    return commit_partition(pending, expected_shards=shards, release=False)
 
 
 def runtimes_used(results: Sequence[ShardResult]) -> str:

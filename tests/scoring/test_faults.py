@@ -1,0 +1,487 @@
+"""The fault suite: real scoring processes SIGKILLed at every commit step and at random times, two
+runs of one date at once, and readers (pyarrow datasets, DuckDB globs) polling all along.
+
+Every read must see, for every date, the old partition or the new one whole: never a part of
+one, both at once, rows twice, or a staging file. A read that races a replacement may instead
+fail with "file not found" (the listed old part is gone); that is counted as a retry. The runs are
+forked by ``tests/support/scoring_forker.py``, which imports the scorers once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from flow_test_data import make_images
+from paths import REPO
+from tiny_image_bundle import make_image_bundle
+
+from export.convert import export_bundle
+from scoring.image_scoring import score_image_folder
+from scoring.partition import FAULT_ENV, STAGING_DIR
+from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations
+from scoring.shards import RUNS_DIR, current_run
+from training.models.collab import DotProductBias
+
+IMAGES = "image_predictions"
+X, Y, Z = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
+FORKER = REPO / "tests" / "support" / "scoring_forker.py"
+KILLED = -signal.SIGKILL
+RUN_OPTIONS = {"shards": 2, "workers": 0, "batch_size": 4}
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+def read_pyarrow(out: Path, table: str, key: str) -> dict[str, Counter]:
+    """{run_date: Counter of ``key`` values} through pyarrow's Hive dataset discovery."""
+    t = ds.dataset(out / table, format="parquet", partitioning="hive").to_table(
+        columns=[key, "run_date"])
+    return _by_date(map(str, t["run_date"].to_pylist()), t[key].to_pylist())
+
+
+def read_duckdb(out: Path, table: str, key: str, con=None) -> dict[str, Counter]:
+    """The same through DuckDB's glob over every partition directory."""
+    sql = (f"SELECT CAST(run_date AS VARCHAR), {key} FROM "
+           f"read_parquet('{out}/{table}/*/*.parquet', hive_partitioning = true)")
+    try:
+        rows = (con or duckdb).sql(sql).fetchall()
+    except duckdb.IOException as err:
+        if "No files found" in str(err):
+            return {}
+        raise
+    return _by_date((r[0] for r in rows), (r[1] for r in rows))
+
+
+def _by_date(dates, keys) -> dict[str, Counter]:
+    found: dict[str, Counter] = {}
+    for day, key in zip(dates, keys, strict=True):
+        found.setdefault(day, Counter())[key] += 1
+    return found
+
+
+def _vanished(err: Exception) -> bool:
+    """A read that listed a part the commit had just swapped out: retry it."""
+    text = str(err)
+    return isinstance(err, FileNotFoundError) or "No such file or directory" in text
+
+
+def violations(seen: dict[str, Counter], allowed: dict[str, list[Counter | None]]) -> list[str]:
+    """What in one read is not one of the allowed states of its date (None: no partition)."""
+    problems = [f"unexpected date {day}" for day in seen if day not in allowed]
+    for day, states in allowed.items():
+        if seen.get(day) not in states:
+            got = seen.get(day)
+            problems.append(f"{day}: {sum(got.values()) if got else 0} rows "
+                            f"({len(got or ())} keys), not one of the allowed states")
+    return problems
+
+
+class Readers:
+    """A thread reading ``table`` with pyarrow and DuckDB in turn until stopped, checking each read
+    against the allowed states; counts reads and retries per phase."""
+
+    def __init__(self, out: Path, table: str, key: str):
+        self.out, self.table, self.key = out, table, key
+        self.allowed: dict[str, list[Counter | None]] = {}
+        self.phase = "setup"
+        self.counts: Counter = Counter()
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._guard = threading.Lock()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> Readers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def allow(self, phase: str, **states: list[Counter | None]) -> None:
+        with self._guard:
+            self.phase = phase
+            self.allowed = {day.replace("_", "-"): list(s) for day, s in states.items()}
+
+    def _poll(self) -> None:
+        con = duckdb.connect()
+        while not self._stop.is_set():
+            for name, read in (("pyarrow", read_pyarrow),
+                               ("duckdb", lambda o, t, k: read_duckdb(o, t, k, con))):
+                with self._guard:
+                    phase, allowed = self.phase, dict(self.allowed)
+                try:
+                    seen = read(self.out, self.table, self.key)
+                except Exception as err:  # noqa: BLE001 - every failure is classified
+                    kind = "retry" if _vanished(err) else "error"
+                    self.counts[(phase, name, kind)] += 1
+                    if kind == "error":
+                        self.problems.append(f"{phase} {name}: {type(err).__name__}: {err}")
+                    continue
+                with self._guard:
+                    if phase != self.phase:
+                        continue  # the allowed states changed during the read
+                self.counts[(phase, name, "read")] += 1
+                self.problems += [f"{phase} {name}: {p}" for p in violations(seen, allowed)]
+            time.sleep(0.05)  # leave the 2 cores to the runs
+
+    def reads(self, phase: str, name: str) -> int:
+        return self.counts[(phase, name, "read")]
+
+    def figures(self) -> dict:
+        return {"reads": sum(v for (_, _, k), v in self.counts.items() if k == "read"),
+                "retries": sum(v for (_, _, k), v in self.counts.items() if k == "retry")}
+
+
+def exact(out: Path, table: str, key: str, expected: dict[str, Counter]) -> None:
+    """Both readers see exactly ``expected`` now."""
+    assert read_pyarrow(out, table, key) == expected
+    assert read_duckdb(out, table, key) == expected
+
+
+# --- runs forked from one process that imported the scorers ---------------------------------
+
+class Forker:
+    def __init__(self, tmp: Path):
+        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(FORKER.parent)])}
+        self.proc = subprocess.Popen([sys.executable, str(FORKER)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.tmp, self.n = tmp, 0
+
+    def _ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def start(self, kind: str, fault: str | None = None, gate: Path | None = None, **args) -> Run:
+        self.n += 1
+        log = self.tmp / f"run-{self.n}.log"
+        args = {k: str(v) if isinstance(v, (Path, date)) else v for k, v in args.items()}
+        pid = self._ask({"op": "run", "kind": kind, "args": args, "log": str(log),
+                         "env": {FAULT_ENV: fault} if fault else {},
+                         "gate": str(gate) if gate else None})["pid"]
+        return Run(self, pid, log, time.monotonic())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Run:
+    def __init__(self, forker: Forker, pid: int, log: Path, started: float):
+        self.forker, self.pid, self.log, self.started = forker, pid, log, started
+        self.seconds = 0.0
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()] \
+            if self.log.exists() else []
+
+    def wait_for(self, event: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(e.get("event") == event for e in self.events()):
+            assert time.monotonic() < deadline, f"no {event!r} from run {self.pid}: {self.events()}"
+            assert self._alive(), f"run {self.pid} ended before {event!r}: {self.events()}"
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 180) -> int:
+        deadline = time.monotonic() + timeout
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._alive():
+            os.kill(self.pid, signal.SIGKILL)
+        rc = self.forker._ask({"op": "wait", "pid": self.pid})["returncode"]
+        self.seconds = time.monotonic() - self.started
+        assert time.monotonic() < deadline, f"run {self.pid} hung: {self.events()}"
+        return rc
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def done(self) -> dict:
+        found = [e["done"] for e in self.events() if "done" in e]
+        assert found, f"run {self.pid} did not finish: {self.events()}"
+        return found[0]
+
+    def _alive(self) -> bool:
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def forker(tmp_path_factory):
+    f = Forker(tmp_path_factory.mktemp("runs"))
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A bundle and two folders whose rows tell them apart (``a/...`` and ``b/...``)."""
+    root = tmp_path_factory.mktemp("images")
+    make_images(root / "A" / "a", 6, size=32)
+    make_images(root / "B" / "b", 8, size=32, seed=1)
+    model = make_image_bundle(root / "registry")
+    state = {f: Counter(f"{f.lower()}/img_{i:03d}.png" for i in range(n))
+             for f, n in (("A", 6), ("B", 8))}
+    return {"root": root, "model": model, "A": root / "A", "B": root / "B", "state": state}
+
+
+def _image_args(images, folder: str, out: Path, day: date) -> dict:
+    return {"folder": images[folder], "model": images["model"], "out": out, "run_date": day,
+            **RUN_OPTIONS}
+
+
+def _staged_files(out: Path) -> list[Path]:
+    return sorted(p for p in (out / STAGING_DIR).rglob("*") if not p.is_dir())
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / RUNS_DIR).glob("*.json")}
+
+
+def _success_run_id(out: Path, table: str, day: date) -> str:
+    return json.loads((out / table / f"run_date={day}" / "_SUCCESS").read_text())["run_id"]
+
+
+# --- the checker itself -------------------------------------------------------------------------
+
+def test_the_read_check_catches_staging_in_the_table_duplicates_and_partial_partitions(
+        images, tmp_path):
+    score_image_folder(images["A"], images["model"], tmp_path, run_date=X, **RUN_OPTIONS)
+    allowed = {"2026-11-20": [images["state"]["A"]]}
+    for read in (read_pyarrow, read_duckdb):
+        assert violations(read(tmp_path, IMAGES, "path"), allowed) == []
+    partition = tmp_path / IMAGES / "run_date=2026-11-20"
+    parts = sorted(partition.glob("part-*.parquet"))
+    assert len(parts) == 2
+
+    stray = tmp_path / IMAGES / ".run_date=2026-11-20-old.tmp"  # the layout before _staging
+    shutil.copytree(partition, stray)
+    with pytest.raises(duckdb.Error, match="(?i)hive partition"):
+        read_duckdb(tmp_path, IMAGES, "path")
+    con = duckdb.connect()
+    rows = con.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/{IMAGES}/*/*.parquet')")
+    assert rows.fetchall() == [(12,)]  # without hive_partitioning: twice the rows
+    shutil.rmtree(stray)
+
+    shutil.copy(parts[0], partition / "part-00000-0099.parquet")
+    for read in (read_pyarrow, read_duckdb):
+        assert violations(read(tmp_path, IMAGES, "path"), allowed)
+    (partition / "part-00000-0099.parquet").unlink()
+    parts[0].unlink()
+    for read in (read_pyarrow, read_duckdb):
+        assert violations(read(tmp_path, IMAGES, "path"), allowed)
+    assert violations({}, allowed) == ["2026-11-20: 0 rows (0 keys), not one of the allowed states"]
+
+
+# --- kills at every commit step ------------------------------------------------------------
+
+def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_partition_and_no_leftovers(
+        images, forker, tmp_path):
+    out, A, B = tmp_path / "out", images["state"]["A"], images["state"]["B"]
+    for day in (X, Y):
+        score_image_folder(images["A"], images["model"], out, run_date=day, **RUN_OPTIONS)
+    with Readers(out, IMAGES, "path") as readers:
+        # 1. mid-write, with a decoding worker process alive: the lock must die with the run.
+        readers.allow("mid-write", **{str(X): [A], str(Y): [A]})
+        run = forker.start("images", "mid-write", **_image_args(images, "B", out, X) | {
+            "workers": 1})
+        assert run.wait() == KILLED, run.events()
+        exact(out, IMAGES, "path", {str(X): A, str(Y): A})
+        killed = _staged_files(out)
+        assert any(p.name.endswith(".inprogress") for p in killed), killed
+
+        # 2. parts complete, before the swap; this run (of another date) clears step 1's staging.
+        readers.allow("before-swap", **{str(X): [A], str(Y): [A]})
+        run = forker.start("images", "before-swap", **_image_args(images, "B", out, Y))
+        assert run.wait() == KILLED, run.events()
+        exact(out, IMAGES, "path", {str(X): A, str(Y): A})
+        staged = _staged_files(out)
+        assert not set(killed) & set(staged)
+        assert {p.name for p in staged} >= {"_SUCCESS", "part-00000-0001.parquet"}, staged
+
+        # 3. right after the swap: the new partition is there, the run has no record.
+        readers.allow("after-swap", **{str(X): [A, B], str(Y): [A]})
+        run = forker.start("images", "after-swap", **_image_args(images, "B", out, X))
+        assert run.wait() == KILLED, run.events()
+        exact(out, IMAGES, "path", {str(X): B, str(Y): A})
+        assert not set(staged) & set(_staged_files(out))
+        killed_run = _success_run_id(out, IMAGES, X)
+        assert killed_run not in _records(out)
+        assert current_run(out, X) is None  # the setup run's partition was replaced
+
+        # 4. every partition committed, the record not yet written.
+        readers.allow("before-record", **{str(X): [B], str(Y): [A, B]})
+        run = forker.start("images", "before-record", **_image_args(images, "B", out, Y))
+        assert run.wait() == KILLED, run.events()
+        exact(out, IMAGES, "path", {str(X): B, str(Y): B})
+        assert _success_run_id(out, IMAGES, Y) not in _records(out)
+        assert current_run(out, Y) is None
+
+        # 5. a clean run: commits, writes its record, and leaves nothing in staging.
+        readers.allow("clean", **{str(X): [B, A], str(Y): [B]})
+        run = forker.start("images", **_image_args(images, "A", out, X))
+        assert run.wait() == 0, run.events()
+        exact(out, IMAGES, "path", {str(X): A, str(Y): B})
+    done = run.done()
+    record = current_run(out, X, [IMAGES])
+    assert record and record["run_id"] == done["run_id"] == _success_run_id(out, IMAGES, X)
+    assert record["partitions"] == {IMAGES: {"path": f"{IMAGES}/run_date={X}", "files": 2,
+                                             "rows": 6}}
+    assert record["bundle_sha256"] and record["committed_at"] >= record["started_at"]
+    assert _staged_files(out) == []
+    assert readers.problems == [], readers.problems[:5]
+    for phase in ("mid-write", "before-swap", "after-swap", "before-record", "clean"):
+        for name in ("pyarrow", "duckdb"):
+            assert readers.reads(phase, name) >= 1, (phase, name, readers.counts)
+    print("kill steps:", readers.figures())
+
+
+@pytest.mark.slow
+def test_kills_at_random_times_leave_the_old_or_the_new_partition(images, forker, tmp_path):
+    seed = int(os.environ.get("LENSFLOW_FAULT_SEED") or time.time_ns() % 100_000)
+    rng = random.Random(seed)
+    out, state = tmp_path / "out", images["state"]
+    score_image_folder(images["A"], images["model"], out, run_date=Y, **RUN_OPTIONS)
+    visible, outcomes = "A", []
+    with Readers(out, IMAGES, "path") as readers:
+        readers.allow("timing", **{str(X): [None, state["B"]], str(Y): [state["A"]]})
+        timing = forker.start("images", **_image_args(images, "B", out, X))  # a run's length
+        assert timing.wait() == 0, timing.events()
+        for i in range(5):
+            new = "B" if visible == "A" else "A"
+            readers.allow(f"random-{i}", **{str(X): [state["B"]], str(Y): [state[visible],
+                                                                          state[new]]})
+            before = set(_records(out))
+            run = forker.start("images", **_image_args(images, new, out, Y))
+            time.sleep(rng.uniform(0.0, 1.5 * timing.seconds))  # some runs finish
+            run.kill()
+            rc = run.wait()
+            seen = read_duckdb(out, IMAGES, "path")[str(Y)]
+            assert seen in (state[visible], state[new]), f"seed {seed}"
+            added = set(_records(out)) - before
+            if seen == state[visible]:
+                assert not added, f"seed {seed}: a record for a partition that is not visible"
+            else:
+                assert added <= {_success_run_id(out, IMAGES, Y)}, f"seed {seed}"
+            started = any(e.get("event") == "start" for e in run.events())
+            outcomes.append((rc, "planned" if started else "not planned",
+                             "new" if seen == state[new] else "old",
+                             "recorded" if added else "no record"))
+            visible = new if seen == state[new] else visible
+        readers.allow("after", **{str(X): [state["B"]], str(Y): [state[visible], state["A"]]})
+        last = forker.start("images", **_image_args(images, "A", out, Y))
+        assert last.wait() == 0, last.events()
+    assert _staged_files(out) == [], f"seed {seed}"
+    assert current_run(out, Y)["run_id"] == last.done()["run_id"]
+    assert readers.problems == [], (seed, readers.problems[:5])
+    print(f"random kills (seed {seed}, run {timing.seconds:.1f} s):", outcomes,
+          readers.figures())
+
+
+# --- two runs of one date at once ------------------------------------------------------------
+
+def test_a_second_run_of_a_date_fails_in_one_line_and_the_first_completes(
+        images, forker, tmp_path):
+    out, A, B = tmp_path / "out", images["state"]["A"], images["state"]["B"]
+    score_image_folder(images["A"], images["model"], out, run_date=Z, **RUN_OPTIONS)
+    gate = tmp_path / "gate"
+    with Readers(out, IMAGES, "path") as readers:
+        readers.allow("concurrent", **{str(Z): [A, B]})
+        first = forker.start("images", gate=gate, **_image_args(images, "B", out, Z))
+        first.wait_for("start")  # its partition is open and locked; it waits for the gate
+        staged = sorted((out / STAGING_DIR / IMAGES / f"run_date={Z}").iterdir())
+        second = forker.start("images", **_image_args(images, "A", out, Z))
+        assert second.wait() == 3, second.events()
+        error = [e["error"] for e in second.events() if "error" in e][0]
+        assert "\n" not in error and "being written by run " in error
+        assert f"pid {first.pid} " in error and IMAGES in error
+        assert sorted((out / STAGING_DIR / IMAGES / f"run_date={Z}").iterdir()) == staged
+        gate.touch()
+        assert first.wait() == 0, first.events()
+        exact(out, IMAGES, "path", {str(Z): B})
+        third = forker.start("images", **_image_args(images, "A", out, Z))  # free again
+        assert third.wait() == 0, third.events()
+        exact(out, IMAGES, "path", {str(Z): A})
+    assert readers.problems == [], readers.problems[:5]
+    assert readers.reads("concurrent", "duckdb") >= 1
+    assert _staged_files(out) == []
+    assert current_run(out, Z)["run_id"] == third.done()["run_id"]
+
+
+# --- a run of two tables is one commit -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rec_bundle(tmp_path_factory):
+    """A tiny dot-product recommender bundle with 12 users and 7 items."""
+    root = tmp_path_factory.mktemp("rec")
+    torch.manual_seed(0)
+    model = DotProductBias(12, 7, 4, y_range=(0.5, 5.5))
+    seen = root / "seen.parquet"
+    pq.write_table(pa.table({"user_idx": pa.array([0], pa.int32()),
+                             "item_idx": pa.array([0], pa.int32())}), seen)
+    manifest = {"task": "collab", "users": list(range(100, 112)), "items": list(range(7)),
+                "titles": [f"t{i}" for i in range(7)], "id_type": "int64", "y_range": [0.5, 5.5],
+                "model": model.config().to_dict(), "seen": {"file": "seen.parquet"}}
+    return export_bundle(model, manifest, root / "registry", "rec", pt2=False,
+                         extra_files={"seen.parquet": seen}).bundle_path
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_its_two_tables_leaves_no_record_and_a_rerun_completes(
+        rec_bundle, forker, tmp_path):
+    out = tmp_path / "out"
+    old_users, new_users = list(range(100, 106)), list(range(104, 112))
+    options = {"top_k": 2, "full_table": True, "shards": 2}
+    first = score_recommendations(rec_bundle, out, run_date=X, users=old_users, **options)
+    old = {TOPK_TABLE: Counter({u: 2 for u in old_users}),
+           FULL_TABLE: Counter({u: 7 for u in old_users})}
+    new = {TOPK_TABLE: Counter({u: 2 for u in new_users}),
+           FULL_TABLE: Counter({u: 7 for u in new_users})}
+    args = {"model": rec_bundle, "out": out, "run_date": X, "users": new_users, **options}
+    with Readers(out, TOPK_TABLE, "user_id") as topk, Readers(out, FULL_TABLE, "user_id") as full:
+        for readers in (topk, full):
+            readers.allow("killed", **{str(X): [old[readers.table], new[readers.table]]})
+        run = forker.start("recs", "after-swap", **args)  # after the first table's swap
+        assert run.wait() == KILLED, run.events()
+        exact(out, TOPK_TABLE, "user_id", {str(X): new[TOPK_TABLE]})
+        exact(out, FULL_TABLE, "user_id", {str(X): old[FULL_TABLE]})
+        assert _success_run_id(out, FULL_TABLE, X) == first.run_id
+        assert _success_run_id(out, TOPK_TABLE, X) not in _records(out)
+        assert current_run(out, X, [TOPK_TABLE, FULL_TABLE]) is None
+
+        run = forker.start("recs", **args)
+        assert run.wait() == 0, run.events()
+    record = current_run(out, X, [TOPK_TABLE, FULL_TABLE])
+    assert record["run_id"] == run.done()["run_id"]
+    assert {t: p["rows"] for t, p in record["partitions"].items()} == {
+        TOPK_TABLE: 16, FULL_TABLE: 56}
+    assert {_success_run_id(out, t, X) for t in (TOPK_TABLE, FULL_TABLE)} == {record["run_id"]}
+    assert _staged_files(out) == []
+    for readers in (topk, full):
+        assert readers.problems == [], readers.problems[:5]
+        assert readers.reads("killed", "duckdb") >= 1
+    print("two tables:", topk.figures(), full.figures())
