@@ -26,19 +26,11 @@ processes may fill one partition: each shard writes its own parts through
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
-import socket
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -48,11 +40,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from export.bundle import fsync_path
 from scoring.errors import PartitionError
+from scoring.staging import (
+    STAGING_DIR,
+    SUCCESS_MARKER,
+    clear_dead_runs,
+    clear_legacy_staging,
+    clear_staging,
+    lock_partition,
+    swap_into_place,
+    unlock,
+)
 
-SUCCESS_MARKER = "_SUCCESS"
-STAGING_DIR = "_staging"
-_TRASH_DIR = "_trash"  # inside STAGING_DIR: what runs cleared, deleted after their lock is freed
 REQUIRED_METADATA = ("model_name", "model_version", "bundle_sha256")
 _IN_PROGRESS_SUFFIX = ".inprogress"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -189,15 +189,15 @@ def open_partition(
         rows_per_file=rows_per_file,
     )
     _make_dirs(pending.out, [pending.table_dir, pending.lock_path.parent])
-    _lock(pending)
+    lock_partition(pending)
     try:
-        _clear_staging(pending.final_dir, pending.staging_dir)
-        _clear_legacy_staging(pending.table_dir)
-        _clear_dead_runs(pending.out)
+        clear_staging(pending.final_dir, pending.staging_dir)
+        clear_legacy_staging(pending.table_dir)
+        clear_dead_runs(pending.out)
         pending = replace(pending, first_seq=_next_seq(pending.final_dir))
         pending.temp_dir.mkdir(parents=True)
     except BaseException:
-        _unlock(pending.lock_path)
+        unlock(pending.lock_path)
         raise
     return pending
 
@@ -212,153 +212,6 @@ def _make_dirs(out: Path, dirs: list[Path]) -> None:
             raise PartitionError(f"out {out}: cannot create {d}: {err.strerror}") from None
     if not os.access(out, os.W_OK):
         raise PartitionError(f"out {out}: not writable")
-
-
-# Lock files this process holds, by path. flock belongs to the open file, which a forked child
-# (a DataLoader worker) would share and keep alive after this process died: children close it.
-_held: dict[Path, int] = {}
-_held_guard = threading.Lock()
-
-
-def _forget_locks_in_child() -> None:
-    global _held_guard
-    for fd in _held.values():
-        os.close(fd)
-    _held.clear()
-    _held_guard = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
-
-
-def _lock(pending: PendingPartition) -> None:
-    """Hold the partition's lock, recording who holds it; a live holder is a PartitionError."""
-    for _ in range(100):  # a sweeper holds it for a few renames: wait that out, not a run
-        try:
-            fd = _try_lock(pending.lock_path)
-        except OSError as err:
-            raise PartitionError(f"out {pending.out}: cannot lock {pending.lock_path}: "
-                                 f"{err.strerror}") from None
-        holder = None if fd is not None else _holder(pending.lock_path)
-        if fd is not None or not (holder or {}).get("sweeping"):
-            break
-        time.sleep(0.02)
-    if fd is None:
-        who = (f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}, since "
-               f"{holder['started_at']})" if holder else f"another run (lock {pending.lock_path})")
-        raise PartitionError(
-            f"{pending.table} run_date={pending.run_date.isoformat()} under {pending.out} is "
-            f"being written by {who}; not starting a second writer")
-    _write_holder(fd, run_id=pending.run_id)
-    with _held_guard:
-        _held[pending.lock_path] = fd
-
-
-def _write_holder(fd: int, **fields) -> None:
-    holder = fields | {"pid": os.getpid(), "host": socket.gethostname(),
-                       "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
-
-
-def _try_lock(path: Path) -> int | None:
-    """An fd holding ``flock`` on ``path`` (created if missing), or None while another holds it."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # its holder unlinked it between our open and our lock: open the new one
-
-
-def _holder(path: Path) -> dict | None:
-    for _ in range(20):  # the holder writes who it is just after taking the lock
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            time.sleep(0.01)
-    return None
-
-
-def _unlock(path: Path) -> None:
-    """Release a lock this process holds, removing its file and the empty staging directory."""
-    with _held_guard:
-        fd = _held.pop(path, None)
-    if fd is None:
-        return
-    try:
-        path.unlink(missing_ok=True)  # while still held: see the inode check in _try_lock
-        with contextlib.suppress(OSError):
-            path.with_name(path.name.removesuffix(".lock")).rmdir()
-    finally:
-        os.close(fd)
-
-
-def _clear_staging(final: Path, staging: Path, trash: Path | None = None) -> None:
-    """Under the partition's lock: put back an old partition a crash left aside, delete the rest
-    or move it to ``trash`` (renames only: a sweeper holds the lock for moments)."""
-    if not staging.is_dir():
-        return
-    if not final.exists():
-        # A crash between the two renames of the fallback commit.
-        for old in sorted(staging.glob("*.old"), reverse=True):
-            if (old / SUCCESS_MARKER).exists():
-                os.rename(old, final)
-                break
-    for leftover in list(staging.iterdir()):
-        if trash is None:
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            continue
-        for _ in range(3):  # another sweeper may be deleting the trash directory itself
-            trash.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(leftover, trash / uuid.uuid4().hex)
-                break
-
-
-def _clear_dead_runs(out: Path) -> None:
-    """Remove the staging of every table and date of ``out`` whose writer is dead (lock free).
-
-    Best effort: what cannot be removed now is left for the next run.
-    """
-    root, trash = out / STAGING_DIR, out / STAGING_DIR / _TRASH_DIR
-    for table_dir in sorted(p for p in root.iterdir() if p.is_dir() and p != trash):
-        names = {p.name.removesuffix(".lock") for p in table_dir.glob("run_date=*")}
-        for name in sorted(names):
-            lock = table_dir / f"{name}.lock"
-            with _held_guard:
-                if lock in _held:
-                    continue
-            with contextlib.suppress(OSError):
-                fd = _try_lock(lock)
-                if fd is None:
-                    continue  # a live run
-                try:
-                    _write_holder(fd, sweeping=True)
-                    _clear_staging(out / table_dir.name / name, table_dir / name, trash)
-                    with contextlib.suppress(OSError):
-                        (table_dir / name).rmdir()
-                    lock.unlink(missing_ok=True)
-                finally:
-                    os.close(fd)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _clear_legacy_staging(table_dir: Path) -> None:
-    """Hidden staging directories inside the table, left by lensflow before ``_staging``."""
-    for old in sorted(table_dir.glob(".run_date=*.old"), reverse=True):
-        final = table_dir / old.name[1:len(".run_date=YYYY-MM-DD")]
-        if not final.exists() and (old / SUCCESS_MARKER).exists():
-            os.rename(old, final)
-    for stale in [*table_dir.glob(".run_date=*.tmp"), *table_dir.glob(".run_date=*.old")]:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _next_seq(final: Path) -> int:
@@ -492,11 +345,11 @@ def commit_partition(
     rows = sum(pq.read_metadata(p).num_rows for p in parts)
     _write_success(temp, pending, parts, rows)
     for path in [*parts, temp / SUCCESS_MARKER]:
-        _fsync_path(path)
-    _fsync_path(temp)
+        fsync_path(path)
+    fsync_path(temp)
     fault_point("before-swap")
-    _swap_into_place(temp, pending.final_dir)
-    _fsync_path(pending.table_dir)
+    swap_into_place(temp, pending.final_dir)
+    fsync_path(pending.table_dir)
     fault_point("after-swap")
     if release:
         release_partition(pending)
@@ -511,7 +364,7 @@ def abort_partition(pending: PendingPartition) -> None:
 
 def release_partition(pending: PendingPartition) -> None:
     """Let the next run of this table and date start (a no-op outside the planner's process)."""
-    _unlock(pending.lock_path)
+    unlock(pending.lock_path)
 
 
 def _write_success(temp: Path, pending: PendingPartition, parts: list[Path], rows: int) -> None:
@@ -529,43 +382,6 @@ def _write_success(temp: Path, pending: PendingPartition, parts: list[Path], row
         "committed_at": datetime.now(timezone.utc).isoformat(),
     }
     (temp / SUCCESS_MARKER).write_text(json.dumps(body) + "\n")
-
-
-def _swap_into_place(temp: Path, final: Path) -> None:
-    if not final.exists():
-        os.rename(temp, final)
-        return
-    if _exchange(temp, final):
-        shutil.rmtree(temp)  # now holds the previous partition
-        return
-    aside = temp.with_name(temp.name + ".old")
-    os.rename(final, aside)
-    os.rename(temp, final)  # the only window with no partition: between these two calls
-    shutil.rmtree(aside)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def committed_partitions(out: str | Path, table: str) -> list[Path]:

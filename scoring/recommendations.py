@@ -27,7 +27,7 @@ from export.runtime import Runtime
 from scoring.bundle_cache import cached_bundle, cached_for, keep, where
 from scoring.errors import BundleRefError, ScoringError
 from scoring.options import RecScoreOptions, resolve_options
-from scoring.partition import PendingPartition, new_run_id, open_partition
+from scoring.partition import PendingPartition, abort_partition, new_run_id, open_partition
 from scoring.rec_tables import (
     FULL_TABLE,
     TOPK_TABLE,
@@ -152,8 +152,13 @@ def plan_rec_run(model: str | Path, out: str | Path, options: RecScoreOptions | 
                               options.top_k)
     topk = open_partition(out, TOPK_TABLE, run_date, topk_schema(vocab.id_type), meta,
                           run_id=run_id) if options.top_k else None
-    full = open_partition(out, FULL_TABLE, run_date, full_schema(vocab.id_type), meta,
-                          run_id=run_id) if options.full_table else None
+    try:
+        full = open_partition(out, FULL_TABLE, run_date, full_schema(vocab.id_type), meta,
+                              run_id=run_id) if options.full_table else None
+    except BaseException:
+        if topk is not None:  # a long-lived flow process must not keep the top-k date locked
+            abort_partition(topk)
+        raise
     jobs = tuple(
         UserShardJob(shard=shard, users=block, bundle_path=str(bundle.path.absolute()),
                      bundle_sha256=bundle.sha256, topk=topk, full=full, options=options,

@@ -227,10 +227,10 @@ def test_fallback_commit_crash_between_renames_is_recovered(tmp_path):
 
 
 def test_rerun_replaces_partition_without_atomic_exchange(tmp_path, monkeypatch):
-    import scoring.partition as partition
+    import scoring.staging as staging
 
     _write(tmp_path, 0, 6, rows_per_file=2)
-    monkeypatch.setattr(partition, "_exchange", lambda a, b: False)  # e.g. macOS, some NFS
+    monkeypatch.setattr(staging, "_exchange", lambda a, b: False)  # e.g. macOS, some NFS
     _write(tmp_path, 40, 3)
     assert read_partition(tmp_path, "scores", DAY)["user"].to_pylist() == [40, 41, 42]
     assert [p.name for p in (tmp_path / "scores").iterdir()] == ["run_date=2026-11-22"]
@@ -314,11 +314,11 @@ def test_sigkill_mid_write_leaves_previous_partition_and_frees_the_partition(tmp
 
 
 def test_a_run_waits_out_a_sweeper_clearing_its_date(tmp_path):
-    import scoring.partition as partition
+    import scoring.staging as staging
 
     lock = tmp_path / STAGING_DIR / "scores" / "run_date=2026-11-22.lock"
     lock.parent.mkdir(parents=True)
-    fd = partition._try_lock(lock)
-    partition._write_holder(fd, sweeping=True)  # as another run's sweep of dead staging does
+    fd = staging._try_lock(lock)
+    staging._write_holder(fd, sweeping=True)  # as another run's sweep of dead staging does
     threading.Timer(0.3, lambda: (lock.unlink(), os.close(fd))).start()
     assert _write(tmp_path, 0, 3).rows == 3
