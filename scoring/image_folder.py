@@ -2,7 +2,8 @@
 
 The walk lists image files recursively in sorted relative-path order, skips hidden names (a
 leading ``.``), follows directory symlinks but never a loop (real paths of visited directories
-are remembered). Decoding reproduces the
+are remembered). A symlink loop, a file or folder deleted while the walk runs and a folder it may
+not read are counted skips (:class:`FolderWalk`), never an aborted run. Decoding reproduces the
 validation transform of the ImageNet reference scripts that training uses — upright (EXIF) RGB,
 shorter side resized to ``resize_size``, centre crop ``input_size`` — and stops at uint8 HWC: the
 exported graph normalises. A file that cannot be decoded (decompression bomb, empty, truncated,
@@ -12,6 +13,8 @@ file never stops a batch.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,9 +30,10 @@ from scoring.errors import ImageFolderError
 
 #: Below this many files, worker start-up costs more than decoding in the main process.
 TINY_FOLDER = 128
+_log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million of them in a nightly walk
 class ImageFile:
     """One image file found by the walk; ``relpath`` uses ``/`` whatever the OS."""
 
@@ -39,35 +43,114 @@ class ImageFile:
     mtime_ns: int
 
 
+#: Why the walk passed something by: a symlink loop or a directory reached twice, a file or
+#: folder deleted while the walk ran (or a symlink whose target is gone), a folder or file it
+#: may not read.
+SKIP_REASONS = ("loop", "vanished", "unreadable")
+
+
+@dataclass(frozen=True)
+class WalkSkip:
+    """Something under the folder the walk could not list or stat, and why."""
+
+    relpath: str
+    reason: str  # one of SKIP_REASONS
+
+
+@dataclass(frozen=True)
+class FolderWalk:
+    """What :func:`walk_folder` found: the image files, sorted, and what it passed by."""
+
+    files: tuple[ImageFile, ...]
+    skipped: tuple[WalkSkip, ...] = ()
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skips per reason, every reason present (0 when none)."""
+        return {r: sum(s.reason == r for s in self.skipped) for r in SKIP_REASONS}
+
+    def skip_line(self) -> str:
+        """One line for a log or a summary; empty when nothing was skipped."""
+        if not self.skipped:
+            return ""
+        counts = ", ".join(f"{n} {r}" for r, n in self.skip_counts().items() if n)
+        shown = ", ".join(s.relpath for s in self.skipped[:_SHOWN_SKIPS])
+        more = ", …" if len(self.skipped) > _SHOWN_SKIPS else ""
+        return f"walk skipped {len(self.skipped)} ({counts}): {shown}{more}"
+
+
+_SHOWN_SKIPS = 5
+
+
 def walk_images(folder: str | Path) -> list[ImageFile]:
-    """Every image file under ``folder`` (any depth, suffix in any case), sorted by relpath."""
+    """Every image file under ``folder`` (any depth, suffix in any case), sorted by relpath.
+
+    What the walk passes by is logged as one warning; :func:`walk_folder` returns it.
+    """
+    walk = walk_folder(folder)
+    if walk.skipped:
+        _log.warning("%s: %s", folder, walk.skip_line())
+    return list(walk.files)
+
+
+def walk_folder(folder: str | Path) -> FolderWalk:
+    """The image files under ``folder``, and every loop, vanished entry or unreadable folder
+    passed by on the way; only a missing or unreadable ``folder`` itself is an error."""
     root = Path(folder)
     if not root.exists():
         raise ImageFolderError(f"{root}: no such folder")
     if not root.is_dir():
         raise ImageFolderError(f"{root}: not a folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ImageFolderError(f"{root}: cannot read the folder (permission denied)")
     found: list[ImageFile] = []
+    skipped: list[WalkSkip] = []
     seen_dirs = {os.path.realpath(root)}
     pending = [(root, "")]
     while pending:
         directory, prefix = pending.pop()
         try:
-            entries = list(os.scandir(directory))
-        except OSError:  # unreadable sub-folder: nothing in it can be scored
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError as err:  # deleted meanwhile, or no permission: nothing in it to score
+            skipped.append(WalkSkip(prefix.rstrip("/"), _reason(err)))
             continue
         for entry in entries:
             if entry.name.startswith("."):  # .thumbnails/, macOS ._photo.jpg forks, ...
                 continue
             rel = f"{prefix}{_printable(entry.name)}"
-            if entry.is_dir():  # follows symlinks, hence the loop guard
-                real = os.path.realpath(entry.path)
-                if real not in seen_dirs:
-                    seen_dirs.add(real)
-                    pending.append((Path(entry.path), f"{rel}/"))
-            elif entry.is_file() and is_image_name(entry.name):
-                st = entry.stat()
-                found.append(ImageFile(Path(entry.path), rel, st.st_size, st.st_mtime_ns))
-    return sorted(found, key=lambda f: f.relpath)
+            try:
+                kind = _kind(entry)
+                if kind == "dir":
+                    real = os.path.realpath(entry.path)
+                    if real in seen_dirs:  # a link to an ancestor, or a folder linked twice
+                        skipped.append(WalkSkip(rel, "loop"))
+                    else:
+                        seen_dirs.add(real)
+                        pending.append((Path(entry.path), f"{rel}/"))
+                elif is_image_name(entry.name):
+                    if kind != "file":  # a dangling symlink: its target is gone
+                        raise FileNotFoundError(entry.path)
+                    st = entry.stat()
+                    found.append(ImageFile(Path(entry.path), rel, st.st_size, st.st_mtime_ns))
+            except OSError as err:
+                skipped.append(WalkSkip(rel, _reason(err)))
+    found.sort(key=lambda f: f.relpath)
+    return FolderWalk(tuple(found), tuple(sorted(skipped, key=lambda s: s.relpath)))
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """"dir" | "file" | "other", following symlinks; a loop or a permission error raises."""
+    if entry.is_dir():  # follows symlinks, hence the loop guard
+        return "dir"
+    return "file" if entry.is_file() else "other"
+
+
+def _reason(err: OSError) -> str:
+    if err.errno == errno.ELOOP:  # a symlink to itself, or a chain too long to follow
+        return "loop"
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return "vanished"
+    return "unreadable"
 
 
 def _printable(name: str) -> str:

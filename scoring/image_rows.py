@@ -16,12 +16,14 @@ A row whose file could not be decoded has ``error`` and nulls in every predictio
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from export.bundle import Bundle
 from export.manifest import point_frame, thresholds_for
@@ -111,20 +113,85 @@ class RowBuilder:
         return rows
 
 
-def already_scored(out: str | Path, table: str, bundle: Bundle, *,
-                   exclude_date: date) -> set[tuple[str, int, int]]:
+def already_scored(out: str | Path, table: str, bundle: Bundle, *, exclude_date: date,
+                   files: Iterable[ImageFile] | None = None) -> set[tuple[str, int, int]]:
     """(path, file_size, mtime in µs) of files an earlier committed partition scored without error
     with this model name and version; the partition of ``exclude_date`` is left out because the
-    run that asks is about to replace it."""
+    run that asks is about to replace it.
+
+    Bounded work: only the key columns are read, with the model and error filter pushed down to
+    Parquet, and a part another model wrote is passed by on its footer alone. files: the files
+    the run found; given, only their keys are kept, and partitions are read newest first until
+    every file still unresolved was modified after the last row of every older partition was
+    scored (footer statistics): no older partition can hold those keys.
+    """
     skip = f"run_date={exclude_date.isoformat()}"
-    parts = [str(f) for p in committed_partitions(out, table) if p.name != skip
-             for f in sorted(p.glob("part-*.parquet"))]
-    if not parts:
-        return set()
+    model = (bundle.name, bundle.version)
+    partitions = []
+    for partition in committed_partitions(out, table):
+        if partition.name == skip:
+            continue
+        footers = [(f, *_footer(f)) for f in sorted(partition.glob("part-*.parquet"))]
+        ours = [(f, last) for f, written_by, last in footers if written_by in (model, None)]
+        if ours:
+            partitions.append(([f for f, _ in ours], max(last for _, last in ours)))
+    # Newest first; with each, the latest scoring time of it and every older partition.
+    newest_first, latest = [], -1
+    for parts, last in partitions:
+        latest = max(latest, last)
+        newest_first.insert(0, (parts, latest))
     same_model = ((ds.field("model_name") == bundle.name)
                   & (ds.field("model_version") == bundle.version)
                   & ds.field("error").is_null())
-    seen = ds.dataset(parts, format="parquet").to_table(
+    if files is None:
+        return set().union(*(_keys(parts, same_model) for parts, _ in newest_first))
+    # The walked keys as a table: matching them with each partition is one hash join in Arrow.
+    files = list(files)
+    walked = pa.table({"path": pa.array([f.relpath for f in files], pa.string()),
+                       "file_size": pa.array([f.size for f in files], pa.int64()),
+                       "mtime": pa.array([f.mtime_ns // 1000 for f in files], pa.int64()),
+                       "i": pa.array(np.arange(len(files), dtype=np.int64))})
+    mtimes = walked["mtime"].to_numpy()
+    unresolved = np.ones(len(files), dtype=bool)
+    for parts, scored_until in newest_first:
+        if mtimes[unresolved].min(initial=_NEVER) > scored_until:
+            break
+        hits = walked.join(_key_table(parts, same_model), ["path", "file_size", "mtime"],
+                           join_type="left semi")["i"]
+        unresolved[hits.to_numpy()] = False
+    done = walked.filter(pa.array(~unresolved))
+    return set(zip(done["path"].to_pylist(), done["file_size"].to_pylist(),
+                   done["mtime"].to_pylist(), strict=True))
+
+
+def _key_table(parts: list[Path], same_model: ds.Expression) -> pa.Table:
+    seen = ds.dataset([str(p) for p in parts], format="parquet").to_table(
         columns=["path", "file_size", "mtime"], filter=same_model)
-    mtimes = seen["mtime"].cast(pa.int64()).to_pylist()
-    return set(zip(seen["path"].to_pylist(), seen["file_size"].to_pylist(), mtimes, strict=True))
+    return seen.set_column(2, "mtime", seen["mtime"].cast(pa.int64()))
+
+
+def _keys(parts: list[Path], same_model: ds.Expression) -> set[tuple[str, int, int]]:
+    seen = _key_table(parts, same_model)
+    return set(zip(seen["path"].to_pylist(), seen["file_size"].to_pylist(),
+                   seen["mtime"].to_pylist(), strict=True))
+
+
+def _footer(part: Path) -> tuple[tuple[str, str] | None, int]:
+    """(model name and version from the part's key/value metadata, None without it; its latest
+    ``scored_at`` in µs from column statistics, int64 max where a row group has none)."""
+    meta = pq.ParquetFile(part).metadata
+    kv = meta.metadata or {}
+    model = ((kv[b"model_name"].decode(), kv[b"model_version"].decode())
+             if b"model_name" in kv and b"model_version" in kv else None)
+    column = meta.schema.names.index("scored_at")
+    last = -1
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return model, _NEVER
+        last = max(last, (stats.max - _EPOCH) // timedelta(microseconds=1))
+    return model, last
+
+
+_NEVER = int(np.iinfo(np.int64).max)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

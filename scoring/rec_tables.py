@@ -8,10 +8,13 @@ one block of users.
 
 Raw ids come back from the manifest's vocabularies (``users``, ``items``; ``titles``); their Arrow
 type follows the manifest's ``id_type``: ``int64`` (what lensflow training writes) or ``string``.
+Requested int64 user ids are matched exactly (never through a float); a users file may start
+with a UTF-8 byte-order mark.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ from scoring.errors import BundleRefError, ScoringError
 TOPK_TABLE = "recommendations_topk"
 FULL_TABLE = "recommendations_full"
 ID_TYPES = {"int64": pa.int64(), "string": pa.string()}
+_INTEGER_TEXT = re.compile(r"[+-]?\d+(?:\.0*)?")
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def topk_schema(id_type: str = "int64") -> pa.Schema:
@@ -69,12 +74,30 @@ class CollabVocab:
         """Dense indices of raw ids, -1 where unknown (ids of the wrong type are unknown)."""
         raw = pd.Series(list(raw) if not isinstance(raw, (np.ndarray, pd.Series)) else raw)
         if self.id_type == "int64":
-            numbers = pd.to_numeric(raw, errors="coerce")
-            whole = numbers.notna() & (numbers == np.round(numbers))
-            raw = numbers.where(whole, np.nan)
-            found = pd.Index(self.users).get_indexer(raw.fillna(-(2**62)).astype(np.int64))
-            return np.where(whole.to_numpy(), found, -1)
+            # Exact: no float round trip, which would merge 2⁵³ + 1 into 2⁵³.
+            ids = [_exact_int64(value) for value in raw.tolist()]
+            whole = np.array([i is not None for i in ids], dtype=bool)
+            exact = np.array([0 if i is None else i for i in ids], dtype=np.int64)
+            return np.where(whole, pd.Index(self.users).get_indexer(exact), -1)
         return pd.Index(self.users).get_indexer(raw.astype(str))
+
+
+def _exact_int64(value) -> int | None:
+    """An id as an exact int64: an integer, a whole float, or digits ("12", "12.0"); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not np.isfinite(value) or value != int(value) or abs(value) >= 2**53:
+            return None
+        number = int(value)
+    else:
+        text = str(value).strip()
+        if not _INTEGER_TEXT.fullmatch(text):
+            return None
+        number = int(text.split(".")[0])
+    return number if _INT64_MIN <= number <= _INT64_MAX else None
 
 
 def select_users(vocab: CollabVocab, users, *, strict: bool) -> tuple[np.ndarray, int]:
@@ -101,7 +124,7 @@ def _read_user_ids(users) -> tuple[np.ndarray, np.ndarray, str | None]:
         return raw, np.arange(1, len(raw) + 1), None
     path = Path(users)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of an id
     except (OSError, UnicodeDecodeError) as err:
         raise ScoringError(f"users {path}: cannot read ({err})") from None
     stripped = np.array([line.strip() for line in text.splitlines()], dtype=object)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from datetime import date
 from pathlib import Path
 
@@ -16,14 +17,15 @@ import pytest
 from PIL import Image
 from tiny_image_bundle import make_image_bundle
 
+import scoring.image_rows as image_rows
 from export.errors import ManifestError
 from export.pixels import Preprocessing as DecodeSpec
 from export.pixels import decode_for_model as decode_image
 from export.pixels import resize_and_crop
 from scoring.errors import BundleRefError, ImageFolderError, ScoringError
 from scoring.image_folder import walk_images
-from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA
-from scoring.image_scoring import score_image_folder
+from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, already_scored
+from scoring.image_scoring import open_image_bundle, score_image_folder
 from scoring.options import ImageScoreOptions
 from scoring.partition import read_partition
 
@@ -326,6 +328,30 @@ def test_incremental_skips_unchanged_successes_only(tmp_path, registry, small_bo
     assert sum(e.get("n", 0) for e in progress) == 7
     # Both dates are readable as one Hive dataset.
     assert ds.dataset(out / "image_predictions", partitioning="hive").count_rows() == 17 + 7
+
+
+def test_incremental_lookup_stops_at_the_partition_that_resolves_every_old_file(
+        tmp_path, registry, monkeypatch):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    made = _good_images(folder)
+    for day in (date(2026, 11, 20), DAY):  # two full runs
+        score_image_folder(folder, registry / "tiny", out, run_date=day, workers=0)
+    Image.fromarray(_noise(40, 40, 30)).save(folder / "new.png")
+    later = time.time_ns() + 86_400 * 10**9  # modified after every past run
+    os.utime(folder / "new.png", ns=(later, later))
+    files = walk_images(folder)
+    bundle = open_image_bundle(registry / "tiny")
+    reads: list[list[str]] = []
+    dataset = image_rows.ds.dataset
+    monkeypatch.setattr(image_rows.ds, "dataset",
+                        lambda parts, **kw: reads.append(parts) or dataset(parts, **kw))
+    done = already_scored(out, "image_predictions", bundle, exclude_date=NEXT_DAY, files=files)
+    assert sorted(path for path, _, _ in done) == sorted(made)
+    # The newer full run resolved every old file and new.png is newer than any row: the older
+    # run is never read.
+    assert len(reads) == 1 and all("run_date=2026-11-22" in p for p in reads[0])
+    everything = already_scored(out, "image_predictions", bundle, exclude_date=NEXT_DAY)
+    assert everything == done and len(reads) == 3  # every partition, one by one
 
 
 def test_another_model_version_is_not_skipped(tmp_path, registry):

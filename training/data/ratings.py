@@ -145,8 +145,9 @@ def load_ratings(path: str | Path, *, valid_pct: float = 0.2, split: str = "rand
                  items_id_col: str | None = None) -> RatingsData:
     """Read, validate, de-duplicate, encode and split ratings from a directory or file.
 
-    rating_range: declared (min, max); defaults to the format's (1–5 for u.data, 0.5–5 for
-    ratings.csv), unchecked for other tables.
+    rating_range: declared (min, max), e.g. the bounds of the recipe's ``y_range``; defaults to
+    the format's (1–5 for u.data, 0.5–5 for ratings.csv), unchecked for other tables. Ids are
+    exact int64 (see ``training.data.ratings_files``).
     """
     source = detect_source(path, user_col=user_col, item_col=item_col, rating_col=rating_col,
                            time_col=time_col, items_path=items_path, title_col=title_col,
@@ -154,7 +155,8 @@ def load_ratings(path: str | Path, *, valid_pct: float = 0.2, split: str = "rand
     frame = read_ratings(source)
     declared = rating_range or FORMAT_RANGES.get(source.format)
     if declared is not None:
-        check_range(frame, source, declared)
+        check_range(frame, source, declared,
+                    declared_by="the range asked for" if rating_range else None)
     frame, warnings = drop_duplicates(frame, source)
     titles_by_id, title_warnings = read_titles(source)
     user_ids, user_idx = np.unique(frame["user"].to_numpy(), return_inverse=True)

@@ -11,12 +11,19 @@ ACM TiiS 2015) plus any CSV/Parquet table whose columns are named:
 
 Everything is read with pandas/pyarrow in one vectorised pass; line numbers in messages are
 1-based editor lines counting the header (Parquet: 1-based rows). A line inside a quoted multi-line
-field would shift the count, which ratings files never have.
+field would shift the count, which ratings files never have. Text files may start with a UTF-8
+byte-order mark. A row with more fields than the header (or than u.data's four) is refused.
+
+Ids are exact 64-bit integers: a column that is not read as integers is re-read as text and
+parsed without a float round trip (``9007199254740993`` stays itself). An id beyond ±2⁶³ − 1,
+or written otherwise than in digits (``1e20``), is refused with its file and line, never wrapped.
 """
 
 from __future__ import annotations
 
 import csv
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +38,10 @@ FORMAT_RANGES = {"ml-100k": (1.0, 5.0), "movielens-csv": (0.5, 5.0)}
 _GUESSED_COLUMNS = (("userId", "movieId", "rating"), ("user_id", "item_id", "rating"),
                     ("user", "item", "rating"))
 _SHOWN_LINES = 5
+_INT64_MAX = str(np.iinfo(np.int64).max)
+_INTEGER_TEXT = r"[+-]?\d+(?:\.0*)?"  # "12", "-3", "12.0": exact integers written in digits
+_FIELDS_ERROR = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+_BOM = b"\xef\xbb\xbf"
 
 
 class RatingsFormatError(TrainingError):
@@ -130,15 +141,19 @@ def read_ratings(source: RatingsSource) -> pd.DataFrame:
         if path.suffix.lower() == ".parquet":
             frame = _read_parquet(path, wanted)
         elif source.format == "ml-100k":
-            frame = pd.read_csv(path, sep="\t", header=None, names=wanted[:4], usecols=range(4),
-                                skip_blank_lines=False)
+            frame = _read_delimited(path, 1, sep="\t", header=None, names=wanted[:4],
+                                    encoding="utf-8-sig", skip_blank_lines=False)
         else:
             frame = _read_csv(path, wanted)
+    except RatingsFormatError:
+        raise
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
         layout = " as tab-separated user, item, rating, timestamp" \
             if source.format == "ml-100k" else ""
         raise RatingsFormatError(f"{path.name}: cannot read ratings{layout} "
                                  f"({_first_line(e)})") from e
+    if path.suffix.lower() != ".parquet":
+        frame = _ids_as_text(frame, source)
     names = {source.user_col: "user", source.item_col: "item", source.rating_col: "rating"}
     if source.time_col:
         names[source.time_col] = "time"
@@ -169,8 +184,48 @@ def _read_csv(path: Path, wanted: list[str]) -> pd.DataFrame:
         raise RatingsFormatError(f"{path.name}: no ratings in file (empty)")
     _require_columns(path, header, wanted)
     # utf-8-sig: a byte-order mark (Excel's UTF-8 export) must not glue itself to the first name.
-    return pd.read_csv(path, usecols=wanted, skip_blank_lines=False, encoding="utf-8-sig",
-                       encoding_errors="replace")[wanted]
+    return _read_delimited(path, 2, skip_blank_lines=False, encoding="utf-8-sig",
+                           encoding_errors="replace")[wanted]
+
+
+def _read_delimited(path: Path, first_line: int, **options) -> pd.DataFrame:
+    """``pd.read_csv`` that refuses a row with more fields than the header (or ``names``).
+
+    Every column is read (``usecols`` would drop extra fields without a word); first_line: the
+    editor line of the first data row, which pandas' warning about it does not name.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, index_col=False, **options)
+        except pd.errors.ParserWarning:  # the first data row is the long one
+            expected = len(options.get("names") or _header(path))
+            raise RatingsFormatError(f"{path.name} line {first_line}: more fields than "
+                                     f"expected ({expected})") from None
+        except pd.errors.ParserError as e:
+            found = _FIELDS_ERROR.search(str(e))
+            if found is None:
+                raise
+            expected, line, seen = found.groups()
+            raise RatingsFormatError(f"{path.name} line {line}: {seen} fields, expected "
+                                     f"{expected}") from None
+
+
+def _ids_as_text(frame: pd.DataFrame, source: RatingsSource) -> pd.DataFrame:
+    """Id columns pandas did not read as int64 (a blank, a big or odd value made them float or
+    object), read again as text so that no id goes through a float."""
+    for col in (source.user_col, source.item_col):
+        if frame[col].dtype != np.int64:
+            if source.format == "ml-100k":
+                text = pd.read_csv(source.ratings_path, sep="\t", header=None,
+                                   names=list(frame.columns), usecols=[col], dtype=str,
+                                   encoding="utf-8-sig", skip_blank_lines=False)[col]
+            else:
+                text = pd.read_csv(source.ratings_path, usecols=[col], dtype=str,
+                                   encoding="utf-8-sig", encoding_errors="replace",
+                                   skip_blank_lines=False)[col]
+            frame[col] = text.to_numpy()
+    return frame
 
 
 def _require_columns(path: Path, header: list[str], wanted: list[str]) -> None:
@@ -188,30 +243,74 @@ def _validate_numbers(frame: pd.DataFrame, source: RatingsSource) -> pd.DataFram
         return _where(source.ratings_path, source.first_data_line, rows[bad])
 
     out = {"row": rows}
-    for col, kind, integral in (("user", "user id", True), ("item", "item id", True),
-                                ("rating", "rating", False)):
-        out[col] = _numeric_column(frame[col], kind, integral, where, _column(source, col))
+    for col, kind in (("user", "user id"), ("item", "item id")):
+        out[col] = _id_column(frame[col], kind, where, _column(source, col))
+    out["rating"] = _rating_column(frame["rating"], where, source.rating_col)
     if "time" in frame:
         out["time"] = _time_column(frame["time"], where, source.time_col)
     return pd.DataFrame(out)
 
 
-def _numeric_column(raw: pd.Series, kind: str, integral: bool, where, name: str) -> np.ndarray:
+def _rating_column(raw: pd.Series, where, name: str) -> np.ndarray:
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(values)
-    if integral:
-        bad |= np.isfinite(values) & (values != np.round(values))
     if bad.any():
         first = raw.to_numpy()[bad][0]
-        if pd.isna(first):
-            what = f"missing {kind}"
-        elif np.isnan(values[bad][0]):
-            what = f"non-numeric {kind} {str(first)!r}"
-        else:
-            what = f"non-integer {kind} {str(first)!r}"
+        what = "missing rating" if pd.isna(first) else f"non-numeric rating {str(first)!r}"
         count = f" ({int(bad.sum())} bad values)" if bad.sum() > 1 else ""
         raise RatingsFormatError(f"{where(bad)}: {what} in column {name!r}{count}")
-    return values.astype(np.int64) if integral else values.astype(np.float32)
+    return values.astype(np.float32)
+
+
+def _id_column(raw: pd.Series, kind: str, where, name: str) -> np.ndarray:
+    """Exact int64 ids from integers, whole floats below 2⁵³, or text in digits; else an error
+    naming the first bad value and every bad line."""
+    if pd.api.types.is_signed_integer_dtype(raw.dtype):
+        return raw.to_numpy(dtype=np.int64)
+    if pd.api.types.is_float_dtype(raw.dtype) or pd.api.types.is_unsigned_integer_dtype(raw.dtype):
+        values = raw.to_numpy(dtype=np.float64, na_value=np.nan)
+        # Above 2⁵³ a float no longer holds every integer: the id may already be another one.
+        bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) >= 2.0**53)
+        if not bad.any():
+            return values.astype(np.int64)
+        if pd.api.types.is_unsigned_integer_dtype(raw.dtype):
+            raw = raw.astype(str)  # a uint64 beyond int64: reported as text below
+        else:
+            _id_error(raw, bad, kind, where, name, float_column=True)
+    text = raw.astype("string").fillna("").str.strip()
+    integral = text.str.fullmatch(_INTEGER_TEXT).to_numpy(dtype=bool)
+    digits = text.str.replace(r"\.0*$", "", regex=True)
+    magnitude = digits.str.lstrip("+-").str.lstrip("0")
+    width = magnitude.str.len().to_numpy(dtype=np.int64)
+    beyond = (magnitude > _INT64_MAX).to_numpy(dtype=bool)  # by text: same width, same order
+    too_large = (width > len(_INT64_MAX)) | ((width == len(_INT64_MAX)) & beyond)
+    bad = ~integral | too_large
+    if bad.any():
+        _id_error(raw, bad, kind, where, name)
+    return digits.astype("int64").to_numpy(dtype=np.int64)
+
+
+def _id_error(raw: pd.Series, bad: np.ndarray, kind: str, where, name: str, *,
+              float_column: bool = False):
+    first = raw.to_numpy()[bad][0]
+    text = str(first).strip()
+    number = pd.to_numeric(pd.Series([text]), errors="coerce").iloc[0] if not pd.isna(first) \
+        else np.nan
+    if pd.isna(first) or not text:
+        what = f"missing {kind}"
+    elif np.isnan(number):
+        what = f"non-numeric {kind} {text!r}"
+    elif number != np.round(number):
+        what = f"non-integer {kind} {text!r}"
+    elif float_column:
+        what = f"{kind} {text} in a float column past 2⁵³, where floats skip integers " \
+            f"(store ids as int64)"
+    elif re.fullmatch(_INTEGER_TEXT, text) or abs(number) >= 2.0**63:
+        what = f"{kind} {text!r} beyond 64-bit integers (ids must fit in int64)"
+    else:
+        what = f"{kind} {text!r} not written in digits (ids are exact integers)"
+    count = f" ({int(bad.sum())} bad values)" if bad.sum() > 1 else ""
+    raise RatingsFormatError(f"{where(bad)}: {what} in column {name!r}{count}")
 
 
 def _column(source: RatingsSource, role: str) -> str:
@@ -243,9 +342,11 @@ def read_titles(source: RatingsSource) -> tuple[pd.Series, list[str]]:
     id_col, title_col = source.items_id_col or source.item_col, source.title_col or "title"
     try:
         if source.format == "ml-100k":
-            # u.item is latin-1, and titles hold bare quotes: no CSV quoting.
+            # u.item is latin-1 (unless a byte-order mark says UTF-8), and titles hold bare
+            # quotes: no CSV quoting.
+            encoding = "utf-8-sig" if _starts_with_bom(path) else "latin-1"
             frame = pd.read_csv(path, sep="|", header=None, usecols=[0, 1],
-                                names=[id_col, title_col], encoding="latin-1",
+                                names=[id_col, title_col], encoding=encoding,
                                 quoting=csv.QUOTE_NONE, dtype=str, skip_blank_lines=False)
         elif path.suffix.lower() == ".parquet":
             frame = _read_parquet(path, [id_col, title_col])
@@ -256,11 +357,16 @@ def read_titles(source: RatingsSource) -> tuple[pd.Series, list[str]]:
     first = 1 if source.format == "ml-100k" or path.suffix.lower() == ".parquet" else 2
     frame = frame[frame[id_col].notna().to_numpy() | frame[title_col].notna().to_numpy()]
     rows = frame.index.to_numpy()  # read_csv's RangeIndex: the 0-based data row
-    ids = _numeric_column(frame[id_col], "item id", True,
-                          lambda bad: _where(path, first, rows[bad]), id_col)
+    ids = _id_column(frame[id_col], "item id", lambda bad: _where(path, first, rows[bad]),
+                     id_col)
     titles = pd.Series(frame[title_col].astype(object).to_numpy(), index=ids)
     titles = titles.where(titles.notna(), None)
     return titles[~titles.index.duplicated(keep="first")], warnings
+
+
+def _starts_with_bom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_BOM)) == _BOM
 
 
 def _read_titles_csv(path: Path, wanted: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -285,13 +391,23 @@ def drop_duplicates(frame: pd.DataFrame, source: RatingsSource) -> tuple[pd.Data
                          f"dropped {where}"]
 
 
-def check_range(frame: pd.DataFrame, source: RatingsSource, rating_range) -> None:
+def check_range(frame: pd.DataFrame, source: RatingsSource, rating_range, *,
+                declared_by: str | None = None) -> None:
+    """Every rating within ``rating_range``; else one line naming the file, the lines and the
+    ``y_range`` option (CLI ``--y-range``) that sets the range a model can predict.
+
+    declared_by: where the range comes from (default: the file's format, or ``rating_range``).
+    """
     lo, hi = rating_range
     ratings = frame["rating"].to_numpy()
     bad = (ratings < lo) | (ratings > hi)
     if bad.any():
         where = _where(source.ratings_path, source.first_data_line, frame["row"].to_numpy()[bad])
-        raise RatingsFormatError(f"{where}: rating {ratings[bad][0]:g} outside the declared range "
-                                 f"{lo:g}–{hi:g} (parameter rating_range; {int(bad.sum())} bad)")
+        declared_by = declared_by or (f"the {source.format} format's range"
+                                      if source.format in FORMAT_RANGES else "the declared range")
+        raise RatingsFormatError(
+            f"{where}: rating {ratings[bad][0]:g} outside {lo:g}–{hi:g}, {declared_by} "
+            f"({int(bad.sum())} bad); fix the file, or set the range with option y_range "
+            f"(--y-range LOW,HIGH)")
 
 
