@@ -15,6 +15,7 @@ model version.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,13 @@ from export.pixels import IMAGE_SUFFIXES, Preprocessing
 from export.runtime import Runtime
 from scoring.bundle_cache import cached_bundle, keep, where
 from scoring.errors import BundleRefError, ImageFolderError
-from scoring.image_folder import DecodedBatch, ImageFile, decoded_batches, walk_images
+from scoring.image_folder import (
+    DecodedBatch,
+    FolderWalk,
+    ImageFile,
+    decoded_batches,
+    walk_folder,
+)
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
 from scoring.options import ImageScoreOptions, resolve_options
 from scoring.partition import PendingPartition, new_run_id, open_partition
@@ -50,6 +57,7 @@ from scoring.shards import (
 )
 
 TABLE = "image_predictions"
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,11 +75,14 @@ class ScoreSummary(RunResult):
     run_id: str
     model: str
     runtime: str
+    #: Entries the folder walk passed by (symlink loops, vanished files, unreadable folders).
+    skipped_walk: int = 0
 
     def summary_line(self) -> str:
+        walk = f", {self.skipped_walk} passed by in the walk" if self.skipped_walk else ""
         return (
             f"scored {self.scored} of {self.files} images ({self.failed} failed, "
-            f"{self.skipped_incremental} skipped as already scored) with {self.model} via "
+            f"{self.skipped_incremental} skipped as already scored{walk}) with {self.model} via "
             f"{self.runtime} in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) "
             f"-> {self.partition}"
         )
@@ -83,6 +94,7 @@ class ImageRunPlan(RunPlan):
 
     files: int
     skipped_incremental: int
+    skipped_walk: int = 0
 
     @property
     def pending(self) -> PendingPartition:
@@ -132,8 +144,9 @@ def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
     # Absolute paths: a worker's working directory is not the planner's.
     folder, out = Path(folder).absolute(), Path(out).absolute()
     bundle = keep(open_image_bundle(model))
-    files, to_score = files_to_score(folder, out, bundle, run_date,
-                                     incremental=options.incremental)
+    walk, to_score = files_to_score(folder, out, bundle, run_date,
+                                    incremental=options.incremental)
+    files = walk.files
     # The parts of each shard overwrite "runtime" with the runtime and device that really ran.
     pending = open_partition(out, TABLE, run_date, IMAGE_PREDICTIONS_SCHEMA,
                              partition_metadata(bundle, f"{options.runtime}/{options.device}"),
@@ -144,7 +157,8 @@ def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
                       pending=pending, options=options, threads=threads)
         for shard, part in plan_image_shards(to_score, options.shards or 1))
     return ImageRunPlan(jobs, (pending,), len(to_score), f"{bundle.name}/{bundle.version}", started,
-                        files=len(files), skipped_incremental=len(files) - len(to_score))
+                        files=len(files), skipped_incremental=len(files) - len(to_score),
+                        skipped_walk=len(walk.skipped))
 
 
 def score_image_shard(job: ImageShardJob, progress: Progress | None = None) -> ShardResult:
@@ -180,7 +194,8 @@ def finish_image_run(plan: ImageRunPlan, results: list[ShardResult]) -> ScoreSum
     scored = sum(r.scored for r in results)
     return ScoreSummary(
         files=plan.files, scored=scored, failed=sum(r.failed for r in results),
-        skipped_incremental=plan.skipped_incremental, rows=committed.rows,
+        skipped_incremental=plan.skipped_incremental, skipped_walk=plan.skipped_walk,
+        rows=committed.rows,
         seconds=round(seconds, 3), images_per_s=round(scored / seconds, 2) if seconds else 0.0,
         partition=str(committed.path), run_id=committed.run_id, model=plan.model,
         runtime=runtimes_used(results))
@@ -204,19 +219,22 @@ def open_image_bundle(model_ref: str | Path) -> Bundle:
 
 
 def files_to_score(folder: str | Path, out: str | Path, bundle: Bundle, run_date: date, *,
-                   incremental: bool) -> tuple[list[ImageFile], list[ImageFile]]:
-    """(every image file under ``folder``, those to score this run).
+                   incremental: bool) -> tuple[FolderWalk, list[ImageFile]]:
+    """(the walk of ``folder``: its image files and what it passed by; the files to score).
 
     incremental: leave out files an earlier committed partition scored with this model version.
     """
-    files = walk_images(folder)
+    walk = walk_folder(folder)
+    if walk.skipped:
+        _log.warning("%s: %s", folder, walk.skip_line())
+    files = list(walk.files)
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ImageFolderError(f"{folder}: no image files ({suffixes}) in it or below it")
     if not incremental:
-        return files, files
-    done = already_scored(out, TABLE, bundle, exclude_date=run_date)
-    return files, [f for f in files if (f.relpath, f.size, f.mtime_ns // 1000) not in done]
+        return walk, files
+    done = already_scored(out, TABLE, bundle, exclude_date=run_date, files=files)
+    return walk, [f for f in files if (f.relpath, f.size, f.mtime_ns // 1000) not in done]
 
 
 def partition_metadata(bundle: Bundle, runtime: str) -> dict[str, str]:

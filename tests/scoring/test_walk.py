@@ -122,3 +122,5 @@ def test_scoring_a_folder_with_a_self_link_goes_on(tmp_path):
     summary = score_image_folder(tmp_path / "in", registry / "tiny", tmp_path / "out",
                                  workers=0)
     assert (summary.files, summary.scored, summary.failed) == (3, 3, 0)
+    assert summary.skipped_walk == 2
+    assert "2 passed by in the walk" in summary.summary_line()
