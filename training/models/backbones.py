@@ -3,10 +3,11 @@
 A registry front in the manner of timm's ``create_model``: ``create_backbone(name)`` accepts any
 torchvision classification model name or any timm model name (prefix ``torchvision/`` or ``timm/``
 to choose when both libraries have it; torchvision wins otherwise), drops the ImageNet classifier
-and returns the pooled-feature body with its two layer groups and input recipe. ``create_model``
-puts a Dropout + Linear head on it (Howard & Gugger, "Fastai: a layered API for deep learning",
-2020; Yosinski et al., "How transferable are features in deep neural networks?", NeurIPS 2014),
-optionally squashed into ``y_range`` with fast.ai's ``sigmoid_range``. The layer groups
+and returns the pooled-feature body (or, with ``pool=False``, the body cut before its global pool
+as fastai's ``create_body`` does) with its two layer groups and input recipe. ``create_model``
+puts a head of ``training.models.heads`` on it — ``linear`` (Dropout + Linear) or ``fastai``
+(concat pool, BatchNorm, dropout, linear, ReLU, BatchNorm, dropout, linear) — optionally
+squashed into ``y_range`` with fast.ai's ``sigmoid_range``. The layer groups
 ``[early, late, head]`` are what freezing and discriminative learning rates act on (Howard &
 Ruder, "Universal Language Model Fine-tuning", ACL 2018).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +33,15 @@ from training.models._layer_groups import (
     split_groups,
     timm_units,
 )
-from training.models.ranges import SigmoidRange
+from training.models.heads import check_head, create_head, head_dropout, takes_feature_map
 
 _LIBRARIES = ("torchvision", "timm")
 
 
 @dataclass(frozen=True, eq=False)
 class Backbone:
-    """A pretrained body that maps a normalised float NCHW batch to (N, num_features) features.
+    """A pretrained body that maps a normalised float NCHW batch to (N, num_features) features,
+    or to an (N, num_features, H, W) feature map when not ``pooled``.
 
     groups: (early, late) — stem and early stages, then late stages; every body parameter is in
     exactly one of them.
@@ -47,14 +51,19 @@ class Backbone:
     num_features: int
     groups: tuple[nn.Module, nn.Module]
     preprocessing: Preprocessing
+    pooled: bool = True
 
 
 class ImageModel(nn.Module):
-    """``head(body(x))`` with the layer groups the training loop freezes and spreads LRs over."""
+    """``head(body(x))`` with the layer groups the training loop freezes and spreads LRs over.
 
-    def __init__(self, arch: str, backbone: Backbone, head: nn.Module):
+    head_kind: which head of ``training.models.heads`` ``head`` is (``linear`` or ``fastai``).
+    """
+
+    def __init__(self, arch: str, backbone: Backbone, head: nn.Module, head_kind: str = "linear"):
         super().__init__()
         self.arch = arch
+        self.head_kind = check_head(head_kind)
         self.num_features = backbone.num_features
         self.body = backbone.body
         self.head = head
@@ -90,12 +99,13 @@ def resolve_arch(name: str) -> tuple[str, str]:
     raise TrainingError(f"unknown arch {name!r}: not a torchvision or timm model name{hint}")
 
 
-def create_backbone(name: str, weights: str | Path = "imagenet") -> Backbone:
+def create_backbone(name: str, weights: str | Path = "imagenet", *, pool: bool = True) -> Backbone:
     """The pretrained body of model ``name`` without its classifier.
 
     weights: ``imagenet`` (the library's default weights, from its cache or the network),
     ``none`` (random init), ``packaged`` (offline ImageNet weights, ``tf_efficientnet_lite0``
     only) or the path of a safetensors / ``torch.save`` state dict of the full original model.
+    pool: False cuts the body before its global pool, so it returns the feature map.
     """
     library, model_name = resolve_arch(name)
     choice, path = _parse_weights(weights)
@@ -119,8 +129,15 @@ def create_backbone(name: str, weights: str | Path = "imagenet") -> Backbone:
             _apply_weights(body, full_keys, path, origin=str(path))
         preprocessing = (_torchvision_preprocessing(model_name) if library == "torchvision"
                          else _timm_preprocessing(body))
-    units = timm_units(body) if library == "timm" else module_units(body)
-    return Backbone(body, num_features, split_groups(name, body, units), preprocessing)
+    units = timm_units(body) if library == "timm" else None
+    if not pool:
+        body, num_features = _cut_before_pool(name, body, timm_model=library == "timm")
+    if units is None:
+        units = module_units(body)
+    else:  # timm groups the full model; parameters after the cut (a conv_head) are gone
+        kept = {n for n, _ in body.named_parameters()}
+        units = [unit for u in units if (unit := [n for n in u if n in kept])]
+    return Backbone(body, num_features, split_groups(name, body, units), preprocessing, pool)
 
 
 def create_model(
@@ -129,19 +146,23 @@ def create_model(
     weights: str | Path = "imagenet",
     *,
     y_range: tuple[float, float] | None = None,
-    dropout: float = 0.2,
+    dropout: float | None = None,
     input_size: int | None = None,
+    head: str = "linear",
 ) -> tuple[ImageModel, Preprocessing]:
-    """A backbone with a new Dropout + Linear head of ``n_out`` outputs, and its input recipe."""
+    """A backbone with a new ``head`` (``linear`` or ``fastai``) of ``n_out`` outputs, and its
+    input recipe.
+
+    dropout: the head's dropout ``p`` (default: 0.2 for linear, fastai's ``ps=0.5``).
+    """
     if n_out < 1:
         raise TrainingError(f"n_out must be at least 1, got {n_out}")
-    if not 0.0 <= dropout < 1.0:
-        raise TrainingError(f"dropout must be in [0, 1), got {dropout}")
+    dropout = head_dropout(head, dropout)
     if y_range is not None and not float(y_range[0]) < float(y_range[1]):
         raise TrainingError(f"y_range must be (low, high) with low < high, got {y_range}")
     if input_size is not None and input_size < 16:
         raise TrainingError(f"input_size must be at least 16 pixels, got {input_size}")
-    backbone = create_backbone(arch, weights)
+    backbone = create_backbone(arch, weights, pool=not takes_feature_map(head))
     preprocessing = backbone.preprocessing
     if input_size is not None and input_size != preprocessing.input_size:
         if _has_fixed_input_size(arch, backbone.body):
@@ -150,10 +171,8 @@ def create_model(
                 f"not input_size={input_size}"
             )
         preprocessing = preprocessing.with_size(input_size)
-    layers: list[nn.Module] = [nn.Dropout(dropout), nn.Linear(backbone.num_features, n_out)]
-    if y_range is not None:
-        layers.append(SigmoidRange(*y_range))
-    return ImageModel(arch, backbone, nn.Sequential(*layers)), preprocessing
+    layers = create_head(head, backbone.num_features, n_out, dropout=dropout, y_range=y_range)
+    return ImageModel(arch, backbone, layers, head), preprocessing
 
 
 def _parse_weights(weights: str | Path) -> tuple[str, Path | None]:
@@ -246,6 +265,42 @@ def _build_timm(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int]:
     full_keys = set(model.state_dict())
     model.reset_classifier(0)
     return full_keys, model, int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+_GLOBAL_POOL = re.compile(r"Adaptive\w*Pool2d$")  # torch's adaptive pools, timm's SelectAdaptive
+_PROBE_SIZE = 64
+
+
+def _cut_before_pool(name: str, model: nn.Module, *, timm_model: bool) -> tuple[nn.Module, int]:
+    """fastai's ``create_body``: the children before the last one holding a global pool, under
+    their own names (so weights keep their keys), and the channels of the map they return."""
+    children = list(model.named_children())
+    cut = next((i for i in reversed(range(len(children)))
+                if any(_GLOBAL_POOL.search(type(m).__name__) for m in children[i][1].modules())),
+               0)
+    refusal = (f"arch {name!r}: head 'fastai' needs a convolutional body that ends in a global "
+               "pool; use head 'linear'")
+    if cut == 0 or getattr(model, "transform_input", False):  # inception's input shift is lost
+        raise TrainingError(refusal)
+    body = nn.Sequential(OrderedDict(children[:cut]))
+    # A probe on a small random batch (own generator: the caller's RNG stream is left alone).
+    x = torch.randn(1, 3, _PROBE_SIZE, _PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = body(x)
+            # timm says what its body computes: the cut must give that NCHW map, not a token
+            # sequence or an NHWC map.
+            want = model.forward_features(x) if timm_model else out
+    except RuntimeError as e:
+        raise TrainingError(f"{refusal} ({e})") from e
+    finally:
+        model.train(training)
+    same = out.shape == want.shape and torch.allclose(out, want)
+    if out.dim() != 4 or not same or (timm_model and out.shape[1] != model.num_features):
+        raise TrainingError(refusal)
+    return body, int(out.shape[1])
 
 
 def _torchvision_preprocessing(name: str) -> Preprocessing:

@@ -2,7 +2,8 @@
 
 Weights go through safetensors (no pickle on disk, as the bundle contract requires); the JSON
 spec holds what ``create_model`` needs to rebuild the same module tree (arch, outputs, head
-options, input recipe), so loading is "build with ``weights=none``, then load strictly".
+options, input recipe), so loading is "build with ``weights=none``, then load strictly". A
+``model.json`` from before heads had a kind has no ``head``: it was a ``linear`` one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from export.manifest import IMAGE_TASKS
 from export.pixels import Preprocessing
 from training.errors import TrainingError
 from training.models.backbones import ImageModel, check_weights_fit, create_model
+from training.models.heads import check_head
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.json"
@@ -28,6 +30,7 @@ class ImageModelSpec:
 
     classes: output names (class names for the label tasks, target names for regression).
     y_range: (low, high) the outputs are squashed into, or None.
+    head, dropout: the head's kind (``linear`` | ``fastai``) and its dropout ``p``.
     """
 
     arch: str
@@ -37,8 +40,10 @@ class ImageModelSpec:
     y_range: tuple[float, float] | None = None
     dropout: float = 0.2
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    head: str = "linear"
 
     def __post_init__(self) -> None:
+        check_head(self.head)
         if self.task not in IMAGE_TASKS:
             raise TrainingError(f"task must be one of {', '.join(IMAGE_TASKS)}, got {self.task!r}")
         if self.n_out < 1:
@@ -56,6 +61,7 @@ class ImageModelSpec:
             "classes": None if self.classes is None else list(self.classes),
             "y_range": None if self.y_range is None else [float(v) for v in self.y_range],
             "dropout": float(self.dropout),
+            "head": self.head,
             "preprocessing": self.preprocessing.to_dict(),
         }
 
@@ -74,6 +80,7 @@ class ImageModelSpec:
             y_range=None if y_range is None else (float(y_range[0]), float(y_range[1])),
             dropout=float(d.get("dropout", 0.2)),
             preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            head=str(d.get("head", "linear")),
         )
 
 
@@ -83,6 +90,9 @@ def save_image_model(out_dir: str | Path, model: ImageModel, spec: ImageModelSpe
 
     if model.arch != spec.arch:
         raise TrainingError(f"spec arch {spec.arch!r} differs from the model's {model.arch!r}")
+    if model.head_kind != spec.head:
+        raise TrainingError(f"spec head {spec.head!r} differs from the model's "
+                            f"{model.head_kind!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -130,7 +140,7 @@ def load_image_model(out_dir: str | Path) -> tuple[ImageModel, ImageModelSpec]:
         raise TrainingError(f"{path} is not a readable safetensors file: {e}") from e
     model, _ = create_model(
         spec.arch, spec.n_out, "none", y_range=spec.y_range, dropout=spec.dropout,
-        input_size=spec.preprocessing.input_size,
+        input_size=spec.preprocessing.input_size, head=spec.head,
     )
     check_weights_fit(model.state_dict(), state, f"{path} and {SPEC_FILE}")
     model.load_state_dict(state, strict=True)

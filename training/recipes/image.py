@@ -32,6 +32,7 @@ from training.fit.fine_tune import fine_tune
 from training.fit.learner import Learner
 from training.models.backbones import create_model
 from training.models.checkpoint import ImageModelSpec, load_image_model, save_image_model
+from training.models.heads import head_dropout
 from training.recipes.options import ImageTrainOptions
 from training.recipes.training_output import (
     LINEAGE_FILE,
@@ -137,8 +138,10 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     plots_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
 
+    dropout = head_dropout(options.head)
     model, prep = create_model(options.arch, len(task.classes), options.weights,
-                               input_size=options.size, y_range=task.y_range)
+                               input_size=options.size, y_range=task.y_range, dropout=dropout,
+                               head=options.head)
     learner, train_plain = _image_learner(model, task, data, prep, options, progress)
     stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
                if options.patience else None)
@@ -149,8 +152,8 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
 
     final, outputs = task.evaluate(learner, prep, plots_dir)
     spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),
-                          classes=list(task.classes), y_range=task.y_range, dropout=0.2,
-                          preprocessing=prep)
+                          classes=list(task.classes), y_range=task.y_range, dropout=dropout,
+                          preprocessing=prep, head=options.head)
     save_image_model(out_dir, learner.model.cpu(), spec)
     _write_valid_sample(out_dir / VALID_SAMPLE_FILE, data, prep)
     write_json(out_dir / "metrics.json", final)

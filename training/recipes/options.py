@@ -43,6 +43,9 @@ class ImageTrainOptions(Options):
                       "model name (prefix timm/ or torchvision/ to force one)")
     weights: str = Field("packaged", description="imagenet | none | packaged | PATH of a state "
                          "dict")
+    head: Literal["linear", "fastai"] = Field(
+        "linear", description="classifier head: linear (pool, dropout, linear) | fastai (concat "
+        "pool, BN, dropout, linear, ReLU, BN, dropout, linear)")
     size: PositiveInt = Field(224, description="side of the square input in pixels")
     bs: PositiveInt = Field(32, description="batch size")
     freeze_epochs: NonNegativeInt = Field(1, description="epochs of the head on a frozen body")
