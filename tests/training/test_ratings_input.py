@@ -117,3 +117,13 @@ def test_requested_user_ids_match_exactly():
     indices, unknown = select_users(_vocab(), [str(BIGGER), BIG, "1.0", "1e20", "x"],
                                     strict=False)
     assert indices.tolist() == [2, 1, 0] and unknown == 2
+
+
+def test_a_rating_outside_the_asked_y_range_is_named_before_training(tmp_path):
+    from training.recipes.collab import train_recommender
+
+    ratings = tmp_path / "r.csv"
+    ratings.write_text("user,item,rating\n1,10,4\n2,10,8\n2,11,3\n")
+    with pytest.raises(TrainingError, match=r"r\.csv line 3.*rating 8.*--y-range"):
+        train_recommender(ratings, tmp_path / "out", y_range="0,5.5")
+    assert not (tmp_path / "out").exists()

@@ -122,8 +122,11 @@ def train_recommender(
     out_dir = Path(out_dir)
     columns = {"user_col": options.user_col, "item_col": options.item_col,
                "rating_col": options.rating_col}
+    bounds = parse_y_range(options.y_range)
+    # A given range is also the range every rating must be in: a row outside it is named.
     data = load_ratings(data_path, valid_pct=options.valid_pct, split=options.split,
-                        seed=options.seed, **columns)
+                        seed=options.seed, rating_range=None if bounds == "auto" else bounds,
+                        **columns)
     config = CollabConfig(data.n_users, data.n_items, options.factors,
                           resolve_rating_range(data, options.y_range), options.use_nn)
     with _cpu_threads(TRAIN_THREADS):
@@ -165,7 +168,7 @@ def resolve_rating_range(data: RatingsData, y_range: str) -> tuple[float, float]
         return (low, hi + (Y_RANGE_MARGIN * (hi - low) if hi > low else 1.0))
     if not bounds[0] <= lo or not hi <= bounds[1]:
         raise TrainingError(f"y_range {bounds} does not cover the ratings ({lo:g}–{hi:g}); "
-                            f"pass y_range=({low:g}, {hi * 1.1:g})")
+                            f"pass --y-range {low:g},{hi * 1.1:g}")
     return bounds
 
 
