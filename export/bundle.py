@@ -18,6 +18,7 @@ file was added; any difference is refused in one line.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 from export import signing
+from export.bundle_staging import remove_dead_staging, staging_lock
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError, PromotionError
 from export.pins import (
     CURRENT,
@@ -152,13 +154,21 @@ class BundleWriter:
                 from None
         if self.path.exists():
             raise ExportError(f"bundle {self.path}: version already exists")
+        remove_dead_staging(self.model_dir)
         self.dir = Path(tempfile.mkdtemp(prefix=f".tmp-{self.version}-", dir=self.model_dir))
+        # Held while this export lives; the kernel drops it when the process dies, however it
+        # dies, which is how the next export tells a dead export's staging from a live one.
+        self._lock = os.open(staging_lock(self.dir), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self.committed is None and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            staging_lock(self.dir).unlink(missing_ok=True)
+            os.close(self._lock)
 
     def commit(self, manifest: dict, *, signing_key: object = None) -> Path:
         """Write ``manifest.json`` over the staged files, record its digest (signed with

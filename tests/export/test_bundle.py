@@ -218,3 +218,30 @@ def test_bad_names_and_existing_versions_are_refused(tmp_path):
     with pytest.raises(ExportError, match="already exists"), BundleWriter(
             tmp_path, "ants", path.name):
         pass
+
+
+def test_the_staging_of_a_killed_export_is_removed_by_the_next_export(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    # A real export process that stages files, then dies by SIGKILL before its commit.
+    script = (
+        "import os, signal, sys\n"
+        "from export.bundle import BundleWriter\n"
+        "with BundleWriter(sys.argv[1], 'ants') as writer:\n"
+        "    (writer.dir / 'model.onnx').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)])
+    assert proc.returncode == -signal.SIGKILL
+    left = [p for p in (tmp_path / "ants").iterdir() if p.name.startswith(".tmp-")]
+    assert any(p.is_dir() for p in left)
+
+    with BundleWriter(tmp_path, "ants") as live:  # a live export's staging is kept meanwhile
+        (live.dir / "model.onnx").write_bytes(b"live")
+        assert [p.name for p in (tmp_path / "ants").iterdir() if p.is_dir()] == [live.dir.name]
+        write_bundle(tmp_path)  # another export while this one is still staging
+        assert live.dir.is_dir()
+        live.commit({"task": "single_label", "classes": ["ant", "bee"]})
+    assert not [p for p in (tmp_path / "ants").iterdir() if p.name.startswith(".tmp-")]
+    assert len(list_versions(tmp_path, "ants")) == 2
