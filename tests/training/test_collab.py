@@ -162,10 +162,12 @@ def test_recipe_learns_planted_structure_and_writes_training_output(tmp_path):
 
 def test_recipe_refuses_y_range_that_cannot_reach_the_ratings(tmp_path):
     data_dir = planted_ratings(tmp_path / "ml", n_users=8, n_items=6)
-    with pytest.raises(TrainingError, match=r"y_range \(0\.0, 4\.0\) does not cover"):
+    refused = r"u\.data lines? \d+.*rating 5 outside 0–4.*--y-range LOW,HIGH"
+    with pytest.raises(TrainingError, match=refused):
         train_recommender(data_dir, tmp_path / "run", y_range=(0.0, 4.0))
-    with pytest.raises(TrainingError, match=r"y_range \(0\.0, 4\.0\) does not cover"):
+    with pytest.raises(TrainingError, match=refused):
         train_recommender(data_dir, tmp_path / "run", RecommenderOptions(y_range="0,4"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_recipe_takes_an_options_object_and_keyword_overrides(tmp_path):

@@ -160,16 +160,14 @@ def _fit(learner: Learner, options: RecommenderOptions) -> tuple[LRFinderResult,
 
 def resolve_rating_range(data: RatingsData, y_range: str) -> tuple[float, float]:
     """``"auto"``: from 0 (or the lowest rating) to the highest + 10 % of that span, fastai's
-    (0, 5.5) for 1–5 stars; else the given ``LOW,HIGH``, which must cover every rating."""
+    (0, 5.5) for 1–5 stars; else the given ``LOW,HIGH`` (``load_ratings`` has already refused,
+    with file and line, any rating outside it)."""
+    bounds = parse_y_range(y_range)
+    if bounds != "auto":
+        return bounds
     lo, hi = data.rating_range
     low = min(0.0, lo)
-    bounds = parse_y_range(y_range)
-    if bounds == "auto":
-        return (low, hi + (Y_RANGE_MARGIN * (hi - low) if hi > low else 1.0))
-    if not bounds[0] <= lo or not hi <= bounds[1]:
-        raise TrainingError(f"y_range {bounds} does not cover the ratings ({lo:g}–{hi:g}); "
-                            f"pass --y-range {low:g},{hi * 1.1:g}")
-    return bounds
+    return (low, hi + (Y_RANGE_MARGIN * (hi - low) if hi > low else 1.0))
 
 
 @contextlib.contextmanager
