@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from flows.cli_output import PLAIN as _PLAIN
-from flows.cli_output import console, out
+from flows.cli_output import TrainingProgress, console, out
 from flows.cli_output import print_metrics as _print_metrics
 from flows.cli_score import score_app
 from flows.option_surfaces import OptionsError, declared_options
@@ -38,23 +38,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from training.errors import TrainingError
 
     return (TrainingError, ExportError, ScoringError, OptionsError)
-
-
-def _progress_printer():
-    """A per-epoch progress line for the terminal (the library itself never prints)."""
-    def show(event: dict) -> None:
-        if event.get("event") == "epoch_end":
-            parts = [f"{k}={v:.4f}" for k, v in event.get("metrics", {}).items()
-                     if isinstance(v, float)]
-            console.print(f"{event.get('stage', '')} epoch {event.get('epoch')}: "
-                          f"train_loss={event.get('train_loss', float('nan')):.4f} "
-                          f"valid_loss={event.get('valid_loss', float('nan')):.4f} "
-                          + " ".join(parts) + f" ({event.get('seconds', 0):.1f}s)",
-                          highlight=False)
-        elif event.get("event") == "lr_found":
-            console.print(f"{event.get('stage', '')} LR finder: {event.get('suggestions')}",
-                          highlight=False)
-    return show
 
 
 # Where a run reads and writes is not an option of the recipe: these stay with each command.
@@ -131,7 +114,8 @@ def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path 
                        name: str | None) -> None:
     """Fine-tune with ``recipe``, print the metrics, then export, verify, promote if asked."""
     console.print(prepared.summary(), highlight=False)
-    result = recipe(prepared, out_dir, options, progress=_progress_printer())
+    with TrainingProgress() as progress:
+        result = recipe(prepared, out_dir, options, progress=progress)
     _print_metrics(f"best epoch {result.best_epoch}", result.metrics)
     out.print(f"training output: {result.out_dir}")
     if registry is not None:
@@ -152,7 +136,8 @@ def train_ratings(
     """Train a collaborative-filtering recommender (dot product + biases + sigmoid range)."""
     from training.recipes.collab import train_recommender
 
-    result = train_recommender(path, out_dir, options, progress=_progress_printer())
+    with TrainingProgress() as progress:
+        result = train_recommender(path, out_dir, options, progress=progress)
     _print_metrics("recommender", result.metrics)
     for line in result.report_lines():
         out.print(line)

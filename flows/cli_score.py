@@ -98,6 +98,8 @@ def _score_progress():
     state: dict = {}
 
     def show(event: dict) -> None:
+        if not console.is_terminal:  # a log file or a pipe gets the summary line only
+            return
         if event.get("event") == "start":
             state["bar"] = Progress(console=console, transient=True)
             state["bar"].start()

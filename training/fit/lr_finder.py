@@ -182,6 +182,7 @@ def _sweep(learner, start_lr, end_lr, num_it, beta, stop_div) -> tuple[list[floa
     opt = make_optimizer(module, [start_lr] * len(layer_groups_of(module)), learner.wd)
     mult = (end_lr / start_lr) ** (1 / max(num_it - 1, 1))
     learner.set_train_mode(True)
+    learner.emit(event="lr_find_start", iterations=num_it)
     lrs, losses, avg, best = [], [], 0.0, math.inf
     for it, (x, y) in enumerate(_batches(learner.train_loader, num_it)):
         lr = start_lr * mult**it
