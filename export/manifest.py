@@ -51,10 +51,3 @@ def point_frame(manifest: dict) -> Preprocessing | None:
         raise ManifestError(f"manifest 'targets.frame': {targets.get('frame')!r} is not "
                             f"{POINT_FRAME!r}, the only point frame lensflow reads")
     return Preprocessing.from_dict(manifest["preprocessing"])
-
-
-def check_task(task: object, allowed: tuple[str, ...] = TASKS) -> str:
-    """``task`` if it is one of ``allowed``; a one-line error otherwise."""
-    if task not in allowed:
-        raise ManifestError(f"manifest 'task': {task!r} is not one of {', '.join(allowed)}")
-    return str(task)

@@ -63,7 +63,6 @@ def declared_options(*, cli: bool = False, **models: type[BaseModel]) -> Callabl
         call.__signature__ = signature.replace(parameters=kept)
         call.__annotations__ = {p.name: p.annotation for p in kept} | {
             "return": hints.get("return", signature.return_annotation)}
-        call.declared_models = dict(models)
         return call
     return decorate
 

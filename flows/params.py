@@ -3,7 +3,7 @@
 Each alias is a pydantic type, so Prefect turns it into the deployment's JSON schema (enums,
 ``exclusiveMinimum``, patterns) and rejects a bad value before the run does any work. The
 options of training and scoring are declared in ``training.recipes.options`` and
-``scoring.options``; the names below that come from there are re-exported for old importers.
+``scoring.options``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from scoring.options import Device, Runtime
-from training.recipes.options import IMAGE_LR_WORDS, ImageLearningRate, LearningRate
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -25,10 +22,6 @@ DASK_ADDRESS_PATTERN = r"^(tcp|tls|ucx|ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.
 DaskAddress = Annotated[str, Field(pattern=DASK_ADDRESS_PATTERN)]
 #: A model name in the registry: one plain directory name.
 ModelName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-
-__all__ = ["DASK_ADDRESS_PATTERN", "IMAGE_LR_WORDS", "DaskAddress", "Device", "ImageJob",
-           "ImageLearningRate", "LearningRate", "ModelName", "NonNegativeInt", "PathText",
-           "PositiveInt", "RecJob", "Runtime"]
 
 
 class ImageJob(BaseModel):
