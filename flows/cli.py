@@ -268,14 +268,14 @@ def import_model_cmd(
     promote."""
     from export.bundle import promote
     from export.errors import ExportError
-    from training.recipes.import_model import NO_SAMPLE_NOTE, import_checkpoint
+    from training.recipes.import_model import import_checkpoint
 
     if registry.exists() and not registry.is_dir():
         raise ExportError(f"registry {registry}: exists and is not a directory")
-    if sample_images is None:
-        console.print(f"warning: {NO_SAMPLE_NOTE}")
     result = import_checkpoint(checkpoint, registry, name, options, classes=classes,
-                               sample_images=sample_images)
+                               sample_images=sample_images,
+                               warn=lambda note: console.print(f"warning: {note}",
+                                                               soft_wrap=True))
     out.print(result.export.parity.to_markdown())
     out.print(f"bundle: {result.export.bundle_path}\nsha256: {result.export.sha256}")
     if options.promote:

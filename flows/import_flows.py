@@ -28,14 +28,12 @@ PARITY_KEY = "import-model-parity"
 def import_task(checkpoint: str, registry: str, name: str, options: ImportOptions,
                 classes: str | None, sample_images: str | None):
     """Load the checkpoint into its architecture, export it into a new bundle, run parity."""
-    from training.recipes.import_model import NO_SAMPLE_NOTE, import_checkpoint
+    from training.recipes.import_model import import_checkpoint
 
     logger = get_run_logger()
-    if sample_images is None:
-        logger.warning(NO_SAMPLE_NOTE)
     try:
         result = import_checkpoint(checkpoint, registry, name, options, classes=classes,
-                                   sample_images=sample_images)
+                                   sample_images=sample_images, warn=logger.warning)
     except ParityError as err:
         if err.report is not None:
             publish_markdown(err.report.to_markdown(), key=PARITY_KEY,

@@ -13,6 +13,7 @@ differ from the class names, a file that is not a state dict.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -48,15 +49,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error type for a bad header
             raise TrainingError(f"checkpoint {path}: not a readable safetensors file "
                                 f"({_first_line(e)})") from None
+    if not _is_torch_save(path):
+        raise TrainingError(f"checkpoint {path}: not a safetensors or torch.save file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
         raise TrainingError(
-            f"checkpoint {path}: not a state dict — it pickles Python objects (a whole model, "
-            "torch.save(model)?), which lensflow does not unpickle; save model.state_dict() "
-            "or a safetensors file") from None
-    except Exception as e:  # not a zip, truncated, a text file: torch raises several types
-        raise TrainingError(f"checkpoint {path}: not a safetensors or torch.save file "
+            f"checkpoint {path}: not a state dict — it pickles Python objects{what}, which "
+            "lensflow does not unpickle (weights_only=True); save model.state_dict() or a "
+            "safetensors file") from None
+    except Exception as e:  # truncated, corrupt: torch raises several types
+        raise TrainingError(f"checkpoint {path}: not a readable torch.save file "
                             f"({_first_line(e)})") from None
     for key in _CHECKPOINT_KEYS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
@@ -77,6 +82,13 @@ def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def _is_torch_save(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a legacy pickle (protocol byte 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _first_line(error: Exception) -> str:

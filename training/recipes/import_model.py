@@ -12,6 +12,7 @@ as after ``export_training_output``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +53,13 @@ class ImportResult:
 
 def import_checkpoint(checkpoint: str | Path, registry: str | Path, name: str,
                       options: ImportOptions, *, classes: str | Path | None = None,
-                      sample_images: str | Path | None = None) -> ImportResult:
+                      sample_images: str | Path | None = None,
+                      warn: Callable[[str], None] | None = None) -> ImportResult:
     """Export ``checkpoint`` (a state dict of ``options.arch``) to ``registry/name`` and run the
     parity gate, on ``sample_images`` (a folder of the user's images) when given.
 
     classes: a text file with one output name per line (class, target or point coordinate).
+    warn: told ``NO_SAMPLE_NOTE`` once the checkpoint fits, when there is no sample folder.
     Raises ``ParityError`` (with the committed bundle's path) when an export is not faithful.
     """
     checkpoint = Path(checkpoint).expanduser()
@@ -83,6 +86,8 @@ def import_checkpoint(checkpoint: str | Path, registry: str | Path, name: str,
             "code": code_version(),
         },
     }
+    if sample is None and warn is not None:
+        warn(NO_SAMPLE_NOTE)
     result = export_bundle(model, manifest, registry, name, validation_inputs=sample,
                            pt2=options.pt2)
     notes = () if sample is not None else (NO_SAMPLE_NOTE,)
