@@ -183,7 +183,8 @@ def _targets(task: str, names: list[str] | None, n_out: int) -> dict | None:
     if task == "points":
         labels = names or default_names(task, n_out)
         return {"kind": "points", "names": labels,
-                "points": [labels[i:i + 2] for i in range(0, n_out, 2)], "frame": POINT_FRAME}
+                "points": [labels[i:i + 2] for i in range(0, n_out, 2)], "frame": POINT_FRAME,
+                "range": [-1.0, 1.0]}
     return None
 
 
