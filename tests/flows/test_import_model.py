@@ -230,3 +230,25 @@ def _captured_exports(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(recipe, "export_bundle", export)
     return manifests
+
+
+def test_every_import_option_is_a_flag_and_a_flow_parameter_with_its_default():
+    import typer
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.cli import app
+    from flows.import_flows import import_model_flow
+    from training.recipes.import_options import ImportOptions
+
+    flags = {p.name: p for p in typer.main.get_command(app).commands["import-model"].params}
+    schema = parameter_schema(import_model_flow).model_dump()
+    for name, field in ImportOptions.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in flags[name].opts, name
+        assert flags[name].help == field.description, name
+        assert schema["properties"][name].get("description") == field.description, name
+        if field.is_required():  # --arch: required on both surfaces, no default to show
+            assert flags[name].required and name in schema["required"], name
+        else:
+            assert flags[name].default == field.get_default(), name
+            assert schema["properties"][name].get("default") == field.get_default(), name
+    assert {"checkpoint", "registry", "name", "arch"} <= set(schema["required"])
