@@ -61,6 +61,4 @@ def import_model_flow(checkpoint: PathText, registry: PathText, name: ModelName,
     """
     result = import_task(checkpoint, registry, name, options, classes, sample_images)
     pointer = promote_task(result.export.bundle_path) if options.promote else None
-    return {"bundle": str(result.export.bundle_path), "sha256": result.export.sha256,
-            "current": pointer, "sample_images": result.sample_images,
-            "notes": list(result.notes)}
+    return result.to_dict() | {"current": pointer}
