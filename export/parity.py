@@ -81,8 +81,15 @@ class ParityReport:
     tolerances: ParityTolerances
     rows: tuple[ParityRow, ...]
 
+    @property
+    def real_inputs(self) -> bool:
+        """Whether a real batch (validation images, the user's sample) was among the inputs;
+        without one the gate saw seeded random inputs only."""
+        return any(r.input == "validation" for r in self.rows)
+
     def to_dict(self) -> dict:
         return {"passed": self.passed, "tolerances": self.tolerances.to_dict(),
+                "inputs": "real and seeded random" if self.real_inputs else "seeded random only",
                 "rows": [r.to_dict() for r in self.rows]}
 
     @classmethod
@@ -108,6 +115,8 @@ class ParityReport:
         t = self.tolerances
         head = (f"**Parity {'passed' if self.passed else 'FAILED'}** — atol {t.atol:g}, "
                 f"rtol {t.rtol:g}, min agreement {t.min_agreement:g}\n\n"
+                + ("" if self.real_inputs else
+                   "Inputs: seeded random only — no real data was checked.\n\n") +
                 "| graph | runtime | input | batch | max abs | max rel | agreement | ok |\n"
                 "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |\n")
         body = "".join(

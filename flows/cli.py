@@ -1,4 +1,5 @@
-"""The ``lensflow`` command: train, export, verify, promote, keygen, score, demo, serve.
+"""The ``lensflow`` command: train, export, import-model, verify, promote, keygen, score, demo,
+serve.
 
 Each command is a thin call into ``training``, ``export`` or ``scoring``; errors a user can cause
 print one ``error: ...`` line and exit 2 instead of a traceback.
@@ -242,6 +243,43 @@ def serve_cmd() -> None:
     from flows.serve import serve_all
 
     serve_all()
+
+
+# ---- lensflow import-model: a checkpoint trained elsewhere (docs/bring_your_own_model.md) ----
+
+from training.recipes.import_options import ImportOptions  # noqa: E402
+
+
+@app.command("import-model")
+@declared_options(cli=True, options=ImportOptions)
+def import_model_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="state dict: .safetensors or a torch.save "
+                                               "file of model.state_dict()")],
+    registry: Annotated[Path, typer.Option(help="registry root")],
+    name: Annotated[str, typer.Option(help="model name in the registry")],
+    classes: Annotated[Path | None, typer.Option(
+        help="text file, one output name per line (default: 0..N-1)")] = None,
+    sample_images: Annotated[Path | None, typer.Option(
+        help="folder of your own images the parity gate checks (recommended)")] = None,
+    *,
+    options: ImportOptions,
+) -> None:
+    """Export a torchvision/timm state dict trained elsewhere to a bundle, check parity,
+    promote."""
+    from export.bundle import promote
+    from export.errors import ExportError
+    from training.recipes.import_model import import_checkpoint
+
+    if registry.exists() and not registry.is_dir():
+        raise ExportError(f"registry {registry}: exists and is not a directory")
+    result = import_checkpoint(checkpoint, registry, name, options, classes=classes,
+                               sample_images=sample_images,
+                               warn=lambda note: console.print(f"warning: {note}",
+                                                               soft_wrap=True))
+    out.print(result.export.parity.to_markdown())
+    out.print(f"bundle: {result.export.bundle_path}\nsha256: {result.export.sha256}")
+    if options.promote:
+        out.print(f"promoted: {promote(result.export.bundle_path)}")
 
 
 def main() -> None:

@@ -44,8 +44,11 @@ def declared_options(*, cli: bool = False, **models: type[BaseModel]) -> Callabl
                 if name in owners or name in signature.parameters:
                     raise TypeError(f"{fn.__name__}: option {name!r} is declared twice")
                 owners[name] = param
+                # A field without a default is a required flag and a required parameter.
+                default = inspect.Parameter.empty if field.is_required() else \
+                    field.get_default()
                 kept.append(inspect.Parameter(
-                    name, inspect.Parameter.KEYWORD_ONLY, default=field.get_default(),
+                    name, inspect.Parameter.KEYWORD_ONLY, default=default,
                     annotation=_cli_annotation(field) if cli else _flow_annotation(field)))
 
         @functools.wraps(fn)

@@ -7,14 +7,16 @@ by its Prefect name.
 
 from __future__ import annotations
 
+from flows.import_flows import import_model_flow
 from flows.score_flows import nightly_flow, score_image_folder_flow, score_recommendations_flow
 from flows.train_csv_flows import train_multilabel_model_flow, train_regression_model_flow
 from flows.train_flows import train_image_model_flow, train_recommender_flow
 
 FLOWS = {f.name: f for f in (score_image_folder_flow, score_recommendations_flow, nightly_flow,
                              train_image_model_flow, train_recommender_flow,
-                             train_multilabel_model_flow, train_regression_model_flow)}
+                             train_multilabel_model_flow, train_regression_model_flow,
+                             import_model_flow)}
 
-__all__ = ["FLOWS", "nightly_flow", "score_image_folder_flow", "score_recommendations_flow",
-           "train_image_model_flow", "train_multilabel_model_flow", "train_recommender_flow",
-           "train_regression_model_flow"]
+__all__ = ["FLOWS", "import_model_flow", "nightly_flow", "score_image_folder_flow",
+           "score_recommendations_flow", "train_image_model_flow", "train_multilabel_model_flow",
+           "train_recommender_flow", "train_regression_model_flow"]

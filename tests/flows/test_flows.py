@@ -187,7 +187,8 @@ def test_serve_builds_the_deployments_of_prefect_yaml(monkeypatch, tmp_path):
     per_run = {"score-image-folder": {"folder": "x"}, "train-image-model": {"data": "x"},
                "train-recommender": {"data": "x"},
                "train-multilabel-model": {"data": "x", "csv": "x.csv"},
-               "train-regression-model": {"data": "x", "csv": "x.csv"}}
+               "train-regression-model": {"data": "x", "csv": "x.csv"},
+               "import-model": {"checkpoint": "x.pt", "arch": "resnet18"}}
     for (flow_name, _), deployment in deployments.items():
         FLOWS[flow_name].validate_parameters(
             {**per_run.get(flow_name, {}), **deployment.parameters})

@@ -26,6 +26,13 @@ from zoneinfo import ZoneInfo
 import pytest
 from flow_test_data import artifacts_by_key, make_images, partition_rows_and_run_ids
 from paths import REPO
+from plain_torch_model import (
+    ARCH,
+    CLASSES,
+    assert_scored_like_eager,
+    make_tinted_images,
+    train_plain_model,
+)
 from tiny_image_bundle import make_image_bundle
 
 from export.bundle import current_version
@@ -99,6 +106,8 @@ class PrefectStack:
     api_url: str
     processes: list = field(default_factory=list)
     training: DeploymentRun | None = None
+    #: The import-model run in flight, the plain PyTorch model it imports, images to score.
+    imported: tuple | None = None
 
     @property
     def registry(self) -> Path:
@@ -204,12 +213,31 @@ def stack(tmp_path_factory):
                                       train_dir=str(root / "train"),
                                       data=str(make_shapes_dataset(root / "shapes", n_train=8,
                                                                    n_valid=4, size=40)))
+        stack.imported = _launch_import(stack)
         print(f"prefect stack ready in {time.monotonic() - started:.1f}s")
         yield stack
     finally:
         for proc in reversed(stack.processes):
             _stop(proc)
         print(f"prefect stack up for {time.monotonic() - started:.1f}s")
+
+
+def _launch_import(stack: PrefectStack) -> tuple:
+    """Train a tiny model with plain PyTorch, save its state dict, start the import-model
+    deployment on it in the background (beside the training run)."""
+    import torch
+
+    root = stack.root / "byo"
+    make_tinted_images(root / "train", 4)
+    model = train_plain_model(root / "train", steps=10)
+    torch.save(model.state_dict(), root / "model.pt")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    inbox = make_tinted_images(root / "inbox", 3, seed=1, by_class=False)
+    run = stack.launch("import-model/on-demand", checkpoint=str(root / "model.pt"),
+                       arch=f"timm/{ARCH}", classes=str(root / "classes.txt"),
+                       sample_images=str(root / "train"), input_size=32, pt2=False,
+                       name="byo-e2e")
+    return run, model, inbox
 
 
 def _state_of(stack: PrefectStack, flow_run_id: str):
@@ -272,6 +300,25 @@ def test_bad_parameters_end_the_run_with_a_readable_message(stack, tmp_path):
     state = _state_of(stack, run_id)
     assert state.is_failed()
     assert state.message == f"folder {missing}: no such directory"
+
+
+def test_import_deployment_promotes_a_plain_pytorch_model_that_scores_as_it_predicts(stack):
+    # Before the training test: the import finishes first, and its scoring run overlaps the
+    # training run still in flight.
+    run, model, inbox = stack.imported
+    outcome = run.finish()
+    assert outcome.returncode == 0, outcome.output + stack.log_tail("worker", 80)
+    assert current_version(stack.registry, "byo-e2e")
+    with stack.client() as client:
+        parity = artifacts_by_key(client, outcome.run_id)["import-model-parity"].data
+    assert "Parity passed" in parity and "| validation |" in parity
+
+    done, output, _ = stack.run_deployment("score-image-folder/on-demand",
+                                           folder=str(inbox[0].parent), run_date="2026-02-01",
+                                           model=str(stack.registry / "byo-e2e"), workers=0)
+    assert done == 0, output + stack.log_tail("worker")
+    assert_scored_like_eager(stack.out / "image_predictions" / "run_date=2026-02-01", model,
+                             inbox)
 
 
 def test_training_deployment_promotes_a_checked_bundle_with_its_artifacts(stack):
