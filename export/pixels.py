@@ -218,8 +218,8 @@ def _scaled_jpeg(im: Image.Image, min_side: int) -> Image.Image | None:
         im.fp.seek(0)
         data = im.fp.read()
         # Exactly Pillow's scale: simplejpeg takes the smallest libjpeg-turbo scale at least
-        # this big, and the IDCT is the same (the scale-1/8 one reads DC coefficients only,
-        # so its fast variant is the same arithmetic).
+        # this big. At 1/8 the IDCT reads DC coefficients only, so the fast IDCT and chroma
+        # upsampling give the same pixels for less work (tests/export/test_pixels_decode.py).
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height,
                                         min_width=width, fastdct=scale == 8,
                                         fastupsample=scale == 8)
