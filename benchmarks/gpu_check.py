@@ -156,10 +156,15 @@ def image_folder(images: Path | None, into: Path, n: int = 4096) -> Path:
 
 
 def end_to_end(bundles: dict, folder: Path, model: dict) -> dict:
+    """images/s with GPU and with CPU decoding, and how far the two decodes' answers differ."""
+    from datetime import date
+
     from scoring.image_scoring import score_image_folder
+    from scoring.partition import read_partition
 
     out = {}
     for arch, info in bundles.items():
+        rows = {}
         for gpu_decode in (True, False):
             label = f"{arch}_{'gpu' if gpu_decode else 'cpu'}_decode"
             with tempfile.TemporaryDirectory() as tmp:
@@ -168,10 +173,18 @@ def end_to_end(bundles: dict, folder: Path, model: dict) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 summary = score_image_folder(folder, info["bundle"], tmp, batch_size=256,
                                              device="cuda", gpu_decode=gpu_decode)
+                run_date = date.fromisoformat(summary.partition.rsplit("=", 1)[1])
+                rows[gpu_decode] = read_partition(tmp, "image_predictions", run_date,
+                                                  ["pred_label", "pred_score"]).to_pydict()
             out[f"{label}_images_per_s"] = summary.images_per_s
             ceiling = model.get(f"{arch}_onnx_cuda_images_per_s")
             if ceiling:
                 out[f"{label}_over_model_only"] = round(summary.images_per_s / ceiling, 3)
+        gpu, cpu = rows[True], rows[False]
+        out[f"{arch}_gpu_vs_cpu_decode_top1_agreement"] = round(float(np.mean(
+            np.array(gpu["pred_label"]) == np.array(cpu["pred_label"]))), 4)
+        out[f"{arch}_gpu_vs_cpu_decode_max_score_diff"] = round(float(np.max(np.abs(
+            np.array(gpu["pred_score"]) - np.array(cpu["pred_score"])))), 4)
     return out
 
 
