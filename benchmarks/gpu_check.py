@@ -76,8 +76,15 @@ def make_bundles(registry: Path) -> dict:
         out[arch] = {"bundle": str(result.bundle_path), "parity_passed": result.parity.passed,
                      "cuda_rows": len(cuda_rows),
                      "cuda_tf32_off_max_abs": max((r.max_abs for r in cuda_rows), default=None),
-                     "tf32_on_max_abs": _tf32_on_max_abs(result.bundle_path)}
+                     "tf32_on_max_abs": (_tf32_on_max_abs(result.bundle_path)
+                                         if _ort_cuda() else "no CUDA provider")}
     return out
+
+
+def _ort_cuda() -> bool:
+    from export.runtime import onnx_cuda_available
+
+    return onnx_cuda_available()
 
 
 def _tf32_on_max_abs(bundle_path) -> float:
@@ -105,8 +112,10 @@ def model_only(bundles: dict, batch: int = 256, seconds: float = 5.0) -> dict:
         bundle = load_bundle(info["bundle"])
         size = bundle.manifest["preprocessing"]["input_size"]
         x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
-        rt = open_bundle_graph(bundle, "onnx", "cuda")
-        out[f"{arch}_onnx_cuda_images_per_s"] = _rate(lambda rt=rt, x=x: rt.run(x), batch, seconds)
+        if _ort_cuda():
+            rt = open_bundle_graph(bundle, "onnx", "cuda")
+            out[f"{arch}_onnx_cuda_images_per_s"] = _rate(lambda rt=rt, x=x: rt.run(x), batch,
+                                                          seconds)
         out[f"{arch}_eager_amp_images_per_s"] = _eager_amp_rate(arch, x, seconds)
     return out
 
@@ -162,17 +171,21 @@ def end_to_end(bundles: dict, folder: Path, model: dict) -> dict:
     from scoring.image_scoring import score_image_folder
     from scoring.partition import read_partition
 
-    out = {}
+    out = {"gpu_decode_only_images_per_s": _gpu_decode_rate(folder)}
+    if not _ort_cuda():
+        out["skipped"] = "onnxruntime has no CUDA provider here: no end-to-end GPU runs"
+        return out
+    device = "cuda"
     for arch, info in bundles.items():
         rows = {}
         for gpu_decode in (True, False):
             label = f"{arch}_{'gpu' if gpu_decode else 'cpu'}_decode"
             with tempfile.TemporaryDirectory() as tmp:
                 score_image_folder(folder, info["bundle"], tmp, batch_size=256,
-                                   device="cuda", gpu_decode=gpu_decode)  # warm: workers, cuDNN
+                                   device=device, gpu_decode=gpu_decode)  # warm: workers, cuDNN
             with tempfile.TemporaryDirectory() as tmp:
                 summary = score_image_folder(folder, info["bundle"], tmp, batch_size=256,
-                                             device="cuda", gpu_decode=gpu_decode)
+                                             device=device, gpu_decode=gpu_decode)
                 run_date = date.fromisoformat(summary.partition.rsplit("=", 1)[1])
                 rows[gpu_decode] = read_partition(tmp, "image_predictions", run_date,
                                                   ["pred_label", "pred_score"]).to_pydict()
@@ -186,6 +199,23 @@ def end_to_end(bundles: dict, folder: Path, model: dict) -> dict:
         out[f"{arch}_gpu_vs_cpu_decode_max_score_diff"] = round(float(np.max(np.abs(
             np.array(gpu["pred_score"]) - np.array(cpu["pred_score"])))), 4)
     return out
+
+
+def _gpu_decode_rate(folder: Path, batch: int = 256) -> float:
+    """images/s of nvJPEG batch decoding + GPU resize alone (file reads included)."""
+    import torch
+
+    from export.pixels import Preprocessing
+    from scoring.image_folder import gpu_decoded_batches, walk_images
+
+    files = walk_images(folder)
+    for _ in gpu_decoded_batches(files[:batch], Preprocessing(), batch):
+        pass  # warm-up: nvJPEG handles, kernels
+    started = time.perf_counter()
+    for _ in gpu_decoded_batches(files, Preprocessing(), batch):
+        pass
+    torch.cuda.synchronize()
+    return round(len(files) / (time.perf_counter() - started), 1)
 
 
 def amp_epoch(folder: Path | None) -> dict:
