@@ -34,8 +34,8 @@ def _decode_both(path, min_side, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize(("size", "min_side", "save"), [
     ((500, 375), 256, {}),                                  # ~0.2 MP: no DCT scaling
     ((1203, 907), 256, {}),                                 # scale 1/2, odd sides round up
-    ((2400, 1800), 224, {"subsampling": "4:2:0"}),          # scale 1/8
-    ((1600, 1200), 256, {"subsampling": "4:4:4"}),          # scale 1/4, no chroma subsampling
+    ((1366, 1024), 128, {"subsampling": "4:2:0"}),          # scale 1/8
+    ((1100, 1030), 256, {"subsampling": "4:4:4"}),          # scale 1/4, no chroma subsampling
     ((900, 1300), 256, {"progressive": True}),              # progressive JPEG
 ])
 def test_simplejpeg_gives_pillows_pixels(tmp_path, monkeypatch, size, min_side, save):
@@ -84,7 +84,7 @@ def test_decode_mode_is_in_the_manifest_and_full_decodes_every_pixel(tmp_path, m
     with pytest.raises(ManifestError, match="jpeg_decode"):
         Preprocessing(jpeg_decode="fast")
     path = tmp_path / "big.jpg"
-    _photo(1600, 1200).save(path, quality=90)
+    _photo(800, 600).save(path, quality=90)
     scaled, every = decode_for_model(path, pre), decode_for_model(path, full)
     assert scaled.shape == every.shape == (64, 64, 3)
     # Same picture, not the same pixels: the reduced decode is an approximation of the full one.
