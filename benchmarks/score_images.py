@@ -1,21 +1,27 @@
-"""Image-folder scoring, side by side: lensflow end to end vs a naive eager loop vs ONNX alone.
+"""Image-folder scoring, side by side: lensflow end to end vs a naive eager loop vs the model alone.
 
-(a) ``score_image_folder``: walk, decode in DataLoader workers, ONNX Runtime, Parquet commit.
+(a) ``score_image_folder``: walk, decode in DataLoader workers, the runtime, Parquet commit.
 (b) the loop most tutorials write: a Dataset of PIL images with torchvision's ``Resize`` /
     ``CenterCrop`` / ``ToTensor`` / ``Normalize``, a DataLoader with the same workers and batch
     size, and the eager model under ``torch.no_grad``. The eager model is the bundle's own
     architecture rebuilt by ``training.models.backbones.create_model`` with the bundle's
     ``weights.safetensors`` loaded into it — the same weights the exports were made from (the
     bundle's TorchScript is frozen, so it cannot give eager modules back).
-(c) the bundle's ONNX graph alone in the same runtime on images decoded beforehand: the ceiling
-    for (a), since (a) must also read and decode every file.
+(c) the bundle's graph alone in the same runtime on images decoded beforehand ("model-only"):
+    the ceiling for (a), since (a) must also read and decode every file.
 
-(a) and (c) run ``--repeat`` alternating rounds and keep their best (the machine may be shared).
-Prints images/s of each and the ratios a/b and a/c (goals on 2 cores: a/b >= 2.0, a/c >= 0.85),
-and the top-1 agreement of (a) and (b). Usage::
+Two cases: N images of the folder as they are (default: the ants/bees images, ~0.2 MP) and
+their phone-size (4032×3024) JPEG copies (``--phone N``; 0: the whole folder, one case). (a)
+runs once per JPEG library (``--decoders pil,simplejpeg``; each in a fresh process, since
+decoding workers keep the environment they started with) and per runtime (``--runtimes
+onnx,torchscript,aoti``); in each process (a) and (c) run ``--repeat`` alternating rounds and
+keep their best (the machine may be shared). Prints images/s, a/c per case, 12MP/0.2MP per
+configuration, a/b and the top-1 agreement of (a) and (b) (goals on 2 cores: a/b >= 2.0,
+a/c >= 0.75 for lite0, 12MP/0.2MP >= 0.6). Usage::
 
-    python benchmarks/score_images.py --make-bundle            # hymenoptera ×2, lite0 bundle
+    python benchmarks/score_images.py --make-bundle --phone 96   # lite0 bundle, both cases
     python benchmarks/score_images.py FOLDER --model REG/NAME --batch-size 32 --workers 1
+    python benchmarks/score_images.py --make-bundle --arch resnet50 --aoti --runtimes onnx,aoti
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,15 +61,18 @@ def copy_folder(src: Path, copies: int, into: Path) -> Path:
     return into
 
 
-def make_bundle(registry: Path, arch: str = "tf_efficientnet_lite0") -> Path:
-    """A 2-class bundle of ``arch`` with offline ImageNet weights (head untrained: speed only)."""
+def make_bundle(registry: Path, arch: str = "tf_efficientnet_lite0", aoti: bool = False) -> Path:
+    """A 2-class bundle of ``arch`` (head untrained: speed only): lite0 with its offline
+    ImageNet weights, any other architecture randomly initialised (no download here)."""
     from export.convert import export_bundle
     from training.models.backbones import create_model
 
-    model, prep = create_model(arch, 2, weights="packaged")
+    weights = "packaged" if arch == "tf_efficientnet_lite0" else "none"
+    model, prep = create_model(arch, 2, weights=weights)
     manifest = {"task": "single_label", "arch": arch, "classes": ["ants", "bees"],
                 "preprocessing": prep.to_dict(), "thresholds": None}
-    return export_bundle(model.eval(), manifest, registry, "bench", pt2=False).bundle_path
+    return export_bundle(model.eval(), manifest, registry, "bench", pt2=False,
+                         aoti=aoti).bundle_path
 
 
 def eager_model(bundle) -> torch.nn.Module:
@@ -98,9 +108,10 @@ class NaiveImages(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB"))
 
 
-def run_lensflow(folder: Path, bundle_path: Path, out: Path, args) -> tuple[float, list[str]]:
+def run_lensflow(folder: Path, bundle_path: Path, out: Path, args,
+                 runtime: str = "onnx") -> tuple[float, list[str]]:
     summary = score_image_folder(folder, bundle_path, out, batch_size=args.batch_size,
-                                 workers=args.workers, runtime="onnx", device=args.device)
+                                 workers=args.workers, runtime=runtime, device=args.device)
     labels = read_partition(out, "image_predictions", _run_date(summary))["pred_label"]
     return summary.seconds, labels.to_pylist()
 
@@ -124,15 +135,107 @@ def run_naive(paths: list[Path], bundle, args, workers: int) -> tuple[float, lis
     return time.perf_counter() - started, labels
 
 
-def run_onnx_only(paths: list[Path], bundle, args) -> float:
+def run_model_only(paths: list[Path], bundle, args, runtime: str = "onnx") -> float:
     spec = Preprocessing.from_dict(bundle.manifest["preprocessing"])
     images = np.stack([decode_for_model(p, spec) for p in paths])
-    runtime = open_bundle_graph(bundle, "onnx", args.device)
-    runtime.run(images[: args.batch_size])  # warm-up: first call plans memory
+    graph = open_bundle_graph(bundle, runtime, args.device)
+    graph.run(images[: args.batch_size])  # warm-up: first call plans memory
     started = time.perf_counter()
     for i in range(0, len(images), args.batch_size):
-        runtime.run(images[i: i + args.batch_size])
+        graph.run(images[i: i + args.batch_size])
     return time.perf_counter() - started
+
+
+def measure_cases(cases: dict[str, Path], bundle_path: Path, out: Path, args) -> dict:
+    """{case: {runtime: {"e2e_s", "model_only_s", "labels"}}}: alternating rounds, best kept."""
+    bundle = load_bundle(bundle_path)
+    result: dict = {}
+    for case, folder in cases.items():
+        paths = [f.path for f in walk_images(folder)]
+        for runtime in args.runtimes:
+            e2e, model, labels = [], [], []
+            for _ in range(args.repeat):
+                seconds, labels = run_lensflow(folder, bundle_path, out, args, runtime)
+                e2e.append(seconds)
+                model.append(run_model_only(paths, bundle, args, runtime))
+            result.setdefault(case, {})[runtime] = {
+                "images": len(paths), "e2e_s": min(e2e), "model_only_s": min(model),
+                "labels": labels}
+    return result
+
+
+def measure_in_child(decoder: str, cases: dict[str, Path], bundle_path: Path, args) -> dict:
+    """:func:`measure_cases` in a fresh process whose JPEG library is ``decoder``."""
+    from export.pixels import DECODER_ENV
+
+    request = {"cases": {k: str(v) for k, v in cases.items()}, "bundle": str(bundle_path),
+               "args": {k: getattr(args, k) for k in ("batch_size", "workers", "device",
+                                                       "repeat", "runtimes")}}
+    env = os.environ | {DECODER_ENV: decoder}
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(request)], env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{decoder}: benchmark child failed\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(request: str) -> None:
+    spec = json.loads(request)
+    args = argparse.Namespace(**spec["args"])
+    with tempfile.TemporaryDirectory(prefix="lensflow-bench-") as tmp:
+        result = measure_cases({k: Path(v) for k, v in spec["cases"].items()},
+                               Path(spec["bundle"]), Path(tmp) / "out", args)
+    print(json.dumps(result))
+
+
+def phone_cases(folder: Path, n: int, into: Path) -> dict[str, Path]:
+    """``n`` JPEGs of ``folder`` (spread over its sorted listing) as they are, and their
+    phone-size copies: the same pictures at ~0.2 MP and at 12 MP."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decoders import phone_copies
+
+    jpegs = [f.path for f in walk_images(folder) if f.path.suffix.lower() in (".jpg", ".jpeg")]
+    picked = [jpegs[int(i * len(jpegs) / n)] for i in range(min(n, len(jpegs)))]
+    (into / "small").mkdir(parents=True)
+    for i, path in enumerate(picked):
+        shutil.copy(path, into / "small" / f"{i:04d}_{path.name}")
+    phone_copies(picked, into / "phone")
+    return {"0.2MP": into / "small", "12MP": into / "phone"}
+
+
+def summarise(measured: dict[str, dict], naive: dict | None, args) -> dict:
+    """Flat figures and the ratios the goals name, from every decoder's measurements."""
+    rows, figures = [], {"batch_size": args.batch_size, "cores": len(os.sched_getaffinity(0)),
+                         "configurations": {}}
+    for decoder, cases in measured.items():
+        for case, runtimes in cases.items():
+            for runtime, m in runtimes.items():
+                e2e, model = m["images"] / m["e2e_s"], m["images"] / m["model_only_s"]
+                key = f"{case}/{runtime}/{decoder}"
+                figures["configurations"][key] = {
+                    "images": m["images"], "e2e_images_per_s": round(e2e, 2),
+                    "model_only_images_per_s": round(model, 2),
+                    "e2e_over_model_only": round(e2e / model, 3)}
+                rows.append((case, runtime, decoder, e2e, model))
+    configs = figures["configurations"]
+    for key, value in list(configs.items()):
+        case, rest = key.split("/", 1)
+        small = configs.get(f"0.2MP/{rest}")
+        if case == "12MP" and small:
+            value["12MP_over_0.2MP"] = round(value["e2e_images_per_s"]
+                                             / small["e2e_images_per_s"], 3)
+    if naive:
+        figures |= naive
+    print(f"{'case':6s} {'runtime':11s} {'decoder':11s} {'e2e img/s':>10s} {'model img/s':>12s} "
+          f"{'e2e/model':>10s} {'12MP/0.2MP':>11s}")
+    for case, runtime, decoder, e2e, model in rows:
+        ratio = configs[f"{case}/{runtime}/{decoder}"].get("12MP_over_0.2MP")
+        print(f"{case:6s} {runtime:11s} {decoder:11s} {e2e:10.1f} {model:12.1f} "
+              f"{e2e / model:10.3f} {'' if ratio is None else f'{ratio:11.3f}'}")
+    for key in ("b_naive_eager_images_per_s", "a_over_b", "top1_agreement_a_b"):
+        if key in figures:
+            print(f"{key:30s} {figures[key]}")
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,51 +243,58 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("folder", nargs="?", type=Path,
                         help="images to score (default: shared hymenoptera_data × --copies)")
     parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--phone", type=int, default=96,
+                        help="phone-size copies of this many images for the 12MP case (0: none)")
     parser.add_argument("--model", help="REG/NAME[/VERSION] or a bundle dir")
     parser.add_argument("--make-bundle", action="store_true",
-                        help="export tf_efficientnet_lite0 (packaged ImageNet weights) first")
+                        help="export --arch (lite0: packaged ImageNet weights) first")
+    parser.add_argument("--arch", default="tf_efficientnet_lite0")
+    parser.add_argument("--aoti", action="store_true",
+                        help="with --make-bundle: compile the AOTInductor package (minutes)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runtimes", default="onnx", help="comma-separated: onnx,torchscript,aoti")
+    parser.add_argument("--decoders", default=None,
+                        help="comma-separated JPEG libraries (default: pil, and simplejpeg "
+                             "when installed)")
+    parser.add_argument("--no-naive", action="store_true", help="skip (b)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of (a) and (c); the best of each counts")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return {}
     if not args.model and not args.make_bundle:
         parser.error("give --model REG/NAME or --make-bundle")
+    args.runtimes = args.runtimes.split(",")
+    from export import pixels
+
+    decoders = (args.decoders.split(",") if args.decoders
+                else ["pil"] + (["simplejpeg"] if pixels.simplejpeg is not None else []))
     with tempfile.TemporaryDirectory(prefix="lensflow-bench-") as tmp:
         tmp = Path(tmp)
         folder = args.folder or copy_folder(shared_data() / "hymenoptera_data", args.copies,
                                             tmp / "images")
-        bundle_path = make_bundle(tmp / "registry") if args.make_bundle else resolve_bundle(
-            args.model)
-        bundle = load_bundle(bundle_path)
-        files = walk_images(folder)
-        paths = [f.path for f in files]
-        workers = default_workers(len(files)) if args.workers is None else args.workers
-        # (a) and (c) alternate and each keeps its best round: on a shared machine the load
-        # changes from one minute to the next, and it should not favour either side.
-        a_runs, c_runs = [], []
-        for _ in range(args.repeat):
-            a_s, a_labels = run_lensflow(folder, bundle_path, tmp / "out", args)
-            a_runs.append(a_s)
-            c_runs.append(run_onnx_only(paths, bundle, args))
-        a_s, c_s = min(a_runs), min(c_runs)
-        b_s, b_labels = run_naive(paths, bundle, args, workers)
-    n = len(files)
-    figures = {
-        "images": n, "workers": workers, "batch_size": args.batch_size,
-        "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-        "a_lensflow_images_per_s": round(n / a_s, 2),
-        "b_naive_eager_images_per_s": round(n / b_s, 2),
-        "c_onnx_only_images_per_s": round(n / c_s, 2),
-        "a_over_b": round(b_s / a_s, 3), "a_over_c": round(c_s / a_s, 3),
-        "a_rounds_s": [round(x, 2) for x in a_runs], "c_rounds_s": [round(x, 2) for x in c_runs],
-        "top1_agreement_a_b": round(float(np.mean([x == y for x, y in
-                                                    zip(a_labels, b_labels, strict=True)])), 4),
-    }
-    for key, value in figures.items():
-        print(f"{key:30s} {value}")
+        cases = phone_cases(folder, args.phone, tmp / "cases") if args.phone else {"0.2MP": folder}
+        bundle_path = (make_bundle(tmp / "registry", args.arch, args.aoti) if args.make_bundle
+                       else resolve_bundle(args.model))
+        measured = {decoder: measure_in_child(decoder, cases, bundle_path, args)
+                    for decoder in decoders}
+        naive = None
+        if not args.no_naive:
+            files = walk_images(cases["0.2MP"])
+            workers = default_workers(len(files)) if args.workers is None else args.workers
+            b_s, b_labels = run_naive([f.path for f in files], load_bundle(bundle_path), args,
+                                      workers)
+            first = measured[decoders[0]]["0.2MP"][args.runtimes[0]]
+            naive = {"b_naive_eager_images_per_s": round(len(files) / b_s, 2),
+                     "a_over_b": round(b_s / first["e2e_s"], 3),
+                     "top1_agreement_a_b": round(float(np.mean(
+                         [x == y for x, y in zip(first["labels"], b_labels, strict=True)])), 4)}
+    figures = summarise(measured, naive, args)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return figures

@@ -121,12 +121,14 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
                   validation_inputs: object = None,
                   tolerances: ParityTolerances = ParityTolerances(),
                   plots_dir: Path | None = None, extra_files: dict[str, Path] | None = None,
-                  weights: bool = True, pt2: bool = True,
+                  weights: bool = True, pt2: bool = True, aoti: bool = False,
                   signing_key: str | Path | None = None) -> ExportResult:
     """Convert, check parity and commit ``<registry>/<name>/<version>/``.
 
     validation_inputs: a real batch — images as uint8 (N, H, W, 3) or normalised float
         (N, 3, H, W); collab as int (N, 2) user/item index pairs. Up to 256 rows are used.
+    aoti: also compile an AOTInductor package of each graph for this machine's CPU (minutes;
+        a failed compile is recorded as the graph's ``aoti_error`` and the bundle goes on).
     signing_key: Ed25519 private key PEM that signs the bundle digest (default
         ``$LENSFLOW_SIGNING_KEY``; unsigned when neither is set).
     Raises ``ParityError`` (after committing the bundle) when an export diverges.
@@ -141,7 +143,7 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
     validation = _validation_batches(specs, manifest, validation_inputs)
     with BundleWriter(registry, name) as writer:
         out = writer.dir
-        graphs = {spec.name: convert_graph(spec, out, pt2=pt2) for spec in specs}
+        graphs = {spec.name: convert_graph(spec, out, pt2=pt2, aoti=aoti) for spec in specs}
         if weights:
             save_model(model, str(out / WEIGHTS))
         report = run_gate(specs, graphs, out, manifest, tolerances, validation)

@@ -5,7 +5,11 @@ batch-norm into convolutions and inlines weights); ONNX goes through the torch.e
 exporter (``torch.onnx.export(dynamo=True)``, opset 18) with a symbolic ``batch`` axis and is
 checked with ``onnx.checker``; the ``.pt2`` ExportedProgram (``torch.export.export`` +
 ``torch.export.save``) is optional — a model torch.export cannot capture still gets the other two.
-See the PyTorch docs "torch.export-based ONNX exporter" and "TorchScript: tracing vs scripting".
+So is the AOTInductor package (``<name>.aoti.pt2``: ``torch._inductor.aoti_compile_and_package``
+of that program, compiled C++ for this machine's CPU, weights frozen in), which needs a C++
+compiler and minutes of CPU, and is made only when asked for.
+See the PyTorch docs "torch.export-based ONNX exporter", "TorchScript: tracing vs scripting" and
+"AOTInductor: Ahead-Of-Time Compilation for Torch.Export-ed Models".
 """
 
 from __future__ import annotations
@@ -135,6 +139,23 @@ def to_exported_program(spec: GraphSpec, path: Path | None) -> torch.export.Expo
     return program
 
 
+#: File suffix of an AOTInductor package (``.pt2`` alone is the ExportedProgram).
+AOTI_SUFFIX = ".aoti.pt2"
+
+
+def to_aoti_package(program: torch.export.ExportedProgram, path: Path) -> None:
+    """Compile the captured graph ahead of time for this machine's CPU into a ``.pt2`` package.
+
+    ``freezing`` folds the weights into the compiled code as constants, which lets Inductor
+    pre-pack convolution weights for oneDNN (the CPU speed-up the AOTInductor docs describe).
+    """
+    from torch._inductor import aoti_compile_and_package
+
+    with torch.no_grad():
+        aoti_compile_and_package(program, package_path=str(path),
+                                 inductor_configs={"freezing": True})
+
+
 def to_onnx(spec: GraphSpec, path: Path,
             program: torch.export.ExportedProgram | None = None) -> None:
     """Export to a single-file ONNX model at opset 18 with a symbolic batch axis, then check it."""
@@ -171,24 +192,36 @@ def describe_graph(spec: GraphSpec, files: dict[str, str | None]) -> dict:
     }
 
 
-def convert_graph(spec: GraphSpec, out_dir: Path, *, pt2: bool = True) -> dict:
-    """Write ``<name>.ts``, ``<name>.onnx`` and, where torch.export manages, ``<name>.pt2``.
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
-    Returns the graph's manifest entry; a failed ``.pt2`` is recorded there as ``pt2_error``.
+
+def convert_graph(spec: GraphSpec, out_dir: Path, *, pt2: bool = True,
+                  aoti: bool = False) -> dict:
+    """Write ``<name>.ts``, ``<name>.onnx`` and, where torch.export manages, ``<name>.pt2``
+    (and with ``aoti`` the compiled ``<name>.aoti.pt2``).
+
+    Returns the graph's manifest entry; a failed ``.pt2`` or AOTInductor compile is recorded
+    there as ``pt2_error`` or ``aoti_error``.
     """
     files: dict[str, str | None] = {"torchscript": f"{spec.name}.ts",
                                     "onnx": f"{spec.name}.onnx", "pt2": None}
     to_torchscript(spec, out_dir / files["torchscript"])
-    program, pt2_error = None, None
-    if pt2:
+    program, errors = None, {}
+    if pt2 or aoti:
         try:
-            program = to_exported_program(spec, out_dir / f"{spec.name}.pt2")
-            files["pt2"] = f"{spec.name}.pt2"
+            program = to_exported_program(spec, out_dir / f"{spec.name}.pt2" if pt2 else None)
+            files["pt2"] = f"{spec.name}.pt2" if pt2 else None
         except Exception as err:  # optional format: record why, keep the others
             (out_dir / f"{spec.name}.pt2").unlink(missing_ok=True)
-            pt2_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            errors["pt2_error"] = _first_line(err)
+    if aoti and program is not None:
+        target = out_dir / f"{spec.name}{AOTI_SUFFIX}"
+        try:
+            to_aoti_package(program, target)
+            files["aoti"] = target.name
+        except Exception as err:  # no compiler, an op Inductor cannot lower: keep the others
+            target.unlink(missing_ok=True)
+            errors["aoti_error"] = _first_line(err)
     to_onnx(spec, out_dir / files["onnx"], program)
-    entry = describe_graph(spec, files)
-    if pt2_error:
-        entry["pt2_error"] = pt2_error
-    return entry
+    return describe_graph(spec, files) | errors

@@ -1,6 +1,7 @@
 """The parity gate: exports must compute what the eager model computes, within tolerances.
 
-At export every graph is run in eager PyTorch (the reference), TorchScript and ONNX Runtime on
+At export every graph is run in eager PyTorch (the reference), TorchScript, the AOTInductor
+package when the bundle has one, and ONNX Runtime on
 a real validation batch (when given) and on random valid inputs at batch sizes 1, 7 and 64 — sizes
 the export never saw, which catches a batch axis baked in as a constant. An element passes when
 ``|a - b| <= atol + rtol * |b|`` (``numpy.allclose``'s rule, b the reference). Decisions must
@@ -29,6 +30,7 @@ from export.errors import BundleIntegrityError
 from export.formats import GraphSpec
 from export.manifest import thresholds_for
 from export.runtime import (
+    AotiRuntime,
     OnnxRuntime,
     Runtime,
     RuntimeUnavailableError,
@@ -172,8 +174,9 @@ def gate_runtimes(bundle_dir: Path, entry: dict, *, torchscript: bool = True,
                   files: dict | None = None) -> dict[str, Runtime]:
     """Runtime label → loaded graph, for every runtime worth comparing here.
 
-    entry: the graph's manifest entry (``files``, ``input``, ``outputs``). TorchScript (code, so
-    only when ``torchscript``) runs on the CPU; ONNX Runtime on the CPU and, where a GPU and the
+    entry: the graph's manifest entry (``files``, ``input``, ``outputs``). TorchScript and the
+    AOTInductor package when the bundle has one (code, so only when ``torchscript``) run on the
+    CPU; ONNX Runtime on the CPU and, where a GPU and the
     provider exist, on CUDA with TF32 off. A CUDA provider that fails to start is left out, as a
     machine without one would be.
     files: the manifest's file table; TorchScript bytes must then hash to what it lists.
@@ -185,6 +188,11 @@ def gate_runtimes(bundle_dir: Path, entry: dict, *, torchscript: bool = True,
         runtimes["torchscript"] = TorchScriptRuntime(
             bundle_dir / names["torchscript"], "cpu", entry.get("outputs") or (),
             entry.get("input", ""), sha256=expected)
+        if names.get("aoti"):
+            runtimes["aoti"] = AotiRuntime(
+                bundle_dir / names["aoti"], "cpu", entry.get("outputs") or (),
+                entry.get("input", ""),
+                sha256=((files or {}).get(names["aoti"]) or {}).get("sha256"))
     runtimes["onnxruntime-cpu"] = OnnxRuntime(bundle_dir / names["onnx"], "cpu")
     if onnx_cuda_available():
         try:

@@ -7,10 +7,18 @@ file Pillow opens to an upright (EXIF-rotated) RGB image, resize the shorter sid
 centre crop as the ImageNet reference scripts do, and map point coordinates between original
 pixels and the [-1, 1] frame of that crop. Training, export's parity sample and scoring all call
 these, so a model is trained on the pixels it is later scored on.
+
+JPEGs are decoded by libjpeg-turbo at the smallest power-of-two DCT scale that keeps the side the
+model needs (``jpeg_decode="dct-scaled"``, recorded in the manifest's preprocessing; ``"full"``
+decodes every pixel first). With the optional ``simplejpeg`` installed, that decode goes through
+it: the same library at the same scale, so the same pixels bit for bit, with less per-image work
+(``benchmarks/decoders.py`` measures both); without it Pillow's ``draft`` does it.
+``LENSFLOW_JPEG_DECODER=pil`` forces Pillow.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +30,11 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from export.errors import ManifestError
+
+try:  # optional: the same libjpeg-turbo pixels as Pillow's draft, with less work around them
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +52,16 @@ _PIL_FILTERS = {
     InterpolationMode.HAMMING: Image.Resampling.HAMMING,
 }
 RESIZE_FILTERS = tuple(m.value for m in _PIL_FILTERS)
+#: How a JPEG is decoded before the resize: at the smallest power-of-two DCT scale that keeps
+#: the side the model needs (libjpeg-turbo's scaled IDCT), or every pixel first.
+JPEG_DECODES = ("dct-scaled", "full")
+#: Environment variable that picks the JPEG library: auto (simplejpeg when installed) | pil.
+DECODER_ENV = "LENSFLOW_JPEG_DECODER"
+#: EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,7 @@ class Preprocessing:
     resize_size: shorter side an image is resized to before the centre crop at validation.
     mean, std: per-channel normalisation of RGB values scaled to [0, 1].
     interpolation: resize filter name (``bilinear`` | ``bicubic`` | ``nearest`` | ...).
+    jpeg_decode: ``dct-scaled`` (JPEGs decoded at reduced scale, see the module) | ``full``.
     """
 
     input_size: int = 224
@@ -56,8 +80,12 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    jpeg_decode: str = "dct-scaled"
 
     def __post_init__(self) -> None:
+        if self.jpeg_decode not in JPEG_DECODES:
+            raise ManifestError(f"preprocessing.jpeg_decode: {self.jpeg_decode!r} is not one of "
+                                f"{', '.join(JPEG_DECODES)}")
         if self.interpolation.lower() not in RESIZE_FILTERS:
             raise ManifestError(f"preprocessing.interpolation: unknown resize filter "
                                 f"{self.interpolation!r} (known: {', '.join(RESIZE_FILTERS)})")
@@ -83,6 +111,8 @@ class Preprocessing:
                 mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
                 std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
                 interpolation=str(d.get("interpolation", "bilinear")),
+                # Bundles written before the field existed were decoded DCT-scaled already.
+                jpeg_decode=str(d.get("jpeg_decode", "dct-scaled")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"preprocessing: {err!r} in {d!r}") from None
@@ -91,10 +121,13 @@ class Preprocessing:
         """The same recipe at another input size, keeping the resize/crop ratio."""
         ratio = self.resize_size / self.input_size
         return Preprocessing(input_size, round(input_size * ratio), self.mean, self.std,
-                             self.interpolation)
+                             self.interpolation, self.jpeg_decode)
 
-    def decode_side(self) -> int:
-        """Shortest side a validation decode needs (JPEGs are decoded at reduced scale to it)."""
+    def decode_side(self) -> int | None:
+        """Shortest side a validation decode needs (JPEGs are decoded at reduced scale to it);
+        None when ``jpeg_decode`` is ``full``."""
+        if self.jpeg_decode == "full":
+            return None
         return max(self.resize_size, self.input_size)
 
 
@@ -150,10 +183,56 @@ def open_rgb(path: str | Path, *, min_side: int | None = None) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             if min_side and im.format == "JPEG":
+                fast = _scaled_jpeg(im, min_side)
+                if fast is not None:
+                    return fast
                 im.draft("RGB", (min_side, min_side))
             im.seek(0)
             im.load()
             return to_rgb(upright(im))
+
+
+def jpeg_library() -> str:
+    """The library that decodes JPEGs here: ``simplejpeg`` when installed (unless
+    ``$LENSFLOW_JPEG_DECODER`` is ``pil``), else ``pil``."""
+    if simplejpeg is None or os.environ.get(DECODER_ENV, "auto").lower() == "pil":
+        return "pil"
+    return "simplejpeg"
+
+
+def _dct_scale(size: tuple[int, int], min_side: int) -> int:
+    """Pillow ``draft``'s scale: the largest of 8, 4, 2, 1 that keeps ``min_side`` pixels."""
+    scale = min(size) // min_side
+    return next((a for a in (8, 4, 2) if scale >= a), 1)
+
+
+def _scaled_jpeg(im: Image.Image, min_side: int) -> Image.Image | None:
+    """The upright RGB pixels Pillow's ``draft`` + ``load`` would give, decoded by simplejpeg;
+    None when it is not installed or not asked for, or for a JPEG it does not take (CMYK,
+    grayscale, a decoder error): the caller then decodes with Pillow."""
+    if im.mode != "RGB" or jpeg_library() != "simplejpeg":
+        return None
+    scale = _dct_scale(im.size, min_side)
+    width, height = (-(-im.width // scale), -(-im.height // scale))
+    try:
+        im.fp.seek(0)
+        data = im.fp.read()
+        # Exactly Pillow's scale: simplejpeg takes the smallest libjpeg-turbo scale at least
+        # this big. At 1/8 the IDCT reads DC coefficients only, so the fast IDCT and chroma
+        # upsampling give the same pixels for less work (tests/export/test_pixels_decode.py).
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height,
+                                        min_width=width, fastdct=scale == 8,
+                                        fastupsample=scale == 8)
+    except (ValueError, OSError, RuntimeError):
+        return None
+    if pixels.shape[:2] != (height, width):
+        return None
+    rgb = Image.fromarray(pixels)
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored, as upright() does
+        orientation = 1
+    return rgb.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else rgb
 
 
 def resize_and_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
@@ -215,3 +294,72 @@ def from_model_frame(coords: Sequence[float], size: tuple[int, int],
     sx, sy, left, top = crop_geometry(size, pre)
     xy = (np.asarray(coords, dtype=np.float64).reshape(-1, 2) + 1) / 2 * pre.input_size
     return ((xy + [left, top]) / [sx, sy]).reshape(-1).tolist()
+
+
+def decode_batch_cuda(paths: Sequence[str | Path], pre: Preprocessing,
+                      device: str = "cuda") -> tuple[object, list[int], list[tuple[int, str]]]:
+    """Decode JPEGs on the GPU (nvJPEG, one batched call) and resize and crop them there.
+
+    Returns (uint8 (n, input_size, input_size, 3) tensor on ``device``, indices of the paths it
+    holds, [(index, error)] of paths it could not decode). The decode is full-size (nvJPEG has
+    no DCT scaling) and the resize is torch's antialiased one on the GPU, so its pixels are close
+    to, not equal to, the CPU path's; ``benchmarks/gpu_check.sh`` measures the difference.
+    EXIF orientation is read from each header on the CPU and applied on the GPU. Files that are
+    not baseline/progressive JPEGs (or that nvJPEG refuses) are decoded on the CPU as usual.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas, orientations, indices, failed, cpu = [], [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                if im.format != "JPEG" or im.mode != "RGB":
+                    cpu.append(i)
+                    continue
+                orientations.append(im.getexif().get(_EXIF_ORIENTATION, 1))
+            datas.append(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8))
+            indices.append(i)
+        except Exception:  # an unreadable header: the CPU path below names the error
+            cpu.append(i)
+    crops = []
+    if datas:
+        try:
+            decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batched call: decode on the CPU instead
+            cpu += indices
+            decoded, indices, orientations = [], [], []
+        for image, orientation in zip(decoded, orientations, strict=True):
+            crops.append(_resize_and_crop_tensor(_upright_tensor(image, orientation), pre))
+    for i in sorted(cpu):
+        try:
+            crops.append(torch.from_numpy(decode_for_model(paths[i], pre).copy())
+                         .permute(2, 0, 1).to(device))
+            indices.append(i)
+        except Exception as err:  # the row's error, as on the CPU path
+            failed.append((i, f"{type(err).__name__}: {' '.join(str(err).split())}"))
+    size = pre.input_size
+    batch = (torch.stack(crops).permute(0, 2, 3, 1).contiguous() if crops
+             else torch.empty((0, size, size, 3), dtype=torch.uint8, device=device))
+    return batch, indices, failed
+
+
+def _upright_tensor(image, orientation: int):
+    """A CHW tensor turned as EXIF ``orientation`` says (the transposes of :data:`_UPRIGHT`)."""
+    if orientation in (2, 4):
+        return image.flip(-1 if orientation == 2 else -2)
+    if orientation == 3:
+        return image.flip(-1).flip(-2)
+    if orientation in (5, 7):  # transpose / transverse
+        image = image.transpose(-1, -2)
+        return image if orientation == 5 else image.flip(-1).flip(-2)
+    if orientation in (6, 8):
+        return image.rot90(-1 if orientation == 6 else 1, dims=(-2, -1))
+    return image
+
+
+def _resize_and_crop_tensor(image, pre: Preprocessing):
+    """torchvision v2 ``Resize(resize_size)`` + ``CenterCrop(input_size)`` of a uint8 CHW tensor
+    (antialiased, on whatever device it lives)."""
+    resized = F.resize(image, [pre.resize_size], interpolation=pre.mode, antialias=True)
+    return F.center_crop(resized, [pre.input_size, pre.input_size])

@@ -1,18 +1,23 @@
-"""The one runtime wrapper: a bundle's exported graph in ONNX Runtime or TorchScript.
+"""The one runtime wrapper: a bundle's exported graph in ONNX Runtime, TorchScript or AOTInductor.
 
-Both take a numpy batch and return ``{output_name: array}`` (in the graph's output order), so the
-parity gate and the scorers never care which one runs, and both are set up here alike: quiet
+All take a numpy batch and return ``{output_name: array}`` (in the graph's output order), so the
+parity gate and the scorers never care which one runs, and all are set up here alike: quiet
 sessions, intra-op threads = the cores this process may use (``os.sched_getaffinity``, not the
-machine's total), idle threads that do not spin. ONNX Runtime asks for its CUDA provider only
-when a GPU is really there (torch sees one *and* this ORT build has the provider), so CPU-only
-machines get no provider-failure spam; ``device="cuda"`` without one is a one-line
-:class:`RuntimeUnavailableError`.
+machine's total), idle threads that do not spin. TorchScript and AOTInductor packages are code
+(an AOTInductor ``.pt2`` holds a compiled shared library): they are loaded only when asked for,
+and only bytes that hash to what the bundle's pinned manifest lists. ONNX Runtime asks for its
+CUDA provider only when a GPU is really there (torch sees one *and* this ORT build has the
+provider), so CPU-only machines get no provider-failure spam; ``device="cuda"`` without one is a
+one-line :class:`RuntimeUnavailableError`. A CUDA session reads a CUDA torch tensor in place
+(IO binding), so a batch decoded on the GPU never visits the host.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,11 +29,11 @@ from export.formats import quiet_torchscript
 from export.loader_workers import available_cores
 from export.manifest import IMAGE_OUTPUTS
 
-KINDS = ("onnx", "torchscript")
+KINDS = ("onnx", "torchscript", "aoti")
 DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "aoti": ".aoti.pt2"}
 
 
 class RuntimeUnavailableError(ExportError):
@@ -111,9 +116,35 @@ class OnnxRuntime(Runtime):
         self.input_shape = list(self.session.get_inputs()[0].shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        values = self.session.run(self.output_names, {self.input_name: inputs})
+    def run(self, inputs) -> dict[str, np.ndarray]:
+        """Outputs of a numpy batch, or of a torch tensor; a CUDA tensor on a CUDA session is
+        bound in place (IO binding): the batch never visits the host, only the outputs do."""
+        if self.device == "cuda" and getattr(inputs, "is_cuda", False):
+            return self._run_bound(inputs)
+        values = self.session.run(self.output_names, {self.input_name: as_numpy(inputs)})
         return dict(zip(self.output_names, values, strict=True))
+
+    def _run_bound(self, images) -> dict[str, np.ndarray]:
+        import torch
+
+        images = images.contiguous()
+        # torch fills the tensor on its own stream; ORT reads it on another.
+        torch.cuda.current_stream(images.device).synchronize()
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", images.device.index or 0,
+                           torch.empty((), dtype=images.dtype).numpy().dtype,
+                           list(images.shape), images.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", images.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+
+def as_numpy(inputs) -> np.ndarray:
+    """A batch as a numpy array (a torch tensor is moved to the host first)."""
+    if hasattr(inputs, "detach"):
+        return inputs.detach().cpu().numpy()
+    return inputs
 
 
 def session_options(threads: int | None = None):
@@ -159,7 +190,9 @@ class TorchScriptRuntime(Runtime):
         import torch
 
         with torch.inference_mode():
-            result = self.module(torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device))
+            x = inputs if torch.is_tensor(inputs) else torch.from_numpy(
+                np.ascontiguousarray(inputs))
+            result = self.module(x.to(self.device))
         if isinstance(result, dict):
             return {k: v.cpu().numpy() for k, v in result.items()}
         if isinstance(result, torch.Tensor):
@@ -169,15 +202,66 @@ class TorchScriptRuntime(Runtime):
         return {name: t.cpu().numpy() for name, t in zip(names, result, strict=True)}
 
 
+class AotiRuntime(Runtime):
+    """An AOTInductor package (``torch._inductor.aoti_load_package``) on the CPU it was
+    compiled for, run under ``torch.inference_mode``.
+
+    The package holds a compiled shared library. Its bytes are read once, checked against
+    ``sha256`` and loaded from a private copy, so a file swapped after verification is never
+    run. threads: torch intra-op threads (the package's kernels use torch's OpenMP pool);
+    default every core this process may use.
+    """
+
+    kind = "aoti"
+
+    def __init__(self, path: Path, device: str = "auto",
+                 output_names: list[str] | tuple[str, ...] = IMAGE_OUTPUTS,
+                 input_name: str = "images", *, sha256: str | None = None,
+                 threads: int | None = None):
+        import torch
+        from torch._inductor import aoti_load_package
+
+        # Packages are compiled for the CPU at export; "auto" on a GPU machine still runs here.
+        if device == "cuda" or (device not in ("auto", "cpu")):
+            use_cuda(device)  # an unknown device or cuda without a GPU: the usual one line
+            raise RuntimeUnavailableError(
+                f"{path}: this AOTInductor package was compiled for the CPU, not CUDA")
+        self.device = "cpu"
+        data = Path(path).read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise BundleIntegrityError(f"{path}: sha256 differs from the manifest's; not loaded")
+        torch.set_num_threads(threads or available_cores())
+        with tempfile.TemporaryDirectory(prefix="lensflow-aoti-") as private:
+            copy = Path(private) / "model.pt2"
+            copy.write_bytes(data)
+            os.chmod(copy, 0o400)
+            self.module = aoti_load_package(str(copy))
+        self.input_name = input_name
+        self.output_names = list(output_names)
+
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            result = self.module(torch.as_tensor(np.ascontiguousarray(as_numpy(inputs))))
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        names = self.output_names if len(result) == len(self.output_names) \
+            else [f"output_{i}" for i in range(len(result))]
+        return {name: t.numpy() for name, t in zip(names, result, strict=True)}
+
+
 def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
                       graph: str = "model", *, threads: int | None = None) -> Runtime:
-    """Load ``<graph>.onnx`` or ``<graph>.ts`` of a bundle (files as its manifest names them).
+    """Load ``<graph>.onnx``, ``<graph>.ts`` or ``<graph>.aoti.pt2`` of a bundle (files as its
+    manifest names them).
 
-    TorchScript is loaded only when ``kind`` asks for it, and only bytes that hash to what the
-    bundle's pinned manifest lists. An image graph whose input size differs from the manifest's
-    ``preprocessing.input_size`` is refused in one line.
+    TorchScript and AOTInductor (code) are loaded only when ``kind`` asks for them, and only
+    bytes that hash to what the bundle's pinned manifest lists. An image graph whose input size
+    differs from the manifest's ``preprocessing.input_size`` is refused in one line.
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU).
-    threads: ONNX Runtime intra-op threads; default the cores available to this process.
+    threads: ONNX Runtime (or torch, for AOTInductor) intra-op threads; default the cores
+        available to this process.
     """
     if kind not in KINDS:
         raise RuntimeUnavailableError(f"runtime must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -193,8 +277,12 @@ def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
     if bundle.has_file(onnx_file):
         check_graph_input(bundle, graph, onnx_input_shape(bundle.file(onnx_file)), onnx_file)
     input_name, output_names = _graph_io(bundle, graph, declared)
+    sha256 = bundle.manifest["files"][relpath].get("sha256")
+    if kind == "aoti":
+        return AotiRuntime(bundle.file(relpath), device, output_names, input_name,
+                           sha256=sha256, threads=threads)
     return TorchScriptRuntime(bundle.file(relpath), device, output_names, input_name,
-                              sha256=bundle.manifest["files"][relpath].get("sha256"))
+                              sha256=sha256)
 
 
 def onnx_input_shape(path: Path) -> list:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from export.loader_workers import available_cores, worker_context
-from export.pixels import Preprocessing, decode_for_model, is_image_name
+from export.pixels import Preprocessing, decode_batch_cuda, decode_for_model, is_image_name
 from scoring.errors import ImageFolderError
 
 #: Below this many files, worker start-up costs more than decoding in the main process.
@@ -186,7 +186,9 @@ class DecodedBatch:
     """Decoded images of one batch, and the rows that failed, each by file index."""
 
     indices: np.ndarray  # int64 (n,)
-    images: torch.Tensor  # uint8 (n, H, W, 3); a tensor so workers pass it through shared memory
+    #: uint8 (n, H, W, 3); a tensor so workers pass it through shared memory (on the GPU when
+    #: decoded there)
+    images: torch.Tensor
     failed: tuple[tuple[int, str], ...]
 
 
@@ -199,6 +201,19 @@ def collate_decoded(items: list[tuple[int, np.ndarray | None, str | None]]) -> D
     else:
         images = torch.empty((0, 0, 0, 3), dtype=torch.uint8)
     return DecodedBatch(np.array([i for i, _ in good], dtype=np.int64), images, failed)
+
+
+def gpu_decoded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
+                        device: str = "cuda") -> Iterator[DecodedBatch]:
+    """Batches of ``files`` decoded on the GPU (:func:`export.pixels.decode_batch_cuda`), in
+    file order; the images stay on ``device`` for a runtime that reads them there."""
+    for start in range(0, len(files), batch_size):
+        part = files[start:start + batch_size]
+        images, indices, failed = decode_batch_cuda([f.path for f in part], spec, device)
+        order = np.argsort(indices, kind="stable")
+        yield DecodedBatch(np.asarray(indices, dtype=np.int64)[order] + start,
+                           images[torch.as_tensor(order, device=images.device)],
+                           tuple((i + start, error) for i, error in failed))
 
 
 def default_workers(n_files: int) -> int:

@@ -27,7 +27,7 @@ from export.bundle import Bundle, load_bundle, resolve_bundle
 from export.errors import ExportError
 from export.manifest import IMAGE_TASKS
 from export.pixels import IMAGE_SUFFIXES, Preprocessing
-from export.runtime import Runtime
+from export.runtime import Runtime, cuda_present
 from scoring.bundle_cache import cached_bundle, keep, where
 from scoring.errors import BundleRefError, ImageFolderError
 from scoring.image_folder import (
@@ -35,6 +35,7 @@ from scoring.image_folder import (
     FolderWalk,
     ImageFile,
     decoded_batches,
+    gpu_decoded_batches,
     walk_folder,
 )
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
@@ -174,9 +175,11 @@ def score_image_shard(job: ImageShardJob, progress: Progress | None = None) -> S
     bundle = cached_bundle(job.bundle_path, job.bundle_sha256, open_image_bundle)
     files, options = list(job.files), job.options
     workers = 0 if multiprocessing.current_process().daemon else options.workers
-    # Decoding workers start now, while the runtime loads (a no-op when it is cached).
-    batches = decoded_batches(files, Preprocessing.from_dict(bundle.manifest["preprocessing"]),
-                              options.batch_size, workers)
+    spec = Preprocessing.from_dict(bundle.manifest["preprocessing"])
+    if options.gpu_decode and options.device != "cpu" and cuda_present():
+        batches = gpu_decoded_batches(files, spec, options.batch_size)
+    else:  # decoding workers start now, while the runtime loads (a no-op when it is cached)
+        batches = decoded_batches(files, spec, options.batch_size, workers)
     rt = shard_runtime(bundle, options.runtime, options.device, job.threads)
     builder = RowBuilder(bundle, top_k=options.top_k, output=score_output_name(rt.output_names))
     pending = with_runtime(job.pending, rt)
@@ -252,7 +255,7 @@ def write_scored_batches(batches: Iterable[DecodedBatch], files: list[ImageFile]
     """
     scored = failed = 0
     for batch in batches:
-        outputs = rt.run(batch.images.numpy())[builder.output] if len(batch.indices) else None
+        outputs = rt.run(batch.images)[builder.output] if len(batch.indices) else None
         writer.write(builder.rows(files, batch, outputs))
         scored += len(batch.indices)
         failed += len(batch.failed)

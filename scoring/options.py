@@ -14,7 +14,7 @@ from scoring.errors import ScoringError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-Runtime = Literal["onnx", "torchscript"]
+Runtime = Literal["onnx", "torchscript", "aoti"]
 Device = Literal["auto", "cpu", "cuda"]
 Options = TypeVar("Options", bound="RuntimeOptions")
 
@@ -27,7 +27,8 @@ class RuntimeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    runtime: Runtime = Field("onnx", description="onnx | torchscript: which exported graph runs")
+    runtime: Runtime = Field("onnx", description="onnx | torchscript | aoti (an AOTInductor "
+                             "package, when the bundle has one): which exported graph runs")
     device: Device = Field("auto", description="auto | cpu | cuda")
 
     def updated(self: Options, **changes) -> Options:
@@ -51,6 +52,8 @@ class ImageScoreOptions(ScoreOptions):
     top_k: PositiveInt = Field(5, description="best classes kept per image")
     incremental: bool = Field(False, description="skip files an earlier partition scored with "
                               "this model version")
+    gpu_decode: bool = Field(False, description="decode JPEGs on the GPU (nvJPEG, full size, "
+                             "torch resize) when one is there; CPU decoding otherwise")
 
 
 class RecScoreOptions(ScoreOptions):

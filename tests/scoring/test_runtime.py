@@ -130,3 +130,23 @@ def test_bundle_from_the_real_exporter_runs_in_both_runtimes(tmp_path):
     eager = torch.softmax(model((torch.from_numpy(images).permute(0, 3, 1, 2) / 255 - 0.5)
                                 / 0.25), dim=1).detach().numpy()
     np.testing.assert_allclose(a["scores"], eager, rtol=1e-4, atol=1e-5)
+
+
+def test_aoti_without_a_package_in_the_bundle_is_one_scoring_error(bundle, tmp_path):
+    with pytest.raises(RuntimeUnavailableError, match="has no model.aoti.pt2"):
+        open_runtime(bundle, "aoti", "cpu")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_images(1)[0]).save(tmp_path / "in" / "a.png")
+    with pytest.raises(scoring_errors.RuntimeUnavailableError, match="aoti"):
+        score_image_folder(tmp_path / "in", bundle.path, tmp_path / "out", runtime="aoti",
+                           workers=0)
+
+
+def test_runtimes_take_torch_tensors_as_well_as_numpy(bundle):
+    import torch
+
+    images = _images(3, seed=7)
+    for kind in ("onnx", "torchscript"):
+        rt = open_runtime(bundle, kind, "cpu")
+        np.testing.assert_array_equal(rt.run(torch.from_numpy(images))["scores"],
+                                      rt.run(images)["scores"])
