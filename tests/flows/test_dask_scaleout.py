@@ -429,8 +429,18 @@ class RealCluster:
         return [main, *main.children(recursive=True)]
 
     def lensflow(self, *args: str, env: dict) -> subprocess.CompletedProcess:
-        return subprocess.run([str(Path(sys.executable).parent / "lensflow"), *args], env=env,
-                              cwd=REPO, text=True, capture_output=True, timeout=300)
+        """Run the CLI in its own process group: on a timeout, a temporary Prefect server it
+        started goes down with it."""
+        from test_prefect_e2e import _stop
+
+        command = [str(Path(sys.executable).parent / "lensflow"), *args]
+        with subprocess.Popen(command, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=300)
+            finally:
+                _stop(proc)
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
     def assert_workers_started_no_server(self) -> None:
         """No Prefect server process under the workers; only ``dask worker`` and its worker
@@ -528,15 +538,14 @@ def test_a_flow_on_a_temporary_server_lends_it_to_workers_on_this_machine(
                                  "--dask-address", real_cluster.address, env=env)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output + real_cluster.stack.log_tail("workers")
-    match = re.search(r"the shards report to this flow's temporary Prefect server at "
-                      r"(http://127\.0\.0\.1:\d+/api)", " ".join(output.split()))
-    assert match, output
     # That server is gone with the flow; its database holds the shards' final states.
     with sqlite3.connect(home / "prefect.db") as db:
         shards = dict(db.execute("SELECT name, state_name FROM task_run WHERE name LIKE "
                                  "'score-image-shard-%'"))
     assert shards == {f"score-image-shard-{i}": "Completed" for i in range(3)}
     real_cluster.assert_workers_started_no_server()
+    assert re.search(r"the shards report to this flow's temporary Prefect server at "
+                     r"http://127\.0\.0\.1:\d+/api", " ".join(output.split())), output
 
 
 @pytest.mark.slow
