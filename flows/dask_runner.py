@@ -159,7 +159,7 @@ def _run_shard_tasks(shard_task, jobs: Sequence, address: str | None,
                 continue
             if not local:
                 notify({"event": "advance", "n": results[i].items})
-        if not local:
+        if not local and not failures:  # a failed run fails now, not after the wait
             _wait_for_shard_records([future.task_run_id for future in futures], log)
     if failures:
         raise min(failures, key=lambda failure: failure[0])[1]
