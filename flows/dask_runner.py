@@ -13,19 +13,37 @@ here every shard's file list — in its database.)
 
 Dask reruns a task whose worker died (``distributed.scheduler.allowed-failures``, 3 by default);
 Prefect retries one that raised a storage error. Either way the rerun replaces its own parts.
+
+Every shard reports to the Prefect API of the flow run that submitted it. ``prefect-dask`` sends
+the flow's settings with each task and the worker runs the task under them, so the workers need no
+Prefect settings of their own; but a flow on a temporary server (no ``PREFECT_API_URL``) has no URL
+in its settings, and each worker process would then start a temporary server of its own. So the
+shards are submitted under the URL the flow really talks to, with temporary servers forbidden, and
+a temporary server (it listens on 127.0.0.1) is refused for a cluster on other hosts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import socket
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import as_completed
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+    temporary_settings,
+)
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from export.loader_workers import available_cores
@@ -38,6 +56,9 @@ DASK_ADDRESS_ENV = "LENSFLOW_DASK_ADDRESS"
 #: Shards of a run on a Dask cluster unless the run says: enough to keep a few dozen worker
 #: threads busy, and small enough pieces that a retried shard repeats little work.
 DASK_DEFAULT_SHARDS = 16
+#: How long a flow waits for the Prefect API to record its shards' final states (sent by the
+#: workers as events, a moment after each shard returns).
+SHARD_RECORD_TIMEOUT_S = 30.0
 #: Shard tasks retry storage errors; Dask itself reruns a shard whose worker died.
 _SHARD_RETRIES = {"retries": len(STORAGE_RETRY_DELAYS), "retry_delay_seconds": STORAGE_RETRY_DELAYS,
                   "retry_condition_fn": retry_on_storage_error}
@@ -94,9 +115,11 @@ def shard_runner(address: str | None) -> RunShards:
 
 def _with_worker_threads(score_shard: Callable[..., ShardResult]) -> Callable[..., ShardResult]:
     """``score_shard`` with the job's runtime threads, unless it names them, set to the Dask
-    worker's ``OMP_NUM_THREADS`` (its nanny sets it to spread the cores over worker threads)."""
+    worker's ``OMP_NUM_THREADS`` (its nanny sets it to spread the cores over worker threads);
+    first it checks that the flow's Prefect API answers from this worker."""
     @functools.wraps(score_shard)
     def on_worker(job, progress=None) -> ShardResult:
+        _check_flow_api(job.shard)
         try:
             threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
         except ValueError:
@@ -116,11 +139,14 @@ def _run_shard_tasks(shard_task, jobs: Sequence, address: str | None,
     notify = progress or (lambda event: None)
     log = get_run_logger()
     with shard_task_runner(address, len(jobs)) as runner:
+        reporting = contextlib.nullcontext()
         if address is not None:
-            _connect(runner, address, log)
+            reporting = _reporting_to_flow_api(_connect(runner, address, log), address, log)
         local = address is None
-        futures = {runner.submit(shard_task, {"job": job, "progress": notify if local else None}):
-                   i for i, job in enumerate(jobs)}
+        with reporting:  # prefect-dask copies the settings into each task as it is submitted
+            futures = {runner.submit(shard_task,
+                                     {"job": job, "progress": notify if local else None}): i
+                       for i, job in enumerate(jobs)}
         results: list = [None] * len(jobs)
         failures: list[tuple[int, BaseException]] = []
         for future in as_completed(list(futures)):
@@ -133,13 +159,40 @@ def _run_shard_tasks(shard_task, jobs: Sequence, address: str | None,
                 continue
             if not local:
                 notify({"event": "advance", "n": results[i].items})
+        if not local and not failures:  # a failed run fails now, not after the wait
+            _wait_for_shard_records([future.task_run_id for future in futures], log)
     if failures:
         raise min(failures, key=lambda failure: failure[0])[1]
     return results
 
 
-def _connect(runner, address: str, log) -> None:
-    """Connect before submitting, so an unreachable scheduler is one clear line."""
+def _wait_for_shard_records(task_run_ids: list, log,
+                            timeout: float = SHARD_RECORD_TIMEOUT_S) -> None:
+    """Wait until the flow's API holds every shard's final state.
+
+    A worker reports a task's final state as an event after the task returns; without this a
+    flow on a temporary server could stop it first, and a finished flow run would briefly show
+    its shards still running.
+    """
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    client = FlowRunContext.get().client
+    wanted = TaskRunFilter(id=TaskRunFilterId(any_=task_run_ids))
+    deadline = time.monotonic() + timeout
+    while True:
+        recorded = {run.id for run in client.read_task_runs(task_run_filter=wanted)
+                    if run.state is not None and run.state.is_final()}
+        missing = len(set(task_run_ids) - recorded)
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if missing:
+        log.warning("%d of %d shard task runs have no final state in the Prefect API after "
+                    "%.0f s", missing, len(task_run_ids), timeout)
+
+
+def _connect(runner, address: str, log):
+    """Connect before submitting, so an unreachable scheduler is one clear line; the client."""
     try:
         client = runner.client
     except (OSError, TimeoutError) as err:
@@ -152,3 +205,112 @@ def _connect(runner, address: str, log) -> None:
     else:
         log.warning("Dask cluster at %s has no workers yet; shards wait until some join",
                     address)
+    return client
+
+
+def shard_api_url(configured: str | None, flow_api: str, hosts_elsewhere: Collection[str],
+                  address: str) -> str:
+    """The Prefect API the shards report to: the flow run's own.
+
+    configured: ``PREFECT_API_URL`` where the flow runs; None when the flow runs on a temporary
+    server at ``flow_api``. hosts_elsewhere: the cluster's hosts that are not this machine, which
+    cannot reach a server on this machine's loopback address.
+    """
+    api_url = configured or flow_api
+    if hosts_elsewhere and _is_loopback(urlsplit(api_url).hostname or ""):
+        workers = f"Dask workers on {', '.join(sorted(hosts_elsewhere))} cannot reach"
+        if configured is None:
+            raise DaskClusterError(
+                f"dask_address {address}: this flow runs on a temporary Prefect server "
+                f"({flow_api}) that {workers}; start a real one (prefect server start --host "
+                f"0.0.0.0) and set PREFECT_API_URL=http://THAT_HOST:4200/api where the flow runs")
+        raise DaskClusterError(
+            f"dask_address {address}: PREFECT_API_URL {configured} is a loopback address that "
+            f"{workers}; set it to an address of the Prefect server they can reach")
+    return api_url
+
+
+def _reporting_to_flow_api(client, address: str, log):
+    """Settings under which to submit the shards: the flow's API URL, no temporary servers."""
+    configured = PREFECT_API_URL.value()
+    flow_api = str(FlowRunContext.get().client.api_url).rstrip("/")
+    elsewhere = {host for host in _cluster_hosts(client, address) if not _on_this_machine(host)}
+    api_url = shard_api_url(configured, flow_api, elsewhere, address)
+    if configured is None:
+        log.info("no PREFECT_API_URL: the shards report to this flow's temporary Prefect server "
+                 "at %s (a cluster on other hosts needs a real server)", api_url)
+    return temporary_settings(updates={PREFECT_API_URL: api_url,
+                                       PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False})
+
+
+def _cluster_hosts(client, address: str) -> set[str]:
+    from distributed.comm import get_address_host
+
+    return {get_address_host(a) for a in (address, *client.nthreads())}
+
+
+@functools.lru_cache(maxsize=64)
+def _on_this_machine(host: str) -> bool:
+    """Whether ``host`` is an address of this machine: loopback, or one a socket can bind to."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        if _is_loopback(sockaddr[0]):
+            return True
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_flow_api(shard: int) -> None:
+    """On a worker: the flow's Prefect API (the task's settings carry it) answers and is the one
+    this worker process sends its task events to, else one line (the shard would run, but what it
+    reports would not arrive)."""
+    context = TaskRunContext.get()
+    if context is None:  # called outside a task run: nothing reports anywhere
+        return
+    api_url = str(context.client.api_url).rstrip("/")
+    where = f"shard {shard} on {socket.gethostname()}"
+    other = _events_api_elsewhere(api_url)
+    if other:
+        raise DaskClusterError(
+            f"{where}: this Dask worker process sends Prefect events to {other}, not to this "
+            f"flow's API {api_url}; a worker process reports to one Prefect API, so restart the "
+            f"workers (or give each Prefect server its own cluster)")
+    error = context.client.api_healthcheck()
+    if error is not None:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DaskClusterError(
+            f"{where}: the flow's Prefect API {api_url} does not answer from this Dask worker "
+            f"({reason}); the workers must reach the flow's PREFECT_API_URL")
+
+
+def _events_api_elsewhere(api_url: str) -> str | None:
+    """The other Prefect API this process's events worker already sends to, if any.
+
+    Prefect keeps one events worker per process, bound to the API of the first task that sent
+    an event; a later flow on another API would lose its shards' states.
+    """
+    from prefect.events.worker import EventsWorker
+
+    for service in list(EventsWorker._instances.values()):
+        sent_to = getattr(getattr(service, "_client", None), "_api_url", None)
+        if (isinstance(service, EventsWorker) and not service._stopped and sent_to
+                and str(sent_to).rstrip("/") != api_url):
+            return str(sent_to).rstrip("/")
+    return None

@@ -5,23 +5,35 @@ The cluster tests start a ``distributed.LocalCluster`` of two single-threaded wo
 scheduler. What a user would check: the partition equals the single-process run row for row,
 each worker verified the bundle once, and a worker killed in the middle of a shard still leaves
 every row exactly once.
+
+The ``e2e`` tests at the end run what an operator runs — ``prefect server start``, ``dask
+scheduler``, ``dask worker --nworkers 2 --nthreads 1`` with no Prefect API in its environment, and
+``lensflow score images ... --dask-address`` — and check where the shards' task runs land, that
+no worker started a Prefect server of its own, and that stopped workers leave no process behind.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from flow_test_data import make_images
+from paths import REPO
 from tiny_image_bundle import make_image_bundle
 
 from flows.dask_runner import DASK_ADDRESS_ENV, DaskClusterError, resolve_dask_address
@@ -346,3 +358,203 @@ def test_a_worker_killed_mid_shard_still_commits_every_row_exactly_once(
     expected = sorted(f.relpath for f in walk_images(data["images"]))
     assert rows["path"].tolist() == expected  # every file, exactly once
     assert not list(Path(state.result()["partition"]).glob(".*"))
+
+
+# --- which Prefect API the shards report to ------------------------------------------------------
+
+
+def test_shards_report_to_the_flows_api_and_a_remote_cluster_needs_a_reachable_one():
+    from flows.dask_runner import shard_api_url
+
+    temporary, real = "http://127.0.0.1:8420/api", "http://prefect.internal:4200/api"
+    # No PREFECT_API_URL: the flow's temporary server, which a cluster on this machine can reach.
+    assert shard_api_url(None, temporary, set(), "tcp://127.0.0.1:8786") == temporary
+    assert shard_api_url(real, temporary, {"10.0.0.7"}, "tcp://10.0.0.5:8786") == real
+    with pytest.raises(DaskClusterError, match=r"^dask_address tcp://10\.0\.0\.5:8786: this flow "
+                       r"runs on a temporary Prefect server \(http://127\.0\.0\.1:8420/api\) that "
+                       r"Dask workers on 10\.0\.0\.5, 10\.0\.0\.7 cannot reach; .* set "
+                       r"PREFECT_API_URL=http://THAT_HOST:4200/api where the flow runs$"):
+        shard_api_url(None, temporary, {"10.0.0.7", "10.0.0.5"}, "tcp://10.0.0.5:8786")
+    with pytest.raises(DaskClusterError, match=r"PREFECT_API_URL http://localhost:4200/api is a "
+                       r"loopback address that Dask workers on 10\.0\.0\.7 cannot reach"):
+        shard_api_url("http://localhost:4200/api", temporary, {"10.0.0.7"}, "tcp://10.0.0.5:8786")
+
+
+def test_a_shard_whose_worker_cannot_report_to_the_flows_api_fails_in_one_line(prefect_api,
+                                                                              monkeypatch):
+    from prefect import flow, task
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events.worker import EventsWorker
+
+    from flows.dask_runner import _check_flow_api
+
+    @flow
+    def checked() -> str:
+        state = task(_check_flow_api)(3, return_state=True)
+        return str(state.result(raise_on_failure=False))
+
+    fails = r"shard 3 on .+: {} the workers must reach the flow's PREFECT_API_URL"
+    with monkeypatch.context() as patch:
+        patch.setattr(SyncPrefectClient, "api_healthcheck",
+                      lambda self: ConnectionRefusedError("[Errno 111] Connection refused"))
+        assert re.fullmatch(fails.format(r"the flow's Prefect API http://127\.0\.0\.1:\d+/api "
+                                         r"does not answer from this Dask worker \(\[Errno 111\] "
+                                         r"Connection refused\);"), checked())
+    # A worker process whose events already go to another API (an earlier flow's).
+    elsewhere = object.__new__(EventsWorker)
+    elsewhere._stopped, elsewhere._client = False, type("C", (), {"_api_url": "http://10.9.9.9/api"})
+    monkeypatch.setitem(EventsWorker._instances, -17, elsewhere)
+    assert re.fullmatch(r"shard 3 on .+: this Dask worker process sends Prefect events to "
+                        r"http://10\.9\.9\.9/api, not to this flow's API "
+                        r"http://127\.0\.0\.1:\d+/api; a worker process reports to one Prefect "
+                        r"API, so restart the workers \(or give each Prefect server its own "
+                        r"cluster\)", checked())
+
+
+# --- a real `prefect server`, `dask scheduler` and `dask worker` (issue 17) --------------------
+
+
+@dataclass
+class RealCluster:
+    """A ``prefect server start`` (``stack``) and a ``dask scheduler`` with ``dask worker
+    --nworkers 2 --nthreads 1``, each in its own process group; the workers' environment has no
+    ``PREFECT_API_URL``."""
+
+    stack: object
+    address: str
+    workers: subprocess.Popen
+
+    def worker_processes(self) -> list[psutil.Process]:
+        main = psutil.Process(self.workers.pid)
+        return [main, *main.children(recursive=True)]
+
+    def lensflow(self, *args: str, env: dict) -> subprocess.CompletedProcess:
+        """Run the CLI in its own process group: on a timeout, a temporary Prefect server it
+        started goes down with it."""
+        from test_prefect_e2e import _stop
+
+        command = [str(Path(sys.executable).parent / "lensflow"), *args]
+        with subprocess.Popen(command, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=300)
+            finally:
+                _stop(proc)
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+    def assert_workers_started_no_server(self) -> None:
+        """No Prefect server process under the workers; only ``dask worker`` and its worker
+        processes listen on a port."""
+        main = psutil.Process(self.workers.pid)
+        processes, dask_processes = self.worker_processes(), {main, *main.children()}
+        commands = [" ".join(p.cmdline()) for p in processes]
+        assert not [c for c in commands if "uvicorn" in c or "prefect" in c], commands
+        listening = {p for p in processes for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening and listening <= dask_processes, commands
+
+
+@pytest.fixture(scope="module")
+def real_cluster(tmp_path_factory):
+    import distributed
+    from test_prefect_e2e import PrefectStack, _environment, _free_port, _stop
+
+    root = tmp_path_factory.mktemp("real-cluster")
+    port, dask_port = _free_port(), _free_port()
+    stack = PrefectStack(root, _environment(root, port), f"http://127.0.0.1:{port}/api")
+    # The workers (and the scheduler, which unpickles the task graph) get lensflow's environment
+    # but no Prefect API: Prefect's default profile lets a process start a temporary server.
+    bare = {k: v for k, v in stack.env.items() if k != "PREFECT_API_URL"}
+    address = f"tcp://127.0.0.1:{dask_port}"
+    dask = str(Path(sys.executable).parent / "dask")
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = open(root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([dask, *args], env=bare, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        stack.processes.append(proc)
+        return proc
+
+    try:
+        server = stack.start("server", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port))
+        start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(dask_port),
+              "--no-dashboard")
+        workers = start("workers", "worker", address, "--nworkers", "2", "--nthreads", "1",
+                        "--no-dashboard")
+        with distributed.Client(address, timeout=120) as client:
+            client.wait_for_workers(2, timeout=180)
+        stack.wait_for_health(server)
+        yield RealCluster(stack, address, workers)
+    finally:
+        for proc in reversed(stack.processes):
+            _stop(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_cli_shards_on_real_workers_report_to_the_flows_server(data, tmp_path, real_cluster):
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    stack = real_cluster.stack
+    done = real_cluster.lensflow("score", "images", str(data["images"]), "--model",
+                                 str(data["model"]), "--out", str(tmp_path), "--run-date",
+                                 DAY.isoformat(), "--shards", "4", "--dask-address",
+                                 real_cluster.address, env=stack.env)
+    assert done.returncode == 0, done.stdout + done.stderr + stack.log_tail("workers")
+    assert "scored 27 of 28 images (1 failed" in done.stdout
+    with stack.client() as client:
+        (run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["score-image-folder"])))
+        assert run.state.is_completed()
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[run.id])))
+    shards = {t.name: t.state.name for t in tasks if t.name.startswith("score-image-shard")}
+    # Every shard, already final when the flow run ended (the flow waits for the records).
+    assert shards == {f"score-image-shard-{i}": "Completed" for i in range(4)}
+    real_cluster.assert_workers_started_no_server()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_flow_on_a_temporary_server_lends_it_to_workers_on_this_machine(
+        data, tmp_path, real_cluster):
+    import distributed
+
+    # Fresh worker processes: a process reports to one Prefect API, here so far the real server.
+    with distributed.Client(real_cluster.address, timeout=60) as client:
+        client.restart(wait_for_workers=True, timeout=180)
+    home = tmp_path / "prefect-home"
+    env = {**{k: v for k, v in real_cluster.stack.env.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(home)}
+    done = real_cluster.lensflow("score", "images", str(data["images"]), "--model",
+                                 str(data["model"]), "--out", str(tmp_path / "out"),
+                                 "--run-date", DAY.isoformat(), "--shards", "3",
+                                 "--dask-address", real_cluster.address, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output + real_cluster.stack.log_tail("workers")
+    # That server is gone with the flow; its database holds the shards' final states.
+    with sqlite3.connect(home / "prefect.db") as db:
+        shards = dict(db.execute("SELECT name, state_name FROM task_run WHERE name LIKE "
+                                 "'score-image-shard-%'"))
+    assert shards == {f"score-image-shard-{i}": "Completed" for i in range(3)}
+    real_cluster.assert_workers_started_no_server()
+    assert re.search(r"the shards report to this flow's temporary Prefect server at "
+                     r"http://127\.0\.0\.1:\d+/api", " ".join(output.split())), output
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_stopped_workers_leave_no_process_behind(real_cluster):
+    """As an operator stops them: SIGTERM to ``dask worker``; every process under it ends."""
+    processes = real_cluster.worker_processes()
+    assert len(processes) >= 3  # `dask worker` (the nannies) and its two worker processes
+    real_cluster.workers.send_signal(signal.SIGTERM)
+    real_cluster.workers.wait(timeout=60)
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
