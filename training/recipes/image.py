@@ -148,7 +148,7 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     result = fine_tune(learner, options.epochs, base_lr=options.lr,
                        freeze_epochs=options.freeze_epochs, early_stopping=stopper,
                        precompute=options.precompute, plots_dir=plots_dir,
-                       train_plain=train_plain)
+                       train_plain=train_plain, schedule=options.sgdr())
 
     final, outputs = task.evaluate(learner, prep, plots_dir)
     spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),
