@@ -96,6 +96,8 @@ def tta_cost(out_dir: Path, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="ants,pets")
+    parser.add_argument("--schedules", default="one_cycle,sgdr",
+                        help="run only these (the ratios need both)")
     parser.add_argument("--size", type=int, default=128, help="input side in pixels")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="keep training outputs here")
@@ -108,7 +110,8 @@ def main() -> None:
             spec = TASKS[task]
             data, recipe = prepare(task)
             metric, rows = spec["metric"], {}
-            for name, schedule in SCHEDULES.items():
+            for name in args.schedules.split(","):
+                schedule = SCHEDULES[name]
                 start = time.perf_counter()
                 result = recipe(data, base / task / name, size=args.size, **COMMON,
                                 **spec["train"], **schedule, progress=epoch_line)
@@ -119,6 +122,8 @@ def main() -> None:
                 print(f"{task} {name:9s} {metric} {m[metric]:.4f}  with TTA "
                       f"{m['tta'][metric]:.4f}  best epoch {result.best_epoch}  "
                       f"wall {rows[name]['seconds']:.0f} s", flush=True)
+            if len(rows) < 2:
+                continue
             one, sgdr = rows["one_cycle"], rows["sgdr"]
             cost = tta_cost(base / task / "sgdr")
             wall = sgdr["seconds"] / one["seconds"]
