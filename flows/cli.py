@@ -185,7 +185,7 @@ def export_cmd(
         load_signing_key(sign_key)  # a bad key fails before the export starts
         # The publish step reads the key from the environment; this process ends after export.
         os.environ[SIGNING_KEY_ENV] = str(sign_key)
-    result = export_training_output(train_out, registry, name, export)
+    result = export_training_output(train_out, registry, name, options=export)
     out.print(result.parity.to_markdown())
     out.print(f"bundle: {result.bundle_path}\nsha256: {result.sha256}")
 
