@@ -107,7 +107,7 @@ def export_task(train_out: Path, registry: str, name: str, *, recipe: str,
 
     key = f"train-{recipe}-parity"
     try:
-        result = export_training_output(train_out, registry, name, export)
+        result = export_training_output(train_out, registry, name, options=export)
     except ParityError as err:
         if err.report is not None:
             publish_markdown(err.report.to_markdown(), key=key,

@@ -38,5 +38,5 @@ def publish(train_out: str | Path, registry: str | Path, name: str,
     """Export, gate on parity, promote: ``(ExportResult, path of the current pointer)``."""
     from export.bundle import promote
 
-    result = export_training_output(train_out, registry, name, options)
+    result = export_training_output(train_out, registry, name, options=options)
     return result, promote(result.bundle_path)
