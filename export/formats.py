@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from export.errors import ConversionError
-from export.manifest import IMAGE_TASKS
+from export.manifest import IMAGE_TASKS, point_frame, tta_views
 from export.wrappers import (
     CollabPairsWrapper,
     CollabUsersWrapper,
@@ -86,13 +86,18 @@ def graph_specs(model: nn.Module, manifest: dict) -> list[GraphSpec]:
         prep = manifest.get("preprocessing") or {}
         try:
             size = int(prep["input_size"])
-            wrapper = ImageExportWrapper(model, task, prep["mean"], prep["std"])
+            wrapper = ImageExportWrapper(model, task, prep["mean"], prep["std"],
+                                         tta=bool(tta_views(manifest)),
+                                         points=point_frame(manifest) is not None)
         except (KeyError, TypeError, ValueError) as err:
             raise ConversionError(
                 f"manifest 'preprocessing': needs input_size, mean and std ({err!r})") from None
         return [GraphSpec("model", wrapper.eval(), "images", (size, size, 3), torch.uint8,
                           (256,), ("scores", "logits"))]
     if task == "collab":
+        if manifest.get("tta"):
+            raise ConversionError("manifest 'tta': test-time augmentation is for image graphs; "
+                                  "a recommender has no views to average")
         check_collab_model(model)
         n_users, n_items = _n_users(model, manifest), int(model.n_items)
         return [

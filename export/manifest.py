@@ -18,6 +18,9 @@ IMAGE_OUTPUTS = ("scores", "logits")
 DEFAULT_THRESHOLD = 0.5
 #: ``targets.frame`` of point regression: (x, y) pairs in the centre crop, scaled to [-1, 1].
 POINT_FRAME = "input_crop_normalised"
+#: ``tta.views`` of a graph with test-time augmentation: the centre crop the graph is given and
+#: its horizontal mirror, whose scores the graph averages (``export.wrappers.FlipAverage``).
+TTA_VIEWS = ("centre_crop", "centre_crop_hflip")
 
 
 def thresholds_for(manifest: dict, n_classes: int) -> np.ndarray:
@@ -51,3 +54,15 @@ def point_frame(manifest: dict) -> Preprocessing | None:
         raise ManifestError(f"manifest 'targets.frame': {targets.get('frame')!r} is not "
                             f"{POINT_FRAME!r}, the only point frame lensflow reads")
     return Preprocessing.from_dict(manifest["preprocessing"])
+
+
+def tta_views(manifest: dict) -> tuple[str, ...]:
+    """The views an image graph averages (``tta.views``); () when it runs on the input alone."""
+    tta = manifest.get("tta")
+    if not tta:
+        return ()
+    views = tuple(tta.get("views") or ())
+    if views != TTA_VIEWS:
+        raise ManifestError(f"manifest 'tta.views': {list(views)} is not {list(TTA_VIEWS)}, "
+                            "the views lensflow's graphs average")
+    return views

@@ -6,6 +6,13 @@ itself, then turns logits into the task's scores (softmax, sigmoid or identity).
 preprocessing into the graph is the ONNX Runtime and TorchScript deployment advice ("export the
 whole pipeline"), and it removes the commonest train/serve skew: normalising twice or never.
 
+With test-time augmentation (``tta``) the graph takes the same batch and averages the scores of
+fixed views — ``export.manifest.TTA_VIEWS``: the centre crop and its mirror image — so a scorer
+gets TTA without code of its own. Both views go through the model as one batch of 2N. Point
+outputs of the mirror view are mirrored back (x → -x in the ``input_crop_normalised`` frame,
+whose origin is the crop's centre) before averaging; ``logits`` is the views' mean logit
+(``scores`` is not its softmax).
+
 Collaborative-filtering models (fast.ai lesson 6's dot product with biases) give two graphs: one
 scores every item for a batch of users, one predicts the rating of (user, item) pairs.
 """
@@ -21,34 +28,75 @@ from export.errors import ConversionError
 from export.manifest import IMAGE_TASKS
 
 
+def task_scores(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax (single_label), sigmoid (multi_label) or the output itself (regression)."""
+    if task == "single_label":
+        return torch.softmax(logits, dim=-1)
+    if task == "multi_label":
+        return torch.sigmoid(logits)
+    # Regression heads already end in sigmoid_range: the raw output is the prediction.
+    return logits
+
+
+def unmirror_points(outputs: torch.Tensor) -> torch.Tensor:
+    """(x1, y1, x2, y2, ...) predicted on a mirrored image, in the crop's [-1, 1] frame, back
+    in the original image's frame: every x negated."""
+    sign = torch.tensor([-1.0, 1.0], dtype=outputs.dtype, device=outputs.device)
+    return (outputs.unflatten(-1, (-1, 2)) * sign).flatten(-2)
+
+
+class FlipAverage(nn.Module):
+    """Normalised NCHW → ``(scores, logits)`` averaged over ``TTA_VIEWS`` (one batch of 2N).
+
+    points: the outputs are (x, y) pairs in the ``input_crop_normalised`` frame.
+    """
+
+    def __init__(self, model: nn.Module, task: str, points: bool = False) -> None:
+        super().__init__()
+        if points and task != "regression":
+            raise ConversionError(f"task {task!r}: only regression outputs points")
+        self.model = model
+        self.task = task
+        self.points = points
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(torch.cat([x, x.flip(-1)]))
+        views = out.reshape(2, -1, out.shape[-1])  # no batch size in the graph: it stays dynamic
+        direct, mirrored = views[0], views[1]
+        if self.points:
+            mirrored = unmirror_points(mirrored)
+        scores = (task_scores(self.task, direct) + task_scores(self.task, mirrored)) / 2
+        return scores, (direct + mirrored) / 2
+
+
 class ImageExportWrapper(nn.Module):
-    """uint8 ``images`` (N, H, W, 3) RGB → ``scores`` and ``logits`` of an eager image model."""
+    """uint8 ``images`` (N, H, W, 3) RGB → ``scores`` and ``logits`` of an eager image model.
+
+    tta: average over ``TTA_VIEWS`` (``FlipAverage``); points: the regression outputs are points.
+    """
 
     def __init__(self, model: nn.Module, task: str, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
+                 std: Sequence[float], *, tta: bool = False, points: bool = False) -> None:
         super().__init__()
         if task not in IMAGE_TASKS:
             raise ConversionError(f"task {task!r}: not an image task (one of {IMAGE_TASKS})")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ConversionError(
                 f"preprocessing mean/std {list(mean)}/{list(std)}: need 3 values, std > 0")
-        self.model = model
+        self.model = FlipAverage(model, task, points) if tta else model
         self.task = task
+        self.tta = tta
         # Buffers, not Python floats, so the constants travel with the graph and the weights.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).to(torch.float32).div(255.0)
-        logits = self.model((x - self.mean) / self.std)
-        if self.task == "single_label":
-            scores = torch.softmax(logits, dim=-1)
-        elif self.task == "multi_label":
-            scores = torch.sigmoid(logits)
-        else:
-            # Regression heads already end in sigmoid_range: the raw output is the prediction.
-            scores = logits
-        return scores, logits
+        x = (x - self.mean) / self.std
+        if self.tta:
+            return self.model(x)
+        logits = self.model(x)
+        return task_scores(self.task, logits), logits
 
 
 class CollabUsersWrapper(nn.Module):

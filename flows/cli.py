@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from export.options import ExportOptions
 from flows.cli_output import PLAIN as _PLAIN
 from flows.cli_output import TrainingProgress, console, out
 from flows.cli_output import print_metrics as _print_metrics
@@ -51,7 +52,7 @@ OutDir = Annotated[Path, typer.Option("--out", help="training output directory")
 
 
 @train_app.command("images")
-@declared_options(cli=True, options=ImageTrainOptions)
+@declared_options(cli=True, options=ImageTrainOptions, export=ExportOptions)
 def train_images(
     data: Annotated[Path, typer.Argument(help="Image folder (train/val[/test] or class folders)"
                                          " or the image root of --csv.")],
@@ -61,16 +62,18 @@ def train_images(
     name: Name = None,
     *,
     options: ImageTrainOptions,
+    export: ExportOptions,
 ) -> None:
     """Fine-tune a pretrained image classifier (staged unfreezing, one-cycle, early stopping)."""
     from training.recipes.image import prepare_image_data, train_image_model
 
     prepared = prepare_image_data(data, csv=csv, valid_pct=options.valid_pct, seed=options.seed)
-    _train_and_publish(train_image_model, prepared, out_dir, options, registry, name)
+    _train_and_publish(train_image_model, prepared, out_dir, options, registry, name,
+                       export)
 
 
 @train_app.command("multilabel")
-@declared_options(cli=True, options=MultiLabelOptions)
+@declared_options(cli=True, options=MultiLabelOptions, export=ExportOptions)
 def train_multilabel(
     csv: Annotated[Path, typer.Argument(help="CSV of fname,labels[,is_valid]")],
     images: Images,
@@ -79,6 +82,7 @@ def train_multilabel(
     name: Name = None,
     *,
     options: MultiLabelOptions,
+    export: ExportOptions,
 ) -> None:
     """Fine-tune a multi-label image model (sigmoid per label), then tune its threshold."""
     from training.data.multilabel import from_multilabel_csv
@@ -87,11 +91,12 @@ def train_multilabel(
     prepared = from_multilabel_csv(csv, images, label_delim=options.label_delim,
                                    valid_pct=options.valid_pct, seed=options.seed,
                                    split_by=options.split_by)
-    _train_and_publish(train_multilabel_model, prepared, out_dir, options, registry, name)
+    _train_and_publish(train_multilabel_model, prepared, out_dir, options, registry, name,
+                       export)
 
 
 @train_app.command("regression")
-@declared_options(cli=True, options=RegressionOptions)
+@declared_options(cli=True, options=RegressionOptions, export=ExportOptions)
 def train_regression(
     csv: Annotated[Path, typer.Argument(help="CSV of fname and target or point columns")],
     images: Images,
@@ -100,6 +105,7 @@ def train_regression(
     name: Name = None,
     *,
     options: RegressionOptions,
+    export: ExportOptions,
 ) -> None:
     """Fine-tune an image regression model (float targets or points, sigmoid_range head, MSE)."""
     from training.data.regression import from_regression_csv
@@ -108,11 +114,12 @@ def train_regression(
     prepared = from_regression_csv(csv, images, targets=options.targets, points=options.points,
                                    valid_pct=options.valid_pct, seed=options.seed,
                                    split_by=options.split_by)
-    _train_and_publish(train_regression_model, prepared, out_dir, options, registry, name)
+    _train_and_publish(train_regression_model, prepared, out_dir, options, registry, name,
+                       export)
 
 
 def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path | None,
-                       name: str | None) -> None:
+                       name: str | None, export: ExportOptions) -> None:
     """Fine-tune with ``recipe``, print the metrics, then export, verify, promote if asked."""
     console.print(prepared.summary(), highlight=False)
     with TrainingProgress() as progress:
@@ -120,7 +127,7 @@ def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path 
     _print_metrics(f"best epoch {result.best_epoch}", result.metrics)
     out.print(f"training output: {result.out_dir}")
     if registry is not None:
-        _export_verify_promote(result.out_dir, registry, name or result.out_dir.name)
+        _export_verify_promote(result.out_dir, registry, name or result.out_dir.name, export)
 
 
 @train_app.command("ratings")
@@ -147,15 +154,17 @@ def train_ratings(
         _export_verify_promote(result.out_dir, registry, name or result.out_dir.name)
 
 
-def _export_verify_promote(train_out: Path, registry: Path, name: str) -> None:
+def _export_verify_promote(train_out: Path, registry: Path, name: str,
+                           export: ExportOptions | None = None) -> None:
     from training.recipes.publish import publish
 
-    result, current = publish(train_out, registry, name)
+    result, current = publish(train_out, registry, name, export)
     out.print(result.parity.to_markdown())
     out.print(f"bundle: {result.bundle_path}\npromoted: {current}")
 
 
 @app.command("export")
+@declared_options(cli=True, export=ExportOptions)
 def export_cmd(
     train_out: Annotated[Path, typer.Argument(help="training output directory")],
     registry: Annotated[Path, typer.Option(help="registry root")],
@@ -163,6 +172,8 @@ def export_cmd(
     sign_key: Annotated[Path | None, typer.Option(
         help="Ed25519 private key PEM that signs the bundle (default $LENSFLOW_SIGNING_KEY)")]
     = None,
+    *,
+    export: ExportOptions,
 ) -> None:
     """Export a training output to a bundle (TorchScript, ONNX, torch.export) and run parity."""
     from export.errors import ExportError
@@ -175,7 +186,7 @@ def export_cmd(
         load_signing_key(sign_key)  # a bad key fails before the export starts
         # The publish step reads the key from the environment; this process ends after export.
         os.environ[SIGNING_KEY_ENV] = str(sign_key)
-    result = export_training_output(train_out, registry, name)
+    result = export_training_output(train_out, registry, name, options=export)
     out.print(result.parity.to_markdown())
     out.print(f"bundle: {result.bundle_path}\nsha256: {result.sha256}")
 

@@ -77,7 +77,10 @@ def build_options(model: type[BaseModel], values: dict, *, flags: bool = False) 
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            name = str(e["loc"][0]) if e["loc"] else model.__name__
+            if not e["loc"]:  # a check across options names them in its own message
+                problems.append(e["msg"].removeprefix("Value error, "))
+                continue
+            name = str(e["loc"][0])
             label = f"--{name.replace('_', '-')}" if flags else name
             problems.append(f"{label}: {e['msg']} (got {e.get('input')!r})")
         raise OptionsError("; ".join(problems)) from None

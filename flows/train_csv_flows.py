@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
+from export.options import ExportOptions
 from flows.failures import user_errors_fail_the_run
 from flows.option_surfaces import declared_options
 from flows.params import ModelName, PathText
@@ -51,30 +52,34 @@ def prepare_regression_task(data: str, csv: str | None, valid_pct: float, seed: 
 
 
 @flow(name="train-multilabel-model")
-@declared_options(options=MultiLabelOptions)
+@declared_options(options=MultiLabelOptions, export=ExportOptions)
 @user_errors_fail_the_run
 def train_multilabel_model_flow(data: PathText, csv: PathText, registry: PathText, name: ModelName,
                                 train_dir: str | None = None, *,
-                                options: MultiLabelOptions) -> dict | State:
+                                options: MultiLabelOptions,
+                                export: ExportOptions) -> dict | State:
     """Fine-tune a multi-label model on ``csv`` (``fname,labels[,is_valid]`` relative to
     ``data``), tune its threshold on validation, export, gate on parity, promote."""
     data = check_training_inputs(data, registry, csv)
     prepared = prepare_multilabel_task(
         data, csv, options.valid_pct, options.seed, label_delim=options.label_delim,
         split_by=options.split_by)
-    return fine_tune_and_publish("multilabel", prepared, registry, name, train_dir, options)
+    return fine_tune_and_publish("multilabel", prepared, registry, name, train_dir, options,
+                                 export)
 
 
 @flow(name="train-regression-model")
-@declared_options(options=RegressionOptions)
+@declared_options(options=RegressionOptions, export=ExportOptions)
 @user_errors_fail_the_run
 def train_regression_model_flow(data: PathText, csv: PathText, registry: PathText, name: ModelName,
                                 train_dir: str | None = None, *,
-                                options: RegressionOptions) -> dict | State:
+                                options: RegressionOptions,
+                                export: ExportOptions) -> dict | State:
     """Fine-tune an image regressor on ``csv`` (``fname`` + ``targets`` columns, or pixel
     ``points`` ``X,Y``), export, gate on parity, promote. ``y_range``: auto | none | LOW,HIGH."""
     data = check_training_inputs(data, registry, csv)
     prepared = prepare_regression_task(
         data, csv, options.valid_pct, options.seed, targets=options.targets,
         points=options.points, split_by=options.split_by)
-    return fine_tune_and_publish("regression", prepared, registry, name, train_dir, options)
+    return fine_tune_and_publish("regression", prepared, registry, name, train_dir, options,
+                                 export)

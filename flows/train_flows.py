@@ -23,6 +23,7 @@ from prefect.states import State
 
 from export.bundle import promote
 from export.errors import ParityError
+from export.options import ExportOptions
 from flows.artifacts import TrainingProgress, publish_markdown, publish_metrics, publish_plots
 from flows.failures import (
     STORAGE_RETRY_DELAYS,
@@ -99,13 +100,14 @@ def fine_tune_task(kind: str, prepared, out_dir: Path, options: ImageTrainOption
 
 
 @task(name="export-and-check-parity", cache_policy=NO_CACHE)
-def export_task(train_out: Path, registry: str, name: str, *, recipe: str):
+def export_task(train_out: Path, registry: str, name: str, *, recipe: str,
+                export: ExportOptions | None = None):
     """Export TorchScript/ONNX(/pt2) into a new bundle and run the parity gate against eager."""
     from training.recipes.publish import export_training_output
 
     key = f"train-{recipe}-parity"
     try:
-        result = export_training_output(train_out, registry, name)
+        result = export_training_output(train_out, registry, name, options=export)
     except ParityError as err:
         if err.report is not None:
             publish_markdown(err.report.to_markdown(), key=key,
@@ -126,36 +128,40 @@ def promote_task(bundle_path: Path) -> str:
     return str(pointer)
 
 
-def publish_trained(trained, registry: str, name: str, *, recipe: str) -> dict:
+def publish_trained(trained, registry: str, name: str, *, recipe: str,
+                    export: ExportOptions | None = None) -> dict:
     """Export → parity gate → promote a training output; the flow's result."""
-    exported = export_task(trained.out_dir, registry, name, recipe=recipe)
+    exported = export_task(trained.out_dir, registry, name, recipe=recipe, export=export)
     pointer = promote_task(exported.bundle_path)
     return {"train_dir": str(trained.out_dir), "bundle": str(exported.bundle_path),
             "current": pointer, "metrics": trained.metrics}
 
 
 def fine_tune_and_publish(kind: str, prepared, registry: str, name: str,
-                          train_dir: str | None, options: ImageTrainOptions) -> dict:
+                          train_dir: str | None, options: ImageTrainOptions,
+                          export: ExportOptions | None = None) -> dict:
     """The image tasks' chain after data prep: fine-tune, then export, gate and promote."""
     trained = fine_tune_task(kind, prepared, train_dir_for(name, train_dir), options)
-    return publish_trained(trained, registry, name, recipe="image-model")
+    return publish_trained(trained, registry, name, recipe="image-model", export=export)
 
 
 @flow(name="train-image-model")
-@declared_options(options=ImageTrainOptions)
+@declared_options(options=ImageTrainOptions, export=ExportOptions)
 @user_errors_fail_the_run
 def train_image_model_flow(data: PathText, registry: PathText, name: ModelName,
                            csv: str | None = None, train_dir: str | None = None, *,
-                           options: ImageTrainOptions) -> dict | State:
+                           options: ImageTrainOptions,
+                           export: ExportOptions) -> dict | State:
     """Fine-tune ``arch`` on ``data``, export a bundle to ``registry/name``, promote it if parity
     passes.
 
     ``data``: a folder per class (optionally under train/ and val/), or the image root of
-    ``csv`` (``fname,label[,is_valid]``). The other parameters are ``ImageTrainOptions``.
+    ``csv`` (``fname,label[,is_valid]``). The other parameters are ``ImageTrainOptions`` and
+    ``ExportOptions``.
     """
     data = check_training_inputs(data, registry, csv)
     prepared = prepare_image_data_task(data, csv, options.valid_pct, options.seed)
-    return fine_tune_and_publish("image", prepared, registry, name, train_dir, options)
+    return fine_tune_and_publish("image", prepared, registry, name, train_dir, options, export)
 
 
 @task(name="fit-recommender", cache_policy=NO_CACHE)

@@ -132,7 +132,7 @@ def test_keygen_then_export_signs_and_verify_requires_it(monkeypatch, capsys, tm
     assert code == 2
     assert_one_line(err, "already exists")
 
-    def fake_export(train_out, registry, name):  # a tiny model instead of a training output
+    def fake_export(train_out, registry, name, options=None):  # a tiny model, no training
         return export_bundle(trained_like(TinyCNN(n_out=4)), image_manifest(), registry, name,
                              pt2=False)
 

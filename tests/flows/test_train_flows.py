@@ -112,6 +112,30 @@ def test_passed_parity_promotes_the_exported_bundle(tmp_path, monkeypatch, clien
 
 
 
+def test_sgdr_and_tta_parameters_reach_the_recipe_and_the_export(tmp_path, monkeypatch,
+                                                                client):
+    from export.options import ExportOptions
+    from flows.train_flows import train_image_model_flow
+
+    exported_with = []
+    bundle = tmp_path / "reg" / "pets" / "v1"
+
+    def export(train_out, registry, name, **kw):
+        exported_with.append(kw["options"])
+        return SimpleNamespace(bundle_path=bundle,
+                               parity=SimpleNamespace(to_markdown=lambda: "| ok |"))
+
+    promoted, trained_with = _fake_training(monkeypatch, tmp_path, export)
+    state = train_image_model_flow(str(tmp_path / "data"), str(tmp_path / "reg"), "pets",
+                                   train_dir=str(tmp_path / "train"), freeze_epochs=1,
+                                   epochs=3, schedule="sgdr", cycle_mult=2, tta=True,
+                                   return_state=True)
+    assert state.is_completed(), state.message
+    assert trained_with == [ImageTrainOptions(freeze_epochs=1, epochs=3, schedule="sgdr",
+                                              cycle_mult=2)]
+    assert exported_with == [ExportOptions(tta=True)] and promoted == [bundle]
+
+
 TINY_TRAINING = {"arch": "resnet18", "weights": "none", "size": 32, "bs": 4, "freeze_epochs": 1,
                  "epochs": 1, "lr": 1e-3, "patience": 0}
 

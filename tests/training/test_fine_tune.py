@@ -229,7 +229,7 @@ def test_precompute_trains_the_head_on_cached_features_then_the_whole_model(tmp_
 def test_plots_and_json(tmp_path):
     learner = make_learner()
     result = fine_tune(learner, epochs=1, base_lr="auto", plots_dir=tmp_path / "plots")
-    names = {"lr_find_frozen", "learning_curve"}
+    names = {"lr_find_frozen", "learning_curve", "lr_schedule"}
     assert set(result.plots) == names
     for name in names:
         png = tmp_path / "plots" / f"{name}.png"

@@ -1,4 +1,4 @@
-"""PNG plots of a training run: the LR finder curve, the learning curve, the confusion matrix.
+"""PNG plots of a training run: LR finder, learning curve, LR schedule, confusion matrix.
 
 Drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, never through pyplot, so
 nothing leaks into pyplot's global figure list and no display is needed.
@@ -61,6 +61,34 @@ def plot_learning_curve(history: Sequence[EpochRecord | dict], path: str | Path)
                         "axes fraction"), xytext=(3, -12), textcoords="offset points")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
+    ax.legend(loc="best")
+    return save_figure(fig, path)
+
+
+def plot_lr_schedule(lr_log: Sequence[tuple[str, int | None, Sequence[float]]],
+                     path: str | Path) -> Path:
+    """The LR of the head and the first layer group at every step (log scale); a dashed line at
+    each new stage, a dotted one at each SGDR warm restart.
+
+    lr_log: ``Learner.lr_log``, one (stage, cycle, LR per layer group) per applied step.
+    """
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    steps = np.arange(len(lr_log))
+    ax.plot(steps, [lrs[-1] for _, _, lrs in lr_log], label="head")
+    if lr_log and len(lr_log[0][2]) > 1:
+        ax.plot(steps, [lrs[0] for _, _, lrs in lr_log], label="first layer group")
+    for step, (prev, cur) in enumerate(zip(lr_log, lr_log[1:], strict=False), start=1):
+        if cur[0] != prev[0]:
+            ax.axvline(step - 0.5, color="grey", linestyle="--")
+            ax.annotate(cur[0] or "stage", (step - 0.5, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points")
+        elif cur[1] is not None and cur[1] != prev[1]:
+            ax.axvline(step - 0.5, color="C3", linestyle=":", label="warm restart"
+                       if "warm restart" not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
     ax.legend(loc="best")
     return save_figure(fig, path)
 

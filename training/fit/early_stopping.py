@@ -4,6 +4,10 @@ One instance can span several ``fit_one_cycle`` calls (the frozen and unfrozen s
 ``fine_tune``): the patience counter and the best snapshot carry over. The snapshot is a CPU copy
 of the whole ``state_dict`` — weights and buffers such as BatchNorm running statistics — so the
 restored model is bit-identical to the winning epoch's.
+
+Under SGDR (``Learner.fit_sgdr``) every epoch may still win the snapshot, but patience is judged
+only at cycle ends: a cycle whose epochs all failed to improve on the best counts one, so the
+loss jump after a warm restart never stops a run, and ``patience`` counts cycles there.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class EarlyStopping:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.epochs_without_improvement = 0
         self.stopped_epoch: int | None = None
+        self._improved_since_judged = False
 
     @property
     def stopped_early(self) -> bool:
@@ -75,8 +80,12 @@ class EarlyStopping:
             return value < self.best_value - self.min_delta
         return value > self.best_value + self.min_delta
 
-    def update(self, record: EpochRecord, model: nn.Module) -> bool:
-        """Account for one finished epoch; snapshot ``model`` if it is the best. True = stop."""
+    def update(self, record: EpochRecord, model: nn.Module, *, judge: bool = True) -> bool:
+        """Account for one finished epoch; snapshot ``model`` if it is the best. True = stop.
+
+        judge: whether patience is judged at this epoch (False inside an SGDR cycle): an
+        unjudged epoch can win the snapshot but never counts against patience.
+        """
         value = monitored_value(record, self.monitor)
         if self._improves(value):
             self.best_value = value
@@ -85,6 +94,11 @@ class EarlyStopping:
             self.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
             }
+            self._improved_since_judged = True
+        if not judge:
+            return False
+        improved, self._improved_since_judged = self._improved_since_judged, False
+        if improved:
             self.epochs_without_improvement = 0
             return False
         self.epochs_without_improvement += 1

@@ -13,6 +13,9 @@ fitted, as before, and goes on as if you had passed the number. The unfrozen sta
 fastai's ``fine_tune`` (30% warm-up from ``lr_max / 5``); the frozen stage warms up for 25% of its
 steps, not fastai's 99%, which spent a small data set's few frozen steps all warming up.
 Each stage's ``LRChoice`` says where its LR came from.
+
+``schedule=Sgdr(...)`` trains both stages under SGDR instead of one-cycle, at the same LRs
+(discriminative after unfreezing); each stage must last a whole number of cycles.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from pathlib import Path
 from torch import nn
 
 from training.errors import TrainingError
-from training.evaluation.plots import plot_learning_curve, plot_lr_find
+from training.evaluation.plots import plot_learning_curve, plot_lr_find, plot_lr_schedule
 from training.fit.early_stopping import EarlyStopping
 from training.fit.head_sweep import lr_find_head
 from training.fit.learner import EpochRecord, Learner
 from training.fit.lr_finder import SUGGESTERS, LRFinderResult, lr_find
 from training.fit.precompute import precomputed_body
-from training.fit.schedule import layer_groups_of, lrs_per_group
+from training.fit.schedule import Sgdr, cycle_spans, layer_groups_of, lrs_per_group
 
 FROZEN, UNFROZEN = "frozen", "unfrozen"
 #: The finder rule ``base_lr="auto"`` applies to the cached-feature head sweep.
@@ -79,6 +82,7 @@ class FineTuneResult:
     stopped_early: bool
     plots: dict[str, str]
     lr_choice: dict[str, LRChoice] = field(default_factory=dict)
+    schedule: Sgdr | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +94,8 @@ class FineTuneResult:
             "stopped_early": self.stopped_early,
             "plots": dict(self.plots),
             "lr_choice": {stage: c.to_dict() for stage, c in self.lr_choice.items()},
+            "schedule": self.schedule.to_dict() if self.schedule else {"schedule": "one_cycle"},
+            "cycles": cycle_spans(self.history),
         }
 
 
@@ -100,6 +106,7 @@ class _Run:
     learner: Learner
     early_stopping: EarlyStopping | None
     plots_dir: Path | None
+    schedule: Sgdr | None = None
     records: list[EpochRecord] = field(default_factory=list)
     lr_finds: dict[str, LRFinderResult] = field(default_factory=dict)
     stage_lrs: dict[str, list[float]] = field(default_factory=dict)
@@ -142,7 +149,12 @@ class _Run:
         return lr * factor
 
     def fit(self, stage: str, epochs: int, lrs: slice, **one_cycle) -> None:
+        """A stage under one-cycle (with ``one_cycle``'s shape), or SGDR when scheduled."""
         self.stage_lrs[stage] = lrs_per_group(lrs, len(layer_groups_of(self.learner.model)))
+        if self.schedule is not None:
+            self.records += self.learner.fit_sgdr(
+                epochs, lrs, self.schedule, early_stopping=self.early_stopping, stage=stage)
+            return
         self.records += self.learner.fit_one_cycle(
             epochs, lrs, early_stopping=self.early_stopping, stage=stage, **one_cycle
         )
@@ -151,6 +163,8 @@ class _Run:
         if self.plots_dir is not None and self.records:
             path = Path(self.plots_dir) / "learning_curve.png"
             self.plots["learning_curve"] = str(plot_learning_curve(self.learner.history, path))
+            path = Path(self.plots_dir) / "lr_schedule.png"
+            self.plots["lr_schedule"] = str(plot_lr_schedule(self.learner.lr_log, path))
         best = self.records[-1] if self.records else None
         if self.early_stopping is not None and self.early_stopping.best_record is not None:
             best = self.early_stopping.best_record
@@ -164,6 +178,7 @@ class _Run:
             stopped_early=self.stopped,
             plots=self.plots,
             lr_choice=self.lr_choice,
+            schedule=self.schedule,
         )
 
 
@@ -182,6 +197,7 @@ def fine_tune(
     freeze_pct_start: float = 0.25,
     pct_start: float = 0.3,
     div: float = 5.0,
+    schedule: Sgdr | None = None,
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
@@ -192,7 +208,9 @@ def fine_tune(
     find_lr_again: with ``"auto"``, the unfrozen stage's top LR is a fresh full-model finder's
     suggestion instead of half the frozen stage's. precompute: train the head on cached body
     features (``train_plain``: an un-augmented train loader for the cache, and for the auto
-    head sweep). plots_dir: write LR finder and learning curves.
+    head sweep). plots_dir: write LR finder and learning curves and the LR schedule.
+    schedule: ``Sgdr(cycle_len, cycle_mult)`` for warm restarts in both stages instead of
+    one-cycle; each stage's epochs must end a cycle (checked before any training).
     """
     auto = base_lr == "auto"
     rule = AUTO_RULE if auto else (base_lr if base_lr in SUGGESTERS else None)
@@ -201,7 +219,11 @@ def fine_tune(
                             f"{', '.join(SUGGESTERS)}, got {base_lr!r}")
     if epochs < 0 or freeze_epochs < 0 or epochs + freeze_epochs == 0:
         raise TrainingError(f"nothing to train: epochs={epochs}, freeze_epochs={freeze_epochs}")
-    run = _Run(learner, early_stopping, plots_dir)
+    if schedule is not None:
+        for n in (freeze_epochs, epochs):
+            if n:
+                schedule.cycle_lengths(n)
+    run = _Run(learner, early_stopping, plots_dir, schedule)
     lr = None if rule else float(base_lr)
     head_only = auto and _has_body_and_head(learner.model)
 

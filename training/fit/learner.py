@@ -1,4 +1,4 @@
-"""A task-generic training loop: one-cycle fits over layer-grouped models, on CUDA or CPU.
+"""A task-generic training loop: one-cycle or SGDR fits over layer-grouped models, CUDA or CPU.
 
 Batches are ``(x, y)`` tuples, the loss and the metrics are passed in, so the same loop trains an
 image classifier and a collaborative-filtering model. Recipe after fastai (Howard & Gugger,
@@ -25,12 +25,14 @@ from training.errors import TrainingError
 from training.fit.early_stopping import EarlyStopping
 from training.fit.schedule import (
     LrSpec,
+    Sgdr,
     layer_group_lrs,
     layer_groups_of,
     lrs_per_group,
     make_optimizer,
     norm_param_ids,
     one_cycle,
+    sgdr,
 )
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -43,7 +45,10 @@ class NonFiniteLossError(TrainingError):
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One finished epoch. ``epoch`` counts across stages; ``lrs`` are per layer group."""
+    """One finished epoch. ``epoch`` counts across stages; ``lrs`` are per layer group.
+
+    cycle: the SGDR cycle (0, 1, ...) of its stage the epoch belongs to; None under one-cycle.
+    """
 
     epoch: int
     stage: str
@@ -52,6 +57,7 @@ class EpochRecord:
     valid_loss: float
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    cycle: int | None = None
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -132,6 +138,8 @@ class Learner:
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         self.history: list[EpochRecord] = []
+        #: Every applied step of every fit: (stage, SGDR cycle or None, LR per layer group).
+        self.lr_log: list[tuple[str, int | None, list[float]]] = []
         self.opt: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.skipped_steps = 0
@@ -255,18 +263,52 @@ class Learner:
         self.scheduler = one_cycle(
             self.opt, total, pct_start=pct_start, div=div, div_final=div_final, moms=moms
         )
+        return self._fit(epochs, lrs, [None] * epochs, early_stopping, stage)
+
+    def fit_sgdr(
+        self,
+        epochs: int,
+        lr_max: LrSpec,
+        schedule: Sgdr = Sgdr(),
+        *,
+        wd: float | None = None,
+        early_stopping: EarlyStopping | None = None,
+        stage: str = "",
+    ) -> list[EpochRecord]:
+        """Train ``epochs`` epochs (a whole number of cycles) under SGDR; append to and return
+        the history, each record naming its cycle.
+
+        Early stopping keeps the best epoch's weights as ever, but judges patience only at the
+        end of a cycle, where the LR has annealed: the loss jump after a restart is the
+        schedule's doing, not a sign training has stalled. ``patience`` then counts cycles.
+        """
+        if epochs < 1:
+            raise TrainingError(f"epochs must be >= 1, got {epochs}")
+        cycles = schedule.cycle_of_epoch(epochs)
+        module = self.train_module
+        lrs = lrs_per_group(lr_max, len(layer_groups_of(module)))
+        self.opt = make_optimizer(module, lrs, self.wd if wd is None else wd)
+        self.scheduler = sgdr(self.opt, len(self.train_loader), schedule)
+        return self._fit(epochs, lrs, cycles, early_stopping, stage)
+
+    def _fit(self, epochs: int, lrs: list[float], cycles: list[int | None],
+             early_stopping: EarlyStopping | None, stage: str) -> list[EpochRecord]:
+        """The epochs of one scheduled fit; ``cycles``: each epoch's SGDR cycle or None."""
         self.emit(event="fit_start", stage=stage, epochs=epochs,
-                   batches=len(self.train_loader), lr_max=lrs)
+                  batches=len(self.train_loader), lr_max=lrs)
         records = []
         try:
-            for _ in range(epochs):
-                record = self._fit_epoch(len(self.history), stage)
+            for i, cycle in enumerate(cycles):
+                record = self._fit_epoch(len(self.history), stage, cycle)
                 self.history.append(record)
                 records.append(record)
                 self.emit(event="epoch_end", **record.to_dict())
-                if early_stopping is not None and early_stopping.update(record, self.model):
+                # Under SGDR only a cycle's last epoch is judged (see fit_sgdr).
+                judged = cycle is None or i + 1 == len(cycles) or cycles[i + 1] != cycle
+                if early_stopping is not None and early_stopping.update(record, self.model,
+                                                                        judge=judged):
                     self.emit(event="early_stop", epoch=record.epoch,
-                               best_epoch=early_stopping.best_epoch)
+                              best_epoch=early_stopping.best_epoch)
                     break
         except NonFiniteLossError as err:
             restored = early_stopping.restore_best(self.model) if early_stopping else None
@@ -278,9 +320,9 @@ class Learner:
             early_stopping.restore_best(self.model)
         return records
 
-    def _fit_epoch(self, epoch: int, stage: str) -> EpochRecord:
+    def _fit_epoch(self, epoch: int, stage: str, cycle: int | None = None) -> EpochRecord:
         start = time.perf_counter()
-        train_loss, lrs = self._train_epoch(epoch, stage)
+        train_loss, lrs = self._train_epoch(epoch, stage, cycle)
         valid_loss, metrics = self.validate()
         return EpochRecord(
             epoch=epoch,
@@ -290,9 +332,11 @@ class Learner:
             valid_loss=valid_loss,
             metrics=metrics,
             seconds=time.perf_counter() - start,
+            cycle=cycle,
         )
 
-    def _train_epoch(self, epoch: int, stage: str) -> tuple[float, list[float]]:
+    def _train_epoch(self, epoch: int, stage: str,
+                     cycle: int | None = None) -> tuple[float, list[float]]:
         self.set_train_mode(True)
         total, count, lrs = 0.0, 0, layer_group_lrs(self.opt)
         n_batches = len(self.train_loader)
@@ -309,6 +353,7 @@ class Learner:
             # Only an applied step advances the schedule: a step the GradScaler skipped for
             # inf gradients must not eat into the warm-up or anneal.
             if stepped:
+                self.lr_log.append((stage, cycle, lrs))
                 self.scheduler.step()
             else:
                 self.skipped_steps += 1

@@ -7,16 +7,23 @@ learning rates (Howard & Ruder, ULMFiT, https://arxiv.org/abs/1801.06146) spread
 geometrically from the earliest layer group to the head. Decoupled weight decay (AdamW,
 https://arxiv.org/abs/1711.05101) is applied to weights only: BatchNorm/LayerNorm parameters and
 biases go into their own param groups with ``weight_decay=0``.
+
+SGDR (Loshchilov & Hutter, https://arxiv.org/abs/1608.03983; fast.ai 2017's
+``fit(lr, n_cycles, cycle_len, cycle_mult)``) is the other schedule: each cycle starts at every
+group's top LR and follows a cosine down to 0, the first cycle ``cycle_len`` epochs long and each
+next one ``cycle_mult`` times longer; Adam's β1 stays at 0.9. ``CosineAnnealingWarmRestarts``
+does the stepping, per batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import OneCycleLR
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, OneCycleLR
 
 from training.errors import TrainingError
 
@@ -180,3 +187,82 @@ def one_cycle(
         div_factor=div,
         final_div_factor=div_final / div,
     )
+
+
+SCHEDULES = ("one_cycle", "sgdr")
+
+
+def sgdr_epochs(cycles: int, cycle_len: int, cycle_mult: int) -> int:
+    """Epochs of ``cycles`` SGDR cycles: ``cycle_len * (1 + mult + mult² + ...)``."""
+    return cycle_len * sum(cycle_mult**i for i in range(cycles))
+
+
+@dataclass(frozen=True)
+class Sgdr:
+    """Cosine annealing with warm restarts: the first cycle ``cycle_len`` epochs, each next one
+    ``cycle_mult`` times longer."""
+
+    cycle_len: int = 1
+    cycle_mult: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cycle_len < 1 or self.cycle_mult < 1:
+            raise TrainingError(f"SGDR cycle_len and cycle_mult must be whole numbers >= 1, "
+                                f"got {self.cycle_len} and {self.cycle_mult}")
+
+    def cycle_lengths(self, epochs: int) -> list[int]:
+        """Epochs of each cycle of a stage ``epochs`` long, which must end a cycle."""
+        lengths, total = [], 0
+        while total < epochs:
+            lengths.append(self.cycle_len * self.cycle_mult ** len(lengths))
+            total += lengths[-1]
+        if total != epochs:
+            ends = [sgdr_epochs(k, self.cycle_len, self.cycle_mult)
+                    for k in range(1, len(lengths) + 1)]
+            raise TrainingError(
+                f"{epochs} epochs end mid-cycle with cycle_len={self.cycle_len}, "
+                f"cycle_mult={self.cycle_mult}: a stage must end a cycle "
+                f"({', '.join(map(str, ends))} epochs do)")
+        return lengths
+
+    def cycle_of_epoch(self, epochs: int) -> list[int]:
+        """The cycle (0, 1, ...) each epoch of a stage ``epochs`` long belongs to."""
+        return [i for i, n in enumerate(self.cycle_lengths(epochs)) for _ in range(n)]
+
+    def to_dict(self) -> dict:
+        return {"schedule": "sgdr", "cycle_len": self.cycle_len, "cycle_mult": self.cycle_mult}
+
+
+def sgdr_lr(lr_max: float, step: int, first_cycle_steps: int, cycle_mult: int) -> float:
+    """The closed form: ``lr_max * (1 + cos(pi * t / T)) / 2`` at step ``t`` of its cycle of
+    ``T`` steps (the reference the schedule is tested against)."""
+    t, length = step, first_cycle_steps
+    while t >= length:
+        t, length = t - length, length * cycle_mult
+    return lr_max * (1 + math.cos(math.pi * t / length)) / 2
+
+
+def sgdr(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+         schedule: Sgdr) -> CosineAnnealingWarmRestarts:
+    """Per-batch warm restarts over each param group's current ``lr`` (discriminative LRs kept),
+    annealing to 0."""
+    if steps_per_epoch < 1:
+        raise TrainingError("the train loader is empty: no batches to schedule")
+    return CosineAnnealingWarmRestarts(optimizer, T_0=schedule.cycle_len * steps_per_epoch,
+                                       T_mult=schedule.cycle_mult, eta_min=0.0)
+
+
+def cycle_spans(history) -> list[dict]:
+    """SGDR cycles of a run's epoch records: stage, cycle, first and last epoch of each
+    (a restart happens at each ``first_epoch`` but a stage's first); [] under one-cycle."""
+    spans: list[dict] = []
+    for record in history:
+        if record.cycle is None:
+            continue
+        last = spans[-1] if spans else None
+        if last and (last["stage"], last["cycle"]) == (record.stage, record.cycle):
+            last["last_epoch"] = record.epoch
+        else:
+            spans.append({"stage": record.stage, "cycle": record.cycle,
+                          "first_epoch": record.epoch, "last_epoch": record.epoch})
+    return spans

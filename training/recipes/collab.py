@@ -30,10 +30,11 @@ from torch import nn
 
 from training.data.ratings import RatingsData, build_rating_loaders, load_ratings
 from training.errors import TrainingError
-from training.evaluation.plots import plot_learning_curve, plot_lr_find
+from training.evaluation.plots import plot_learning_curve, plot_lr_find, plot_lr_schedule
 from training.fit.early_stopping import EarlyStopping
 from training.fit.learner import Learner
 from training.fit.lr_finder import LRFinderResult, lr_find
+from training.fit.schedule import cycle_spans
 from training.models.collab import CollabConfig, create_collab_model, rank_item_biases
 from training.models.ranges import parse_y_range, y_range_text
 from training.recipes.options import RecommenderOptions
@@ -136,25 +137,31 @@ def train_recommender(
     model = learner.model.cpu().eval()
     interpretation = _interpret(model, data)
     history = tuple(r.to_dict() for r in learner.history)
+    cycles = cycle_spans(learner.history)
     plots = _plots(out_dir / "plots", finder, learner)
     params = options.model_dump() | {"lr_used": lr_max, "y_range": list(config.y_range)}
     save_collab_output(out_dir, model, data, metrics=metrics, history=list(history),
-                       params=params, interpretation=interpretation, lr_find=finder)
+                       params=params, interpretation=interpretation, lr_find=finder,
+                       cycles=cycles)
     write_lineage(out_dir, "collab", options, fingerprint_path(data_path))
     return CollabTrainResult(out_dir, metrics, history, float(lr_max), finder.suggestions,
                              interpretation, data.to_dict(), time.perf_counter() - start, plots)
 
 
 def _fit(learner: Learner, options: RecommenderOptions) -> tuple[LRFinderResult, float]:
-    """LR finder, then the one-cycle fit at the finder's LR or ``options.lr``."""
+    """LR finder, then the one-cycle (or SGDR) fit at the finder's LR or ``options.lr``."""
     finder = lr_find(learner, num_it=FINDER_STEPS, suggestion=FINDER_SUGGESTION)
     learner.emit(event="lr_found", stage="collab", suggestions=finder.suggestions,
                  lr=finder.suggestion)
     lr_max = finder.suggestion if options.lr == "auto" else float(options.lr)
     stopper = (EarlyStopping("valid_loss", patience=options.patience)
                if options.patience else None)
-    learner.fit_one_cycle(options.epochs, lr_max, wd=options.wd, early_stopping=stopper,
-                          stage="collab")
+    if options.sgdr() is not None:
+        learner.fit_sgdr(options.epochs, lr_max, options.sgdr(), wd=options.wd,
+                         early_stopping=stopper, stage="collab")
+    else:
+        learner.fit_one_cycle(options.epochs, lr_max, wd=options.wd, early_stopping=stopper,
+                              stage="collab")
     return finder, lr_max
 
 
@@ -216,12 +223,14 @@ def _interpret(model: nn.Module, data: RatingsData) -> dict | None:
 def _plots(plots_dir: Path, finder: LRFinderResult, learner: Learner) -> dict:
     return {"lr_find": plot_lr_find(finder, plots_dir / "lr_find.png"),
             "learning_curve": plot_learning_curve(learner.history,
-                                                  plots_dir / "learning_curve.png")}
+                                                  plots_dir / "learning_curve.png"),
+            "lr_schedule": plot_lr_schedule(learner.lr_log, plots_dir / "lr_schedule.png")}
 
 
 def save_collab_output(out_dir: Path, model: nn.Module, data: RatingsData, *, metrics: dict,
                        history: list, params: dict, interpretation: dict | None,
-                       lr_find: LRFinderResult | None = None) -> None:
+                       lr_find: LRFinderResult | None = None,
+                       cycles: list[dict] | None = None) -> None:
     """Write everything ``export_recommender`` needs: weights, model.json, metrics, seen pairs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
@@ -235,7 +244,8 @@ def save_collab_output(out_dir: Path, model: nn.Module, data: RatingsData, *, me
     write_json(out_dir / MODEL_FILE, spec)
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "history.json", {"history": history,
-                                           "lr_find": lr_find.to_dict() if lr_find else None})
+                                           "lr_find": lr_find.to_dict() if lr_find else None,
+                                           "cycles": cycles or []})
     write_seen_pairs(out_dir / SEEN_FILE, data)
     sample = torch.from_numpy(data.valid_pairs[:VALID_SAMPLE_SIZE].copy())
     save_file({"pairs": sample}, str(out_dir / VALID_SAMPLE_FILE))

@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from export.manifest import TTA_VIEWS
+from export.options import ExportOptions
 from export.pixels import Preprocessing, decode_for_model
 from training.data import images as image_data
 from training.data.image_loaders import ImageItemsDataset, build_image_loaders
@@ -27,6 +29,7 @@ from training.data.transforms import TRAIN_SCALE
 from training.errors import TrainingError
 from training.evaluation import metrics
 from training.evaluation.plots import plot_confusion_matrix
+from training.evaluation.tta import tta_predict, with_and_without_tta
 from training.fit.early_stopping import EarlyStopping
 from training.fit.fine_tune import fine_tune
 from training.fit.learner import Learner
@@ -91,21 +94,27 @@ def prepare_image_data(
 class ImageTask:
     """What sets one image task apart; ``train_image_task`` does the rest the same way.
 
-    evaluate: ``(learner, preprocessing, plots_dir) -> (metrics, outputs)`` on the restored best
-    weights; ``outputs`` holds what the manifest needs to read the model's outputs
-    (``thresholds``, ``targets``) and lands in ``outputs.json``.
+    evaluate: ``(preds, targets, preprocessing, plots_dir) -> (metrics, outputs)`` on the
+    validation outputs of the restored best weights (plots_dir None: no plots); ``outputs``
+    holds what the manifest needs to read the model's outputs (``thresholds``, ``targets``) and
+    lands in ``outputs.json``. It runs twice: on the plain outputs and on those averaged over
+    the TTA views (``metrics.json``'s ``tta`` block, ``outputs.json``'s ``tta``), unless the
+    task trains without flips.
     dataset_cls, train_scale, flip: how items become tensors and how training augments them.
+    points: the outputs are (x, y) points, which a mirrored view mirrors.
     """
 
     name: str
     classes: tuple[str, ...]
     loss_fn: nn.Module
     metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
-    evaluate: Callable[[Learner, Preprocessing, Path], tuple[dict, dict]]
+    evaluate: Callable[[torch.Tensor, torch.Tensor, Preprocessing, Path | None],
+                       tuple[dict, dict]]
     y_range: tuple[float, float] | None = None
     dataset_cls: type[ImageItemsDataset] = ImageItemsDataset
     train_scale: tuple[float, float] = TRAIN_SCALE
     flip: bool = True
+    points: bool = False
 
 
 def train_image_model(
@@ -124,7 +133,8 @@ def train_image_model(
     task = ImageTask(
         "single_label", tuple(data.classes), nn.CrossEntropyLoss(),
         {"accuracy": metrics.accuracy, "error_rate": metrics.error_rate},
-        lambda learner, prep, plots_dir: (_evaluate(learner, data.classes, plots_dir), {}))
+        lambda preds, targets, prep, plots_dir: (
+            _evaluate(preds, targets, data.classes, plots_dir), {}))
     return train_image_task(task, data, out_dir, options, progress=progress)
 
 
@@ -148,9 +158,9 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     result = fine_tune(learner, options.epochs, base_lr=options.lr,
                        freeze_epochs=options.freeze_epochs, early_stopping=stopper,
                        precompute=options.precompute, plots_dir=plots_dir,
-                       train_plain=train_plain)
+                       train_plain=train_plain, schedule=options.sgdr())
 
-    final, outputs = task.evaluate(learner, prep, plots_dir)
+    final, outputs = _evaluate_with_tta(task, learner, prep, plots_dir)
     spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),
                           classes=list(task.classes), y_range=task.y_range, dropout=dropout,
                           preprocessing=prep, head=options.head)
@@ -166,6 +176,19 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     seconds = sum(r.seconds for r in result.history)
     return ImageTrainResult(out_dir, final, result.best_epoch, result.stopped_early, seconds,
                             plots)
+
+
+def _evaluate_with_tta(task: ImageTask, learner: Learner, prep: Preprocessing,
+                       plots_dir: Path) -> tuple[dict, dict]:
+    """The task's evaluation of the plain outputs and, when it trains with flips, of the
+    outputs averaged over the TTA views: metrics with a ``tta`` block, outputs with ``tta``."""
+    preds, targets = learner.predict(learner.valid_loader)
+    final, outputs = task.evaluate(preds, targets, prep, plots_dir)
+    if not task.flip or len(targets) == 0:
+        return final, outputs
+    tta_preds, _ = tta_predict(learner, task.name, task.points)
+    tta_final, tta_outputs = task.evaluate(tta_preds, targets, prep, None)
+    return with_and_without_tta(final, tta_final), outputs | {"tta": tta_outputs}
 
 
 def image_data_fingerprint(data) -> dict:
@@ -190,12 +213,13 @@ def _image_learner(model: nn.Module, task: ImageTask, data, prep: Preprocessing,
     return learner, loaders.train_plain
 
 
-def _evaluate(learner: Learner, classes, plots_dir: Path) -> dict:
+def _evaluate(preds: torch.Tensor, targets: torch.Tensor, classes,
+              plots_dir: Path | None) -> dict:
     """Metrics of the restored best weights, by the names the manifest and README use."""
-    preds, targets = learner.predict(learner.valid_loader)
     loss = float(nn.functional.cross_entropy(preds.float(), targets))
     cm = metrics.confusion_matrix(preds, targets, len(classes))
-    plot_confusion_matrix(cm, list(classes), plots_dir / "confusion_matrix.png")
+    if plots_dir is not None:
+        plot_confusion_matrix(cm, list(classes), plots_dir / "confusion_matrix.png")
     per_class = metrics.per_class_accuracy(preds, targets, len(classes))
     return {
         "valid_loss": loss,
@@ -230,18 +254,30 @@ def export_image_model(
     name: str,
     *,
     tolerances=None,
+    options: ExportOptions | None = None,
 ):
-    """Turn a training output directory into a verified bundle (export + parity gate)."""
+    """Turn a training output directory into a verified bundle (export + parity gate).
+
+    ``options.tta``: the graph averages the TTA views; the manifest's thresholds are then the
+    ones chosen on TTA outputs, and ``tta.views`` names the views.
+    """
     from safetensors.torch import load_file
 
     from export.convert import export_bundle
     from export.parity import ParityTolerances
 
     train_out = Path(train_out)
+    options = options or ExportOptions()
     model, spec = load_image_model(train_out)
     sample_path = train_out / VALID_SAMPLE_FILE
     sample = load_file(str(sample_path))["images"] if sample_path.exists() else None
     outputs = read_json(train_out / OUTPUTS_FILE) or {}
+    lineage = read_json(train_out / LINEAGE_FILE)
+    if options.tta:
+        if not ((lineage or {}).get("options") or {}).get("flip", True):
+            raise TrainingError(f"{train_out}: trained with flip=false, so mirrored views are "
+                                "not the same task to it; export without --tta")
+        outputs = outputs | (outputs.get("tta") or {})
     manifest = {
         "task": spec.task,
         "arch": spec.arch,
@@ -253,7 +289,8 @@ def export_image_model(
         "targets": outputs.get("targets"),
         "metrics": read_json(train_out / "metrics.json"),
         "history": read_json(train_out / "history.json"),
-        "lineage": read_json(train_out / LINEAGE_FILE),
+        "lineage": lineage,
+        "tta": {"views": list(TTA_VIEWS)} if options.tta else None,
     }
     plots = train_out / "plots"
     return export_bundle(model.eval(), manifest, registry, name, validation_inputs=sample,

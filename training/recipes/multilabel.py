@@ -18,7 +18,6 @@ from export.pixels import Preprocessing
 from training.data.multilabel import MultiLabelData
 from training.evaluation import metrics
 from training.evaluation.thresholds import choose_threshold, plot_threshold_sweep
-from training.fit.learner import Learner
 from training.recipes.image import ImageTask, ImageTrainResult, train_image_task
 from training.recipes.options import MultiLabelOptions
 from training.recipes.training_output import with_overrides
@@ -39,8 +38,9 @@ def train_multilabel_model(
     """
     options = with_overrides(MultiLabelOptions, options, overrides)
 
-    def evaluate(learner: Learner, prep: Preprocessing, plots_dir: Path) -> tuple[dict, dict]:
-        return _evaluate(learner, data, plots_dir, options.threshold_metric,
+    def evaluate(preds: torch.Tensor, targets: torch.Tensor, prep: Preprocessing,
+                 plots_dir: Path | None) -> tuple[dict, dict]:
+        return _evaluate(preds, targets, data, plots_dir, options.threshold_metric,
                          options.per_label_thresholds)
 
     task = ImageTask(
@@ -50,11 +50,11 @@ def train_multilabel_model(
     return train_image_task(task, data, out_dir, options, progress=progress)
 
 
-def _evaluate(learner: Learner, data: MultiLabelData, plots_dir: Path, threshold_metric: str,
+def _evaluate(preds: torch.Tensor, targets: torch.Tensor, data: MultiLabelData,
+              plots_dir: Path | None, threshold_metric: str,
               per_label: bool) -> tuple[dict, dict]:
     """Validation metrics at 0.5 and at the chosen threshold(s); the threshold for the manifest."""
     classes = list(data.classes)
-    preds, targets = learner.predict(learner.valid_loader)
     base = {"n_valid": len(data.valid), "valid_only_labels": dict(data.valid_only)}
     if len(data.valid) == 0:
         return base | {"threshold": 0.5}, {"thresholds": 0.5}
@@ -62,7 +62,8 @@ def _evaluate(learner: Learner, data: MultiLabelData, plots_dir: Path, threshold
     probs = torch.sigmoid(preds.float())
     choice = choose_threshold(probs, targets, classes, metric=threshold_metric,
                               per_label=per_label)
-    plot_threshold_sweep(choice, plots_dir / "threshold_sweep.png")
+    if plots_dir is not None:
+        plot_threshold_sweep(choice, plots_dir / "threshold_sweep.png")
     thresholds = choice.manifest_value()
     f1 = metrics.f1_per_label(probs, targets, thresholds, sigmoid=False)
     ap = metrics.average_precision(probs, targets)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from training.errors import TrainingError
 from training.fit.lr_finder import SUGGESTERS
+from training.fit.schedule import SCHEDULES, Sgdr, sgdr_epochs
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -36,7 +38,50 @@ class Options(BaseModel):
         return type(self)(**(self.model_dump() | changes))
 
 
-class ImageTrainOptions(Options):
+class ScheduleOptions(Options):
+    """The LR schedule of every fit: one-cycle, or SGDR's cosine annealing with warm restarts.
+
+    Under SGDR each stage (``freeze_epochs``, ``epochs``) must end a cycle; ``cycles``, when
+    given, is checked against ``epochs`` so a fastai-style ``--cycles 3 --cycle-mult 2`` says
+    it means 7 epochs instead of silently training another number.
+    """
+
+    schedule: Literal[SCHEDULES] = Field(  # type: ignore[valid-type]
+        "one_cycle", description="one_cycle | sgdr (cosine annealing with warm restarts)")
+    cycles: PositiveInt | None = Field(None, description="sgdr: cycles of the (unfrozen) "
+                                       "training; default: as many as its epochs hold")
+    cycle_len: PositiveInt = Field(1, description="sgdr: epochs of the first cycle")
+    cycle_mult: PositiveInt = Field(1, description="sgdr: each next cycle this many times "
+                                    "longer")
+
+    @model_validator(mode="after")
+    def _stages_end_cycles(self):
+        if self.schedule != "sgdr":
+            return self
+        sgdr = self.sgdr()
+        epochs = getattr(self, "epochs", 0)
+        try:
+            for n in (getattr(self, "freeze_epochs", 0), epochs):
+                if n:
+                    sgdr.cycle_lengths(n)
+        except TrainingError as err:
+            raise ValueError(f"schedule=sgdr: {err}") from None
+        wanted = sgdr_epochs(self.cycles or 0, self.cycle_len, self.cycle_mult)
+        if self.cycles is not None and wanted != epochs:
+            raise ValueError(
+                f"schedule=sgdr: cycles={self.cycles} with cycle_len={self.cycle_len}, "
+                f"cycle_mult={self.cycle_mult} is {wanted} epochs, but epochs={epochs}: set "
+                f"epochs to {wanted}")
+        return self
+
+    def sgdr(self) -> Sgdr | None:
+        """The SGDR schedule, or None under one-cycle."""
+        if self.schedule != "sgdr":
+            return None
+        return Sgdr(self.cycle_len, self.cycle_mult)
+
+
+class ImageTrainOptions(ScheduleOptions):
     """Fine-tuning a pretrained image model: single-label, and the base of the other tasks."""
 
     arch: str = Field("tf_efficientnet_lite0", description="backbone: a timm or torchvision "
@@ -87,7 +132,7 @@ class RegressionOptions(ImageTrainOptions):
     flip: bool = Field(True, description="horizontal flips in training")
 
 
-class RecommenderOptions(Options):
+class RecommenderOptions(ScheduleOptions):
     """Collaborative filtering: dot product + biases + sigmoid range (or an embedding MLP)."""
 
     factors: PositiveInt = Field(50, description="latent factors per user and item")

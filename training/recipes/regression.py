@@ -28,7 +28,6 @@ from training.data.regression import RegressionData
 from training.data.transforms import TRAIN_SCALE
 from training.evaluation import metrics
 from training.evaluation.plots import save_figure
-from training.fit.learner import Learner
 from training.models.ranges import parse_y_range, y_range_text
 from training.recipes.image import ImageTask, ImageTrainResult, train_image_task, valid_sample
 from training.recipes.options import RegressionOptions
@@ -81,14 +80,16 @@ def train_regression_model(
         half = options.size / 2
         metric_fns["pixel_distance"] = lambda p, t: metrics.mean_point_distance(p, t, half)
 
-    def evaluate(learner: Learner, prep: Preprocessing, plots_dir: Path) -> tuple[dict, dict]:
-        return _evaluate(learner, data, prep, plots_dir)
+    def evaluate(preds: torch.Tensor, targets: torch.Tensor, prep: Preprocessing,
+                 plots_dir: Path | None) -> tuple[dict, dict]:
+        return _evaluate(preds, targets, data, prep, plots_dir)
 
     task = ImageTask(
         "regression", tuple(data.classes), nn.MSELoss(), metric_fns, evaluate,
         y_range=resolve_y_range(data, options.y_range),
         dataset_cls=PointItemsDataset if data.points else ImageItemsDataset,
-        train_scale=POINT_TRAIN_SCALE if data.points else TRAIN_SCALE, flip=options.flip)
+        train_scale=POINT_TRAIN_SCALE if data.points else TRAIN_SCALE, flip=options.flip,
+        points=bool(data.points))
     return train_image_task(task, data, out_dir, options, progress=progress)
 
 
@@ -104,13 +105,12 @@ def model_frame_targets(data: RegressionData, split: str, prep: Preprocessing) -
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _evaluate(learner: Learner, data: RegressionData, prep: Preprocessing,
-              plots_dir: Path) -> tuple[dict, dict]:
+def _evaluate(preds: torch.Tensor, targets: torch.Tensor, data: RegressionData,
+              prep: Preprocessing, plots_dir: Path | None) -> tuple[dict, dict]:
     """valid_mse, MAE, baseline_mse and (points) pixel distances; what the outputs mean."""
     outputs = {"targets": _targets_meta(data)}
     if not data.valid:
         return {"n_valid": 0}, outputs
-    preds, targets = learner.predict(learner.valid_loader)
     train_targets = model_frame_targets(data, "train", prep)
     per_target = ((preds - targets) ** 2).mean(0).sqrt().tolist()
     result = {
@@ -122,10 +122,12 @@ def _evaluate(learner: Learner, data: RegressionData, prep: Preprocessing,
     }
     if data.points:
         result |= _pixel_metrics(data, preds, targets, prep)
+        if plots_dir is None:
+            return result, outputs
         n = min(PLOTTED_IMAGES, len(data.valid))
         plot_points(valid_sample(data, prep, n), targets[:n], preds[:n],
                     plots_dir / "points.png", titles=[i.path.name for i in data.valid[:n]])
-    else:
+    elif plots_dir is not None:
         plot_predicted_vs_true(preds, targets, data.classes, plots_dir / "predicted_vs_true.png")
     return result, outputs
 

@@ -1,0 +1,16 @@
+"""The options of an export, declared once (see ``training.recipes.options``): ``lensflow export``,
+the ``--registry`` step of ``lensflow train`` and the training flows take theirs from here."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ExportOptions(BaseModel):
+    """How a training output becomes a bundle. Unknown names are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tta: bool = Field(False, description="image models: the exported graph averages the scores "
+                      "of the centre crop and its mirror (test-time augmentation; ~2x the "
+                      "compute per image)")
