@@ -14,3 +14,6 @@ class ExportOptions(BaseModel):
     tta: bool = Field(False, description="image models: the exported graph averages the scores "
                       "of the centre crop and its mirror (test-time augmentation; ~2x the "
                       "compute per image)")
+    aoti: bool = Field(False, description="also compile an AOTInductor package of each graph for "
+                       "this machine's CPU, run by --runtime aoti (minutes per graph; a failed "
+                       "compile is recorded in the manifest and the bundle goes on)")

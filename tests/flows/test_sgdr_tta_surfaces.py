@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import typer
+from colour_images import colour_folder
 from prefect.utilities.callables import parameter_schema
-from test_lineage import colour_folder
 
 from export.manifest import TTA_VIEWS
 from export.options import ExportOptions
@@ -38,8 +38,27 @@ def test_export_options_are_flags_of_export_and_of_training_with_a_registry_and_
     for flow in (train_image_model_flow, train_multilabel_model_flow,
                  train_regression_model_flow):
         schema = parameter_schema(flow).model_dump()["properties"]
-        assert schema["tta"]["default"] is False
-        assert schema["tta"]["description"] == ExportOptions.model_fields["tta"].description
+        for name, field in ExportOptions.model_fields.items():
+            assert schema[name]["default"] is False, (flow.name, name)
+            assert schema[name]["description"] == field.description, (flow.name, name)
+
+
+def test_export_flags_reach_the_exporter_as_one_options_model(monkeypatch, tmp_path):
+    import training.recipes.publish as publish
+
+    seen = []
+
+    def record(train_out, registry, name, options=None):
+        seen.append(options)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(publish, "export_training_output", record)
+    monkeypatch.setattr(sys, "argv", ["lensflow", "export", str(tmp_path / "train"),
+                                      "--registry", str(tmp_path / "reg"), "--name", "pets",
+                                      "--aoti"])
+    with pytest.raises(SystemExit):
+        main()
+    assert seen == [ExportOptions(aoti=True, tta=False)]
 
 
 def test_an_sgdr_run_that_ends_mid_cycle_is_one_line_before_any_work(monkeypatch, capsys,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
+from colour_images import colour_folder
 from PIL import Image
 
 from export.bundle import load_bundle
@@ -16,18 +15,6 @@ from training.recipes.image import image_data_fingerprint, train_image_model
 from training.recipes.options import ImageTrainOptions
 from training.recipes.publish import export_training_output
 from training.recipes.training_output import code_version, fingerprint_path, write_json
-
-
-def colour_folder(root: Path) -> Path:
-    """Six red and six blue 40x40 images, a folder per class."""
-    rng = np.random.default_rng(0)
-    for name, channel in (("red", 0), ("blue", 2)):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            pixels = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
-            pixels[..., channel] = 200
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
 
 
 def test_training_output_json_is_strict_with_nan_as_null(tmp_path):

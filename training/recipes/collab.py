@@ -281,7 +281,8 @@ def load_collab_output(out_dir: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), spec
 
 
-def export_recommender(train_out: str | Path, registry: str | Path, name: str):
+def export_recommender(train_out: str | Path, registry: str | Path, name: str, *,
+                       aoti: bool = False):
     """Training output → committed, parity-checked collab bundle (``ExportResult``).
 
     The manifest carries the vocabularies and titles, so scoring needs the bundle alone;
@@ -305,4 +306,4 @@ def export_recommender(train_out: str | Path, registry: str | Path, name: str):
     plots = train_out / "plots"
     return export_bundle(model, manifest, registry, name, validation_inputs=sample,
                          plots_dir=plots if plots.is_dir() else None,
-                         extra_files={SEEN_FILE: train_out / SEEN_FILE})
+                         extra_files={SEEN_FILE: train_out / SEEN_FILE}, aoti=aoti)

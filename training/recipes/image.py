@@ -295,6 +295,6 @@ def export_image_model(
     plots = train_out / "plots"
     return export_bundle(model.eval(), manifest, registry, name, validation_inputs=sample,
                          tolerances=tolerances or ParityTolerances(),
-                         plots_dir=plots if plots.is_dir() else None)
+                         plots_dir=plots if plots.is_dir() else None, aoti=options.aoti)
 
 

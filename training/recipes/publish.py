@@ -27,7 +27,7 @@ def export_training_output(train_out: str | Path, registry: str | Path, name: st
                                 "tta is for image models")
         from training.recipes.collab import export_recommender
 
-        return export_recommender(train_out, registry, name)
+        return export_recommender(train_out, registry, name, aoti=options.aoti)
     from training.recipes.image import export_image_model
 
     return export_image_model(train_out, registry, name, options=options)
