@@ -53,6 +53,11 @@ def ref_text(ref: str | Path) -> str:
     return ref.rstrip("/") if is_url(ref) else str(as_local(ref))
 
 
+def absolute(ref: str | Path) -> str | Path:
+    """A URL as given; a local path made absolute (a worker's working directory is not ours)."""
+    return ref_text(ref) if is_url(ref) else as_local(ref).absolute()
+
+
 def filesystem(url: str):
     """``(fsspec file system, path inside it)`` of a URL.
 

@@ -42,7 +42,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # Where a run reads and writes is not an option of the recipe: these stay with each command.
 Images = Annotated[Path, typer.Option(help="folder the fnames are relative to")]
-Registry = Annotated[Path | None, typer.Option(help="also export, verify, promote here")]
+Registry = Annotated[str | None, typer.Option(
+    help="also export, verify, promote here (a path or a URL such as s3://bucket/registry)")]
 Name = Annotated[str | None, typer.Option(help="model name in the registry")]
 
 
@@ -110,7 +111,7 @@ def train_regression(
     _train_and_publish(train_regression_model, prepared, out_dir, options, registry, name)
 
 
-def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path | None,
+def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: str | None,
                        name: str | None) -> None:
     """Fine-tune with ``recipe``, print the metrics, then export, verify, promote if asked."""
     console.print(prepared.summary(), highlight=False)
@@ -146,7 +147,7 @@ def train_ratings(
         _export_verify_promote(result.out_dir, registry, name or result.out_dir.name)
 
 
-def _export_verify_promote(train_out: Path, registry: Path, name: str) -> None:
+def _export_verify_promote(train_out: Path, registry: str, name: str) -> None:
     from training.recipes.publish import publish
 
     result, current = publish(train_out, registry, name)
@@ -157,7 +158,8 @@ def _export_verify_promote(train_out: Path, registry: Path, name: str) -> None:
 @app.command("export")
 def export_cmd(
     train_out: Annotated[Path, typer.Argument(help="training output directory")],
-    registry: Annotated[Path, typer.Option(help="registry root")],
+    registry: Annotated[str, typer.Option(help="registry root: a path or a URL such as "
+                                               "s3://bucket/registry")],
     name: Annotated[str, typer.Option(help="model name")],
     sign_key: Annotated[Path | None, typer.Option(
         help="Ed25519 private key PEM that signs the bundle (default $LENSFLOW_SIGNING_KEY)")]
@@ -166,9 +168,10 @@ def export_cmd(
     """Export a training output to a bundle (TorchScript, ONNX, torch.export) and run parity."""
     from export.errors import ExportError
     from export.signing import SIGNING_KEY_ENV, load_signing_key
+    from export.storage import is_url
     from training.recipes.publish import export_training_output
 
-    if registry.exists() and not registry.is_dir():
+    if not is_url(registry) and Path(registry).exists() and not Path(registry).is_dir():
         raise ExportError(f"registry {registry}: exists and is not a directory")
     if sign_key is not None:
         load_signing_key(sign_key)  # a bad key fails before the export starts
