@@ -71,12 +71,16 @@ def s3_endpoint():
         proc.wait(timeout=10)
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint) -> str:
-    """``s3://<bucket>``: a fresh, empty bucket for one test."""
+def new_bucket() -> str:
+    """``s3://<bucket>``: a fresh, empty bucket on the server the environment points at."""
     import fsspec
 
     name = f"lensflow-{uuid.uuid4().hex[:12]}"
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(name)
+    fsspec.filesystem("s3").mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket for one test."""
+    return new_bucket()
