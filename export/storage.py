@@ -109,6 +109,25 @@ def is_file(url: str) -> bool:
     return fs.isfile(path)
 
 
+def local_copy(url: str) -> Path:
+    """A file or folder on object storage downloaded into a new temporary folder, keeping its
+    name (inputs read whole: a ratings table, a MovieLens folder)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(url)
+    target = Path(tempfile.mkdtemp(prefix="lensflow-input-")) / basename(url)
+    atexit.register(shutil.rmtree, target.parent, True)
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    else:
+        fs.get_file(path, str(target))
+    return target
+
+
 def full_url(fs, path: str) -> str:
     """The URL of a path a listing of ``fs`` returned."""
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

@@ -126,8 +126,8 @@ def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: str |
 @train_app.command("ratings")
 @declared_options(cli=True, options=RecommenderOptions)
 def train_ratings(
-    path: Annotated[Path, typer.Argument(help="MovieLens folder (u.data / ratings.csv) or a"
-                                         " CSV/Parquet of ratings")],
+    path: Annotated[str, typer.Argument(help="MovieLens folder (u.data / ratings.csv) or a"
+                                        " CSV/Parquet of ratings; a path or a URL (s3://...)")],
     out_dir: OutDir = Path("runs/recommender"),
     registry: Registry = None,
     name: Name = None,
