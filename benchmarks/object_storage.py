@@ -6,9 +6,12 @@
 
 Same bundle (a local directory, so only the folder and the output differ), same options. Rounds
 alternate (a), (b), ``--repeat`` times, and each keeps its best (the machine may be shared).
-Prints images/s of each and the ratio b/a. Without ``--endpoint`` (or ``$AWS_ENDPOINT_URL``) the
-bucket is on a ``moto`` S3 server started on loopback (``pip install 'moto[server]'``): HTTP over
-loopback, no network latency — on a real store, per-request latency is what batching hides.
+Prints images/s of each and the ratio b/a, then the commit alone: the seconds to commit a
+partition of ``--commit-parts`` parts (footers read, rows checked, made visible) on each.
+
+Without ``--endpoint`` (or ``$AWS_ENDPOINT_URL``) the bucket is on a ``moto`` S3 server started on
+loopback (``pip install 'moto[server]'``): HTTP over loopback, no network latency, but a Python
+server on the same cores — on a real store, per-request latency is what batching hides.
 Usage::
 
     python benchmarks/object_storage.py --make-bundle             # hymenoptera val, lite0 bundle
@@ -34,6 +37,7 @@ from score_images import copy_folder, make_bundle, shared_data  # noqa: E402
 
 from export.bundle import resolve_bundle  # noqa: E402
 from scoring.image_scoring import score_image_folder  # noqa: E402
+from scoring.partition import commit_partition, open_partition  # noqa: E402
 
 
 def s3_server() -> tuple[object, str]:
@@ -44,6 +48,23 @@ def s3_server() -> tuple[object, str]:
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
     return proc, endpoint
+
+
+def commit_seconds(out: str | Path, parts: int, day: date) -> float:
+    """Seconds to commit a partition of ``parts`` parts (one shard each, 1000 rows each)."""
+    import time
+
+    import pyarrow as pa
+
+    schema = pa.schema([("user", pa.int64()), ("score", pa.float32())])
+    meta = {"model_name": "bench", "model_version": "1", "bundle_sha256": "0" * 64}
+    pending = open_partition(out, "commit_bench", day, schema, meta)
+    for shard in range(parts):
+        with pending.part_writer(shard) as writer:
+            writer.write({"user": list(range(1000)), "score": [0.5] * 1000})
+    started = time.perf_counter()
+    commit_partition(pending, expected_shards=range(parts))
+    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--commit-parts", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if not (args.model or args.make_bundle):
@@ -93,17 +115,26 @@ def main(argv: list[str] | None = None) -> dict:
                     best[kind] = max(best[kind], rate)
                     runs.append({"kind": kind, "images": summary.scored,
                                  "seconds": summary.seconds, "images_per_s": round(rate, 2)})
+            commits = {"local": min(commit_seconds(tmp / "out", args.commit_parts, date(2026, 2, i))
+                                    for i in range(1, 4)),
+                       "s3": min(commit_seconds(f"{bucket}/out", args.commit_parts,
+                                                date(2026, 2, i)) for i in range(1, 4))}
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
     figures = {"images": runs[0]["images"], "local_images_per_s": round(best["local"], 2),
                "s3_images_per_s": round(best["s3"], 2),
                "ratio_s3_over_local": round(best["s3"] / best["local"], 3),
+               "commit_parts": args.commit_parts,
+               "commit_s_local": round(commits["local"], 3),
+               "commit_s_s3": round(commits["s3"], 3),
                "endpoint": "moto on loopback" if server is not None else args.endpoint,
                "runs": runs}
     print(f"{figures['images']} images: local disk {figures['local_images_per_s']} images/s, "
           f"s3:// {figures['s3_images_per_s']} images/s, ratio s3/local "
-          f"{figures['ratio_s3_over_local']} ({figures['endpoint']})")
+          f"{figures['ratio_s3_over_local']} ({figures['endpoint']}); commit of "
+          f"{args.commit_parts} parts: local {figures['commit_s_local']} s, "
+          f"s3:// {figures['commit_s_s3']} s")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
     return figures
