@@ -155,3 +155,33 @@ def test_score_an_s3_folder_with_an_s3_bundle_to_s3_parquet_as_on_local_disk(
 def test_a_missing_s3_folder_is_one_line(s3_bucket):
     with pytest.raises(ImageFolderError, match=f"{s3_bucket}/nothing: no such folder"):
         walk_folder(f"{s3_bucket}/nothing")
+
+
+@pytest.mark.slow  # exports a recommender (ONNX, TorchScript, parity)
+def test_recommendations_from_an_s3_registry_and_users_file_to_s3_as_on_local_disk(
+        s3_bucket, cache, tmp_path):
+    from tiny_export_models import TinyCollab, collab_manifest
+
+    from export.convert import export_bundle
+    from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations
+
+    model = TinyCollab().eval()
+    bundle = export_bundle(model, collab_manifest(model) | {"id_type": "string"},
+                           f"{s3_bucket}/registry", "movies",
+                           pt2=False).bundle_path
+    users = b"u3\nu1\nnobody\nu7\n"
+    fsspec.filesystem("s3").pipe(f"{s3_bucket}/users.txt", users)
+    (tmp_path / "users.txt").write_bytes(users)
+    options = {"top_k": 3, "full_table": True, "shards": 2, "run_date": DAY}
+    out = f"{s3_bucket}/recs"
+    remote = score_recommendations(bundle, out, users=f"{s3_bucket}/users.txt", **options)
+    here = score_recommendations(bundle, tmp_path / "out", users=tmp_path / "users.txt",
+                                 **options)
+    assert (remote.users_scored, remote.unknown_users) == (3, 1) == (
+        here.users_scored, here.unknown_users)
+    for table in (TOPK_TABLE, FULL_TABLE):
+        on_s3 = read_partition(out, table, DAY).to_pylist()
+        on_disk = read_partition(tmp_path / "out", table, DAY).to_pylist()
+        assert on_s3 == on_disk and on_s3
+    assert set(current_run(out, DAY, [TOPK_TABLE, FULL_TABLE])["partitions"]) == {
+        TOPK_TABLE, FULL_TABLE}
