@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timezone
 from pathlib import PurePosixPath
@@ -135,12 +136,18 @@ def clear_dead_runs(out: str, table: str, *, grace_s: float = ORPHAN_GRACE_S) ->
             continue
         run = f"{rel[0]}/{rel[1]}"
         newest[run] = max(newest.get(run, 0.0), _modified(info))
+    commits_fs, commits_root = filesystem(join(out, table, COMMITS_DIR))
+    committed_days = {PurePosixPath(p).stem for p in commits_fs.glob(f"{commits_root}/*.json")}
+    runs_per_day = Counter(run.split("/")[0] for run in newest)
     removed = []
     now = time.time()
     for run in sorted(newest):
         day, run_id = run.split("/")
-        record = read_commit(join(out, table, COMMITS_DIR, f"{day}.json"))
-        if (record or {}).get("run_id") == run_id or now - newest[run] < grace_s:
+        if now - newest[run] < grace_s:
+            continue
+        # One GET per date only where a date holds more than its committed run's parts.
+        if day in committed_days and (runs_per_day[day] == 1 or (read_commit(
+                join(out, table, COMMITS_DIR, f"{day}.json")) or {}).get("run_id") == run_id):
             continue
         _remove(f"{full_url(fs, root)}/{run}")
         removed.append(run)
@@ -170,8 +177,19 @@ def committed_records(out: str, table: str) -> list[dict]:
     """The commit record of every date of a table, oldest date first."""
     fs, root = filesystem(join(out, table, COMMITS_DIR))
     paths = sorted(fs.glob(f"{root}/run_date=*.json"))
-    records = [read_commit(full_url(fs, p)) for p in paths]
-    return [r for r in records if r is not None]
+    if not paths:
+        return []
+    fetched = fs.cat(paths, on_error="omit")  # concurrent GETs
+    records = []
+    for path in paths:
+        try:
+            record = json.loads(fetched[path]) if path in fetched else None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise PartitionError(f"{full_url(fs, path)}: commit record is not JSON ({err})") \
+                from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def record_parts(out: str, table: str, record: dict) -> list[str]:
