@@ -11,8 +11,8 @@ not an image) becomes an error string for its row; the collate keeps such rows a
 file never stops a batch.
 
 A folder may also be a URL (``s3://bucket/photos``): the walk is one recursive listing of the
-prefix, and each batch's files are fetched at once (the driver's concurrent GETs) before decoding,
-so a batch waits for one round trip rather than one per image.
+prefix, and each batch's files are fetched by several threads at once, each decoding its image
+as soon as it arrives, so a batch waits for about one round trip rather than one per image.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,8 @@ from export.pixels import Preprocessing, decode_for_model, is_image_name
 from export.storage import filesystem, full_url, is_url, ref_text
 from scoring.errors import ImageFolderError
 
+#: Threads fetching (and decoding) one batch from object storage.
+_FETCHERS = 16
 #: Below this many files, worker start-up costs more than decoding in the main process.
 TINY_FOLDER = 128
 _log = logging.getLogger(__name__)
@@ -221,23 +224,23 @@ class DecodedImages(Dataset):
             return i, None, describe_error(err)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[int, np.ndarray | None, str | None]]:
-        """A batch; files on object storage are fetched together, then decoded one by one."""
-        paths = [self.files[i].path for i in indices]
-        if not paths or not is_url(paths[0]):
+        """A batch; files on object storage are fetched by several threads at once, each
+        decoding its image while the others still wait on the network."""
+        if not indices or not is_url(self.files[indices[0]].path):
             return [self[i] for i in indices]
-        fs, _ = filesystem(paths[0])
-        fetched = fs.cat([filesystem(p)[1] for p in paths], on_error="return")
-        rows = []
-        for i, path in zip(indices, paths, strict=True):
-            data = fetched.get(filesystem(path)[1])
-            buffer = io.BytesIO(data if isinstance(data, bytes) else b"")
-            try:
-                if isinstance(data, BaseException):
-                    raise data
-                rows.append((i, decode_for_model(buffer, self.spec), None))
-            except Exception as err:  # as above: this row's failure, named by its URL
-                rows.append((i, None, describe_error(err).replace(repr(buffer), repr(path))))
-        return rows
+        with ThreadPoolExecutor(min(_FETCHERS, len(indices))) as pool:
+            return list(pool.map(self._fetch_and_decode, indices))
+
+    def _fetch_and_decode(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+        url = self.files[i].path
+        buffer = None
+        try:
+            fs, path = filesystem(url)
+            buffer = io.BytesIO(fs.cat_file(path))
+            return i, decode_for_model(buffer, self.spec), None
+        except Exception as err:  # as above: this row's failure, named by its URL
+            message = describe_error(err)
+            return i, None, message.replace(repr(buffer), repr(url)) if buffer else message
 
 
 @dataclass(frozen=True)
