@@ -6,7 +6,8 @@
 
 Same bundle (a local directory, so only the folder and the output differ), same options. Rounds
 alternate (a), (b), ``--repeat`` times, and each keeps its best (the machine may be shared).
-Prints images/s of each and the ratio b/a, then the commit alone: the seconds to commit a
+Prints images/s of each and the ratio b/a (with the CPU seconds the loopback server spent in
+each round), then the commit alone: the seconds to commit a
 partition of ``--commit-parts`` parts (footers read, rows checked, made visible) on each.
 
 Without ``--endpoint`` (or ``$AWS_ENDPOINT_URL``) the bucket is on a ``moto`` S3 server started on
@@ -48,6 +49,15 @@ def s3_server() -> tuple[object, str]:
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
     return proc, endpoint
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (Linux; 0 when unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def commit_seconds(out: str | Path, parts: int, day: date) -> float:
@@ -110,11 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
                 day = date(2026, 1, 1 + i)
                 for kind, folder, out in (("local", local, tmp / "out"),
                                           ("s3", f"{bucket}/images", f"{bucket}/out")):
+                    server_cpu = cpu_seconds(server and server.pid)
                     summary = score_image_folder(folder, model, out, run_date=day, **options)
                     rate = summary.scored / summary.seconds
                     best[kind] = max(best[kind], rate)
                     runs.append({"kind": kind, "images": summary.scored,
-                                 "seconds": summary.seconds, "images_per_s": round(rate, 2)})
+                                 "seconds": summary.seconds, "images_per_s": round(rate, 2),
+                                 "server_cpu_s": round(cpu_seconds(server and server.pid)
+                                                       - server_cpu, 2)})
             commits = {"local": min(commit_seconds(tmp / "out", args.commit_parts, date(2026, 2, i))
                                     for i in range(1, 4)),
                        "s3": min(commit_seconds(f"{bucket}/out", args.commit_parts,
