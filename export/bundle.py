@@ -14,6 +14,10 @@ edit it: in ``<registry>/<name>/<version>.digest.json`` (written at export, with
 Ed25519 signature, see ``export.signing``) and in ``current`` (``<version> sha256:<digest>``).
 Loading checks the manifest against both, every listed file against the manifest, and that no
 file was added; any difference is refused in one line.
+
+A registry may also be a URL (``s3://bucket/registry``): a bundle is staged and committed locally
+as above, then uploaded with its manifest last, and read through a local cache keyed by its digest
+(:mod:`export.bundle_remote`).
 """
 
 from __future__ import annotations
@@ -28,17 +32,26 @@ import shutil
 import stat
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 
 from export import signing
+from export.bundle_remote import (
+    MANIFEST,
+    fetch_bundle,
+    publish_bundle,
+    read_remote_pointer,
+    remote_versions,
+    resolve_remote,
+)
 from export.bundle_staging import remove_dead_staging, staging_lock
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError, PromotionError
 from export.pins import (
     CURRENT,
+    RECORD_SUFFIX,
     digest_record,
     file_sha256,
     fsync_path,
@@ -49,8 +62,8 @@ from export.pins import (
     write_atomically,
     write_record,
 )
+from export.storage import basename, is_url, join, parent, ref_text, write_bytes
 
-MANIFEST = "manifest.json"
 PARITY = "parity.json"
 _VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
@@ -129,21 +142,30 @@ class BundleWriter:
 
     Write files under ``.dir``; ``commit(manifest)`` hashes them, writes ``manifest.json`` and
     renames the directory to ``<registry>/<name>/<version>/``. Leaving the ``with`` block without
-    committing (an exception, or no ``commit`` call) removes the staging directory.
+    committing (an exception, or no ``commit`` call) removes the staging directory. A registry URL
+    is staged in a local temporary registry and uploaded by ``commit``, which returns the URL.
     """
 
     def __init__(self, registry: str | Path, name: str, version: str | None = None) -> None:
         if not name or "/" in name or name.startswith(".") or name == CURRENT:
             raise ExportError(f"bundle name {name!r}: must be a plain directory name")
-        self.registry = Path(registry)
+        self.remote = join(ref_text(registry), name) if is_url(registry) else None
+        self.registry = Path(registry) if self.remote is None else None
         self.name = name
         self.version = version or new_version()
-        self.model_dir = self.registry / name
-        self.path = self.model_dir / self.version
         self.dir: Path | None = None
-        self.committed: Path | None = None
+        self.committed: Path | str | None = None
+        if self.registry is not None:
+            self._at(self.registry)
+
+    def _at(self, registry: Path) -> None:
+        self.registry = registry
+        self.model_dir = registry / self.name
+        self.path = registry / self.name / self.version
 
     def __enter__(self) -> BundleWriter:
+        if self.remote is not None:
+            self._at(Path(tempfile.mkdtemp(prefix="lensflow-export-")))
         for where in (self.registry, self.model_dir):
             if where.exists() and not where.is_dir():
                 raise ExportError(f"registry {where}: exists and is not a directory")
@@ -169,10 +191,13 @@ class BundleWriter:
         if self.dir is not None:
             staging_lock(self.dir).unlink(missing_ok=True)
             os.close(self._lock)
+        if self.remote is not None:
+            shutil.rmtree(self.registry, ignore_errors=True)
 
-    def commit(self, manifest: dict, *, signing_key: object = None) -> Path:
+    def commit(self, manifest: dict, *, signing_key: object = None) -> Path | str:
         """Write ``manifest.json`` over the staged files, record its digest (signed with
-        ``signing_key``, an Ed25519 private key, when given) and rename the bundle into place."""
+        ``signing_key``, an Ed25519 private key, when given) and rename the bundle into place
+        (or upload it, manifest last, to a registry URL)."""
         if self.dir is None or self.committed is not None:
             raise ExportError(f"bundle {self.path}: commit outside an open BundleWriter")
         full = {
@@ -198,21 +223,30 @@ class BundleWriter:
             raise ExportError(f"bundle {self.path}: cannot commit ({err.strerror})") from err
         fsync_path(self.model_dir)
         self.committed = self.path
-        return self.path
+        if self.remote is not None:
+            url = join(self.remote, self.version)
+            publish_bundle(self.path, url)
+            self.committed = url
+        return self.committed
 
 
 def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
     """Verify a bundle, then sign its digest (replacing its record); returns the record path."""
     bundle = load_bundle(bundle_path, verify=True)
-    return write_record(bundle.path, digest_record(bundle.name, bundle.version, bundle.sha256,
-                                                   signing_key))
+    record = digest_record(bundle.name, bundle.version, bundle.sha256, signing_key)
+    if bundle.source is not None:
+        url = bundle.source + RECORD_SUFFIX
+        write_bytes(url, (json.dumps(record, indent=2) + "\n").encode())
+        return url
+    return write_record(bundle.path, record)
 
 
 @dataclass(frozen=True)
 class Bundle:
     """A bundle read from disk; ``sha256`` (of manifest.json's bytes, the digest its record and
     ``current`` pin) is its identity. ``signature``: ``verified``, ``unchecked`` (signed, no
-    verify key set) or ``unsigned``."""
+    verify key set) or ``unsigned``. ``source``: the URL a bundle from object storage was
+    fetched from (``path`` is then its verified copy in the local cache)."""
 
     path: Path
     manifest: dict = field(repr=False)
@@ -221,6 +255,12 @@ class Bundle:
     sha256: str
     task: str
     signature: str = field(default="unsigned", compare=False)
+    source: str | None = field(default=None, compare=False)
+
+    @property
+    def ref(self) -> str:
+        """How another process or machine names this bundle: its URL, or its absolute path."""
+        return self.source or str(self.path.absolute())
 
     def file(self, relpath: str) -> Path:
         """Path of a file the manifest lists; a file it does not list is an error."""
@@ -232,7 +272,7 @@ class Bundle:
         return relpath in self.manifest.get("files", {})
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "name": self.name, "version": self.version,
+        return {"path": self.source or str(self.path), "name": self.name, "version": self.version,
                 "sha256": self.sha256, "task": self.task}
 
 
@@ -314,7 +354,14 @@ def _check_digest(path: Path, manifest: dict, digest: str) -> str:
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read a bundle directory, refusing a manifest its digest record, ``current`` or signature
-    does not vouch for; with ``verify`` also every listed file's sha256, and no unlisted file."""
+    does not vouch for; with ``verify`` also every listed file's sha256, and no unlisted file.
+
+    A URL is fetched into the local bundle cache (verified there before first use) and loaded
+    from it."""
+    if is_url(path):
+        local, fresh = fetch_bundle(ref_text(path), lambda copy: load_bundle(copy, verify=True))
+        bundle = load_bundle(local, verify=verify and not fresh)
+        return replace(bundle, source=ref_text(path))
     path = Path(path)
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
@@ -331,6 +378,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
 
 def list_versions(registry: str | Path, name: str) -> list[str]:
     """Committed versions of a model, oldest first (staging directories are not versions)."""
+    if is_url(registry):
+        return remote_versions(ref_text(registry), name)
     model_dir = Path(registry) / name
     if not model_dir.is_dir():
         return []
@@ -340,13 +389,19 @@ def list_versions(registry: str | Path, name: str) -> list[str]:
 
 def current_version(registry: str | Path, name: str) -> str | None:
     """The promoted version of a model, or None when nothing was promoted yet."""
+    if is_url(registry):
+        pin = read_remote_pointer(join(ref_text(registry), name))
+        return pin[0] if pin else None
     pin = read_pointer(Path(registry) / name / CURRENT)
     return pin[0] if pin else None
 
 
-def resolve_bundle(ref: str | Path) -> Path:
+def resolve_bundle(ref: str | Path) -> Path | str:
     """Turn a bundle directory, ``REG/NAME`` (its current version) or ``REG/NAME/VERSION`` into
-    the bundle directory; ``REG/NAME`` must still hash to the digest ``current`` pins."""
+    the bundle directory (a URL for a registry URL); ``REG/NAME`` must still hash to the digest
+    ``current`` pins."""
+    if is_url(ref):
+        return resolve_remote(ref_text(ref))
     path = Path(ref)
     if (path / MANIFEST).is_file():
         return path
@@ -387,18 +442,22 @@ def read_parity_passed(bundle: Bundle) -> bool:
     return isinstance(report, dict) and report.get("passed") is True
 
 
-def promote(bundle_path: str | Path) -> Path:
+def promote(bundle_path: str | Path) -> Path | str:
     """Make a verified bundle whose parity passed the current version, pinning its digest;
-    returns the pointer path."""
+    returns the pointer path (one object written whole in a registry URL)."""
     bundle = load_bundle(bundle_path, verify=True)
-    path = Path(bundle_path)
-    if path.name != bundle.version:
+    path = bundle_path if is_url(bundle_path) else Path(bundle_path)
+    if basename(path) != bundle.version:
         raise PromotionError(
             f"bundle {path}: directory name differs from manifest version {bundle.version!r}")
     if not bundle.has_file(PARITY):
         raise PromotionError(f"bundle {path}: no parity.json — run lensflow verify first")
     if not read_parity_passed(bundle):
         raise PromotionError(f"bundle {path}: parity.json records a failed parity gate")
+    if is_url(path):
+        pointer = join(parent(ref_text(path)), CURRENT)
+        write_bytes(pointer, pointer_text(bundle.version, bundle.sha256).encode())
+        return pointer
     pointer = path.parent / CURRENT
     write_atomically(pointer, pointer_text(bundle.version, bundle.sha256))
     return pointer

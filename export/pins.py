@@ -110,11 +110,17 @@ def read_pointer(pointer: Path) -> tuple[str, str | None] | None:
     """``(version, pinned digest)`` of a ``current`` file (digest None in a pre-pinning one);
     None when there is no pointer."""
     try:
-        fields = pointer.read_text().split()
+        text = pointer.read_text()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as err:
         raise BundleNotFoundError(f"{pointer}: unreadable ({err})") from None
+    return parse_pointer(text, pointer)
+
+
+def parse_pointer(text: str, pointer: object) -> tuple[str, str | None]:
+    """``(version, pinned digest)`` of the text of a ``current`` pointer named ``pointer``."""
+    fields = text.split()
     version = fields[0] if fields else ""
     if not version or "/" in version or version.startswith(".") or len(fields) > 2:
         raise BundleNotFoundError(f"{pointer}: does not hold a version id")

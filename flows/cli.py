@@ -44,7 +44,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # Where a run reads and writes is not an option of the recipe: these stay with each command.
 Images = Annotated[Path, typer.Option(help="folder the fnames are relative to")]
-Registry = Annotated[Path | None, typer.Option(help="also export, verify, promote here")]
+Registry = Annotated[str | None, typer.Option(
+    help="also export, verify, promote here (a path or a URL such as s3://bucket/registry)")]
 Name = Annotated[str | None, typer.Option(help="model name in the registry")]
 
 
@@ -118,7 +119,7 @@ def train_regression(
                        export)
 
 
-def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path | None,
+def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: str | None,
                        name: str | None, export: ExportOptions) -> None:
     """Fine-tune with ``recipe``, print the metrics, then export, verify, promote if asked."""
     console.print(prepared.summary(), highlight=False)
@@ -133,8 +134,8 @@ def _train_and_publish(recipe, prepared, out_dir: Path, options, registry: Path 
 @train_app.command("ratings")
 @declared_options(cli=True, options=RecommenderOptions)
 def train_ratings(
-    path: Annotated[Path, typer.Argument(help="MovieLens folder (u.data / ratings.csv) or a"
-                                         " CSV/Parquet of ratings")],
+    path: Annotated[str, typer.Argument(help="MovieLens folder (u.data / ratings.csv) or a"
+                                        " CSV/Parquet of ratings; a path or a URL (s3://...)")],
     out_dir: OutDir = Path("runs/recommender"),
     registry: Registry = None,
     name: Name = None,
@@ -154,7 +155,7 @@ def train_ratings(
         _export_verify_promote(result.out_dir, registry, name or result.out_dir.name)
 
 
-def _export_verify_promote(train_out: Path, registry: Path, name: str,
+def _export_verify_promote(train_out: Path, registry: str, name: str,
                            export: ExportOptions | None = None) -> None:
     from training.recipes.publish import publish
 
@@ -167,7 +168,8 @@ def _export_verify_promote(train_out: Path, registry: Path, name: str,
 @declared_options(cli=True, export=ExportOptions)
 def export_cmd(
     train_out: Annotated[Path, typer.Argument(help="training output directory")],
-    registry: Annotated[Path, typer.Option(help="registry root")],
+    registry: Annotated[str, typer.Option(help="registry root: a path or a URL such as "
+                                               "s3://bucket/registry")],
     name: Annotated[str, typer.Option(help="model name")],
     sign_key: Annotated[Path | None, typer.Option(
         help="Ed25519 private key PEM that signs the bundle (default $LENSFLOW_SIGNING_KEY)")]
@@ -178,9 +180,10 @@ def export_cmd(
     """Export a training output to a bundle (TorchScript, ONNX, torch.export) and run parity."""
     from export.errors import ExportError
     from export.signing import SIGNING_KEY_ENV, load_signing_key
+    from export.storage import is_url
     from training.recipes.publish import export_training_output
 
-    if registry.exists() and not registry.is_dir():
+    if not is_url(registry) and Path(registry).exists() and not Path(registry).is_dir():
         raise ExportError(f"registry {registry}: exists and is not a directory")
     if sign_key is not None:
         load_signing_key(sign_key)  # a bad key fails before the export starts
@@ -266,7 +269,8 @@ from training.recipes.import_options import ImportOptions  # noqa: E402
 def import_model_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="state dict: .safetensors or a torch.save "
                                                "file of model.state_dict()")],
-    registry: Annotated[Path, typer.Option(help="registry root")],
+    registry: Annotated[str, typer.Option(help="registry root: a path or a URL such as "
+                                               "s3://bucket/registry")],
     name: Annotated[str, typer.Option(help="model name in the registry")],
     classes: Annotated[Path | None, typer.Option(
         help="text file, one output name per line (default: 0..N-1)")] = None,

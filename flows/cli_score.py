@@ -8,7 +8,6 @@ its shards on that Dask cluster.
 from __future__ import annotations
 
 from datetime import date
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,8 +18,12 @@ from scoring.options import ImageScoreOptions, RecScoreOptions
 
 score_app = typer.Typer(**PLAIN, help="Score a batch to Parquet.")
 
-Model = Annotated[str, typer.Option(help="REG/NAME[/VERSION] or a bundle dir")]
-OutRoot = Annotated[Path, typer.Option("--out", help="output root for Parquet tables")]
+Model = Annotated[str, typer.Option(help="REG/NAME[/VERSION] or a bundle dir (a path or a URL "
+                                         "such as s3://bucket/registry/NAME)")]
+OutRoot = Annotated[str, typer.Option("--out", help="output root for Parquet tables (a path or a "
+                                                    "URL such as s3://bucket/scores)")]
+Folder = Annotated[str, typer.Argument(help="folder of images (a path or a URL such as "
+                                            "s3://bucket/photos)")]
 RunDate = Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: today, UTC)")]
 DaskAddress = Annotated[str | None, typer.Option(
     envvar="LENSFLOW_DASK_ADDRESS",
@@ -29,14 +32,14 @@ DaskAddress = Annotated[str | None, typer.Option(
 
 @score_app.command("images")
 @declared_options(cli=True, options=ImageScoreOptions)
-def score_images(folder: Path, model: Model, out_root: OutRoot, run_date: RunDate = None,
+def score_images(folder: Folder, model: Model, out_root: OutRoot, run_date: RunDate = None,
                  dask_address: DaskAddress = None, *, options: ImageScoreOptions) -> None:
     """Score every image under FOLDER into <out>/image_predictions/run_date=.../."""
     from scoring.image_scoring import ScoreSummary, score_image_folder
 
     day = _date(run_date)
     if dask_address:
-        result = _run_flow("score_image_folder_flow", str(folder), model, str(out_root),
+        result = _run_flow("score_image_folder_flow", folder, model, out_root,
                            run_date=day, dask_address=dask_address, **options.model_dump())
         out.print(ScoreSummary(**result).summary_line())
         return
@@ -55,7 +58,7 @@ def score_recommendations_cmd(model: Model, out_root: OutRoot, run_date: RunDate
 
     day = _date(run_date)
     if dask_address:
-        result = _run_flow("score_recommendations_flow", model, str(out_root), run_date=day,
+        result = _run_flow("score_recommendations_flow", model, out_root, run_date=day,
                            dask_address=dask_address, **options.model_dump())
         out.print(RecScoreSummary(**result).summary_line())
         return

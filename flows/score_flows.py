@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from export.bundle import load_bundle, resolve_bundle
+from export.storage import filesystem, is_file, is_url, ref_text
 from flows.artifacts import ProgressArtifact, publish_markdown, summary_markdown
 from flows.dask_runner import resolve_dask_address, shard_count, shard_runner
 from flows.failures import user_errors_fail_the_run
@@ -48,6 +49,11 @@ def resolve_model(model: str, *, want_collab: bool) -> str:
 @task(name="check-image-folder", cache_policy=NO_CACHE)
 def check_image_folder(folder: str) -> str:
     """Fail fast on a folder that does not exist, before a model is loaded."""
+    if is_url(folder):
+        fs, path = filesystem(folder)
+        if not fs.isdir(path):
+            raise ScoringError(f"folder {folder}: no such folder")
+        return ref_text(folder)
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise ScoringError(f"folder {folder}: no such directory")
@@ -71,7 +77,8 @@ def score_image_folder_flow(folder: PathText, model: PathText, out: PathText,
     ``run_date`` defaults to the date the run was scheduled for. ``dask_address``
     (``tcp://HOST:PORT``, default ``$LENSFLOW_DASK_ADDRESS``) runs the ``shards`` (default 1
     here, 16 on a cluster) on that Dask cluster; folder, model and out must be on storage every
-    worker sees at the same path.
+    worker sees at the same path, or URLs (``s3://...``: credentials from the workers'
+    environment, never from parameters).
     """
     address = resolve_dask_address(dask_address)
     folder_path = check_image_folder(folder)
@@ -92,7 +99,8 @@ def score_image_folder_flow(folder: PathText, model: PathText, out: PathText,
 @task(name="check-users-file", cache_policy=NO_CACHE)
 def check_users_file(users: str | list | None) -> str | list | None:
     """Fail fast on a users file that is not there, before a model is loaded."""
-    if isinstance(users, str) and not Path(users).expanduser().is_file():
+    if isinstance(users, str) and not (is_file(users) if is_url(users)
+                                       else Path(users).expanduser().is_file()):
         raise ScoringError(f"users {users}: no such file")
     return users
 
@@ -128,9 +136,10 @@ def score_recommendations_flow(model: PathText, out: PathText, run_date: date | 
 
 def _check_distinct_outputs(jobs: list, out: str, kind: str) -> None:
     """Two jobs of one kind with one output root would replace each other's partition."""
-    seen: dict[Path, int] = {}
+    seen: dict[str | Path, int] = {}
     for i, job in enumerate(jobs):
-        root = Path(job.out or out).expanduser().resolve()
+        root = job.out or out
+        root = ref_text(root) if is_url(root) else Path(root).expanduser().resolve()
         if root in seen:
             raise ScoringError(f"{kind}[{i}] and {kind}[{seen[root]}] both write under {root}; "
                                f"give one of them its own 'out'")

@@ -72,7 +72,7 @@ def cached_bundle(path: str | Path, sha256: str, opener: Callable[[str], Bundle]
 
 def keep(bundle: Bundle) -> Bundle:
     """Cache a bundle this process has just verified (the planner), so shards run here reuse it."""
-    key = (str(bundle.path.absolute()), bundle.sha256)
+    key = (bundle.ref, bundle.sha256)
     with _lock:
         if key not in _bundles:
             _loads[f"bundle {key[0]}"] += 1
@@ -87,7 +87,7 @@ def cached_for(bundle: Bundle, what: tuple, factory: Callable[[], T]) -> T:
 
     what: names the value, e.g. ``("runtime", "onnx", "cpu", "model", 1)``.
     """
-    key = (str(bundle.path), bundle.sha256)
+    key = (bundle.ref, bundle.sha256)
     with _lock:
         entry = _bundles.setdefault(key, {"bundle": bundle})
         if what not in entry:

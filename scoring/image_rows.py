@@ -28,9 +28,11 @@ import pyarrow.parquet as pq
 from export.bundle import Bundle
 from export.manifest import point_frame, thresholds_for
 from export.pixels import from_model_frame, upright_size
+from export.storage import filesystem, is_url
 from scoring.errors import BundleRefError
 from scoring.image_folder import DecodedBatch, ImageFile
-from scoring.partition import committed_partitions
+from scoring.object_commit import arrow_filesystem
+from scoring.partition import committed_part_files, open_input
 
 _TS = pa.timestamp("us", tz="UTC")
 IMAGE_PREDICTIONS_SCHEMA = pa.schema([
@@ -91,7 +93,8 @@ class RowBuilder:
     def _predictions(self, outputs: np.ndarray, paths: list[Path]) -> list[dict]:
         outputs = np.asarray(outputs, dtype=np.float32).reshape(len(outputs), -1)
         if self.task == "regression" and self.point_frame is not None:
-            return [{"outputs": from_model_frame(row, upright_size(path), self.point_frame)}
+            return [{"outputs": from_model_frame(row, upright_size(open_input(path)),
+                                                 self.point_frame)}
                     for row, path in zip(outputs, paths, strict=True)]
         if self.task == "regression":
             return [{"outputs": row.tolist()} for row in outputs]
@@ -128,10 +131,10 @@ def already_scored(out: str | Path, table: str, bundle: Bundle, *, exclude_date:
     skip = f"run_date={exclude_date.isoformat()}"
     model = (bundle.name, bundle.version)
     partitions = []
-    for partition in committed_partitions(out, table):
-        if partition.name == skip:
+    for name, part_files in committed_part_files(out, table):
+        if name == skip:
             continue
-        footers = [(f, *_footer(f)) for f in sorted(partition.glob("part-*.parquet"))]
+        footers = [(f, *_footer(f)) for f in part_files]
         ours = [(f, last) for f, written_by, last in footers if written_by in (model, None)]
         if ours:
             partitions.append(([f for f, _ in ours], max(last for _, last in ours)))
@@ -164,8 +167,14 @@ def already_scored(out: str | Path, table: str, bundle: Bundle, *, exclude_date:
                    done["mtime"].to_pylist(), strict=True))
 
 
-def _key_table(parts: list[Path], same_model: ds.Expression) -> pa.Table:
-    seen = ds.dataset([str(p) for p in parts], format="parquet").to_table(
+def _key_table(parts: list[Path | str], same_model: ds.Expression) -> pa.Table:
+    if parts and is_url(parts[0]):
+        fs, _ = filesystem(parts[0])
+        source = ds.dataset([filesystem(p)[1] for p in parts], format="parquet",
+                            filesystem=arrow_filesystem(fs))
+    else:
+        source = ds.dataset([str(p) for p in parts], format="parquet")
+    seen = source.to_table(
         columns=["path", "file_size", "mtime"], filter=same_model)
     return seen.set_column(2, "mtime", seen["mtime"].cast(pa.int64()))
 
@@ -179,7 +188,7 @@ def _keys(parts: list[Path], same_model: ds.Expression) -> set[tuple[str, int, i
 def _footer(part: Path) -> tuple[tuple[str, str] | None, int]:
     """(model name and version from the part's key/value metadata, None without it; its latest
     ``scored_at`` in µs from column statistics, int64 max where a row group has none)."""
-    meta = pq.ParquetFile(part).metadata
+    meta = pq.ParquetFile(open_input(part)).metadata
     kv = meta.metadata or {}
     model = ((kv[b"model_name"].decode(), kv[b"model_version"].decode())
              if b"model_name" in kv and b"model_version" in kv else None)

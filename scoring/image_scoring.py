@@ -28,6 +28,7 @@ from export.errors import ExportError
 from export.manifest import IMAGE_TASKS
 from export.pixels import IMAGE_SUFFIXES, Preprocessing
 from export.runtime import Runtime, cuda_present
+from export.storage import absolute, is_url
 from scoring.bundle_cache import cached_bundle, keep, where
 from scoring.errors import BundleRefError, ImageFolderError
 from scoring.image_folder import (
@@ -143,7 +144,7 @@ def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
     options = options or ImageScoreOptions()
     run_date = run_date or datetime.now(timezone.utc).date()
     # Absolute paths: a worker's working directory is not the planner's.
-    folder, out = Path(folder).absolute(), Path(out).absolute()
+    folder, out = absolute(folder), absolute(out)
     bundle = keep(open_image_bundle(model))
     walk, to_score = files_to_score(folder, out, bundle, run_date,
                                     incremental=options.incremental)
@@ -154,7 +155,7 @@ def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
                              run_id=run_id or new_run_id())
     jobs = tuple(
         ImageShardJob(shard=shard, folder=str(folder), files=tuple(part),
-                      bundle_path=str(bundle.path.absolute()), bundle_sha256=bundle.sha256,
+                      bundle_path=bundle.ref, bundle_sha256=bundle.sha256,
                       pending=pending, options=options, threads=threads)
         for shard, part in plan_image_shards(to_score, options.shards or 1))
     return ImageRunPlan(jobs, (pending,), len(to_score), f"{bundle.name}/{bundle.version}", started,
@@ -169,7 +170,7 @@ def score_image_shard(job: ImageShardJob, progress: Progress | None = None) -> S
     """
     started = time.perf_counter()
     check_visible(job.pending)
-    if job.files and not Path(job.folder).is_dir():
+    if job.files and not is_url(job.folder) and not Path(job.folder).is_dir():
         raise ImageFolderError(f"folder {job.folder}: not visible on {where()} (every worker "
                                f"must see the images at the same path)")
     bundle = cached_bundle(job.bundle_path, job.bundle_sha256, open_image_bundle)

@@ -22,6 +22,9 @@ it dies. A second run fails at once naming the holder. Every :func:`open_partiti
 the staging of dead runs (lock free) of every table and date of its output root. Several
 processes may fill one partition: each shard writes its own parts through
 :meth:`PendingPartition.part_writer`, and the planner commits once all shards are done.
+
+An output root that is a URL (``s3://...``) has no rename and no lock: its parts stay where they
+were written and one commit record, written last, names them (:mod:`scoring.object_commit`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from export.bundle import fsync_path
+from export.storage import filesystem, is_url, join, ref_text
+from scoring import object_commit
 from scoring.errors import PartitionError
 from scoring.staging import (
     STAGING_DIR,
@@ -77,15 +82,18 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def partition_dir(out: str | Path, table: str, run_date: date) -> Path:
+def partition_dir(out: str | Path, table: str, run_date: date) -> Path | str:
+    """A local partition's directory; on object storage, the date's commit record."""
+    if is_url(out):
+        return object_commit.record_url(ref_text(out), table, run_date)
     return Path(out) / table / f"run_date={run_date.isoformat()}"
 
 
 @dataclass(frozen=True)
 class CommittedPartition:
-    """What a commit made visible."""
+    """What a commit made visible: a partition directory, or an object store's commit record."""
 
-    path: Path
+    path: Path | str
     run_id: str
     files: int
     rows: int
@@ -99,11 +107,11 @@ class PendingPartition:
     """A partition being filled: its staging directory and the schema (with metadata) of parts.
 
     Picklable, so a flow can hand it to shard tasks running in other processes or machines that see
-    the same file system. first_seq: the first part number, past those of the partition it will
-    replace.
+    the same file system (or the same object store: ``out`` a URL). first_seq: the first part
+    number, past those of the partition it will replace.
     """
 
-    out: Path
+    out: Path | str
     table: str
     run_date: date
     run_id: str
@@ -113,11 +121,16 @@ class PendingPartition:
     first_seq: int = 0
 
     @property
-    def table_dir(self) -> Path:
-        return self.out / self.table
+    def remote(self) -> bool:
+        """Whether the table lives on object storage (commit by record, not rename)."""
+        return is_url(self.out)
 
     @property
-    def final_dir(self) -> Path:
+    def table_dir(self) -> Path | str:
+        return join(self.out, self.table)
+
+    @property
+    def final_dir(self) -> Path | str:
         return partition_dir(self.out, self.table, self.run_date)
 
     @property
@@ -126,7 +139,10 @@ class PendingPartition:
         return self.out / STAGING_DIR / self.table / f"run_date={self.run_date.isoformat()}"
 
     @property
-    def temp_dir(self) -> Path:
+    def temp_dir(self) -> Path | str:
+        """Where this run's parts are written (on object storage, where they stay)."""
+        if self.remote:
+            return object_commit.parts_prefix(self.out, self.table, self.run_date, self.run_id)
         return self.staging_dir / self.run_id
 
     @property
@@ -138,6 +154,9 @@ class PendingPartition:
         if shard < 0:
             raise PartitionError(f"shard must be >= 0, got {shard}")
         prefix = f"part-{shard:05d}-"
+        if self.remote:
+            object_commit.remove_shard_parts(self.temp_dir, shard)
+            return PartWriter(self, lambda seq: f"{prefix}{seq:04d}.parquet")
         for stale in self.temp_dir.glob(f"{prefix}*"):
             stale.unlink()
         for stale in self.temp_dir.glob(f".{prefix}*"):
@@ -173,7 +192,9 @@ def open_partition(
 ) -> PendingPartition:
     """Take the partition's lock, clear what dead runs left, create this run's staging directory.
 
-    A partition another live run is writing is a :class:`PartitionError` naming that run.
+    A partition another live run is writing is a :class:`PartitionError` naming that run. On
+    object storage (``out`` a URL) nothing is locked and the parts of dead runs are deleted once
+    old enough (:func:`scoring.object_commit.clear_dead_runs`).
     """
     run_id = run_id or new_run_id()
     if not _RUN_ID.fullmatch(run_id):
@@ -181,13 +202,16 @@ def open_partition(
     if rows_per_file < 1:
         raise PartitionError(f"rows_per_file must be >= 1, got {rows_per_file}")
     pending = PendingPartition(
-        out=Path(out),
+        out=ref_text(out) if is_url(out) else Path(out),
         table=table,
         run_date=run_date,
         run_id=run_id,
         schema=_with_lensflow_metadata(schema, metadata, table, run_date, run_id),
         rows_per_file=rows_per_file,
     )
+    if pending.remote:
+        object_commit.clear_dead_runs(pending.out, table)
+        return pending
     _make_dirs(pending.out, [pending.table_dir, pending.lock_path.parent])
     lock_partition(pending)
     try:
@@ -233,7 +257,8 @@ class PartWriter:
         self._name_of = name_of
         self._seq = 0
         self._writer: pq.ParquetWriter | None = None
-        self._path: Path | None = None
+        self._path: Path | str | None = None
+        self._sink = None  # the object being uploaded, on object storage
         self._rows_in_file = 0
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
@@ -272,9 +297,12 @@ class PartWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._path is not None:
+        if self._sink is not None:  # never completed, so the object never appears
+            getattr(self._sink, "discard", lambda: None)()
+            self._sink = None
+        elif self._path is not None:
             _in_progress(self._path).unlink(missing_ok=True)
-            self._path = None
+        self._path = None
 
     def _flush(self) -> None:
         if not self._buffered:
@@ -296,16 +324,25 @@ class PartWriter:
                 self._close_file()
 
     def _open_file(self) -> None:
-        self._path = self.pending.temp_dir / self._name_of(self._seq)
+        self._path = join(self.pending.temp_dir, self._name_of(self._seq))
         self._seq += 1
-        self._writer = pq.ParquetWriter(_in_progress(self._path), self.pending.schema)
+        if self.pending.remote:  # an object appears whole when its upload completes
+            fs, path = filesystem(self._path)
+            self._sink = fs.open(path, "wb")
+            self._writer = pq.ParquetWriter(self._sink, self.pending.schema)
+        else:
+            self._writer = pq.ParquetWriter(_in_progress(self._path), self.pending.schema)
         self._rows_in_file = 0
 
     def _close_file(self) -> None:
         if self._writer is None:
             return
         self._writer.close()
-        os.rename(_in_progress(self._path), self._path)
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        else:
+            os.rename(_in_progress(self._path), self._path)
         self.files.append(self._path)
         self._writer, self._path = None, None
 
@@ -331,6 +368,8 @@ def commit_partition(
     release: drop the partition's lock once committed (a multi-table run keeps every lock until
     its run record is written, then calls :func:`release_partition`).
     """
+    if pending.remote:
+        return _commit_record(pending, expected_shards)
     temp = pending.temp_dir
     if not temp.is_dir():
         raise PartitionError(f"{temp} is gone: was this partition already committed or aborted?")
@@ -356,14 +395,36 @@ def commit_partition(
     return CommittedPartition(pending.final_dir, pending.run_id, len(parts), rows)
 
 
+def _commit_record(pending: PendingPartition,
+                   expected_shards: Iterable[int] | None) -> CommittedPartition:
+    parts = object_commit.part_rows(pending.temp_dir)
+    if not parts and expected_shards is None:
+        raise PartitionError(f"{pending.temp_dir}: no parts (was this partition already "
+                             "committed or aborted?)")
+    if expected_shards is not None:
+        missing = [s for s in expected_shards if not any(name.startswith(f"part-{s:05d}-")
+                                                         for name in parts)]
+        if missing:
+            raise PartitionError(f"{pending.temp_dir}: no part from shard(s) {missing}")
+    meta = {k.decode(): v.decode() for k, v in (pending.schema.metadata or {}).items()}
+    url, rows = object_commit.commit_record(pending.out, pending.table, pending.run_date,
+                                            pending.run_id, parts, meta)
+    return CommittedPartition(url, pending.run_id, len(parts), rows)
+
+
 def abort_partition(pending: PendingPartition) -> None:
     """Discard everything written for this run and free the partition; the visible one stays."""
+    if pending.remote:
+        object_commit.discard_run(pending.out, pending.table, pending.run_date, pending.run_id)
+        return
     shutil.rmtree(pending.temp_dir, ignore_errors=True)
     release_partition(pending)
 
 
 def release_partition(pending: PendingPartition) -> None:
     """Let the next run of this table and date start (a no-op outside the planner's process)."""
+    if pending.remote:
+        return
     unlock(pending.lock_path)
 
 
@@ -385,7 +446,8 @@ def _write_success(temp: Path, pending: PendingPartition, parts: list[Path], row
 
 
 def committed_partitions(out: str | Path, table: str) -> list[Path]:
-    """Visible partition directories of a table that carry ``_SUCCESS``, oldest date first."""
+    """Visible partition directories of a table that carry ``_SUCCESS``, oldest date first
+    (local tables; see :func:`committed_part_files` for any table)."""
     table_dir = Path(out) / table
     if not table_dir.is_dir():
         return []
@@ -394,10 +456,33 @@ def committed_partitions(out: str | Path, table: str) -> list[Path]:
     )
 
 
+def committed_part_files(out: str | Path, table: str) -> list[tuple[str, list[Path | str]]]:
+    """``(run_date=..., its part files)`` of every committed partition, oldest date first, on a
+    local disk or object storage."""
+    if is_url(out):
+        return [(f"run_date={r['run_date']}", object_commit.record_parts(ref_text(out), table, r))
+                for r in object_commit.committed_records(ref_text(out), table)]
+    return [(p.name, sorted(p.glob("part-*.parquet"))) for p in committed_partitions(out, table)]
+
+
+def open_input(part: Path | str):
+    """A file opened for reading: a local path as is, a URL through its file system."""
+    if not is_url(part):
+        return part
+    fs, path = filesystem(part)
+    return fs.open(path, "rb")
+
+
 def read_partition(
     out: str | Path, table: str, run_date: date, columns: list[str] | None = None
 ) -> pa.Table:
     """All rows of one committed partition, parts in name order."""
+    if is_url(out):
+        record = object_commit.read_commit(partition_dir(out, table, run_date))
+        if record is None:
+            raise PartitionError(f"{partition_dir(out, table, run_date)}: no commit record")
+        parts = object_commit.record_parts(ref_text(out), table, record)
+        return pa.concat_tables([pq.read_table(open_input(p), columns=columns) for p in parts])
     path = partition_dir(out, table, run_date)
     if not (path / SUCCESS_MARKER).exists():
         raise PartitionError(f"{path} is not a committed partition (no {SUCCESS_MARKER})")

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from export.bundle import Bundle
+from export.storage import basename, is_url, read_bytes
 from scoring.errors import BundleRefError, ScoringError
 
 TOPK_TABLE = "recommendations_topk"
@@ -122,16 +123,17 @@ def _read_user_ids(users) -> tuple[np.ndarray, np.ndarray, str | None]:
     if not isinstance(users, (str, Path)):
         raw = np.asarray(list(users), dtype=object)
         return raw, np.arange(1, len(raw) + 1), None
-    path = Path(users)
+    path = users if is_url(users) else Path(users)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of an id
+        raw_bytes = read_bytes(path) if is_url(path) else path.read_bytes()
+        text = raw_bytes.decode("utf-8-sig")  # a byte-order mark is no part of an id
     except (OSError, UnicodeDecodeError) as err:
         raise ScoringError(f"users {path}: cannot read ({err})") from None
     stripped = np.array([line.strip() for line in text.splitlines()], dtype=object)
     lines = np.flatnonzero(stripped != "") + 1
     if not len(lines):
         raise ScoringError(f"users {path}: no user ids in file")
-    return stripped[lines - 1], lines, path.name
+    return stripped[lines - 1], lines, basename(path)
 
 
 class SeenItems:

@@ -24,6 +24,7 @@ import numpy as np
 from export.bundle import Bundle, load_bundle, resolve_bundle
 from export.errors import ExportError
 from export.runtime import Runtime
+from export.storage import absolute
 from scoring.bundle_cache import cached_bundle, cached_for, keep, where
 from scoring.errors import BundleRefError, ScoringError
 from scoring.options import RecScoreOptions, resolve_options
@@ -144,7 +145,7 @@ def plan_rec_run(model: str | Path, out: str | Path, options: RecScoreOptions | 
                            f"full_table={options.full_table})")
     run_date = run_date or datetime.now(timezone.utc).date()
     run_id = run_id or new_run_id()
-    out = Path(out).absolute()
+    out = absolute(out)
     bundle = keep(open_collab_bundle(model))
     vocab = CollabVocab.from_manifest(bundle.manifest)
     chosen, unknown = select_users(vocab, options.users, strict=options.strict)
@@ -160,7 +161,7 @@ def plan_rec_run(model: str | Path, out: str | Path, options: RecScoreOptions | 
             abort_partition(topk)
         raise
     jobs = tuple(
-        UserShardJob(shard=shard, users=block, bundle_path=str(bundle.path.absolute()),
+        UserShardJob(shard=shard, users=block, bundle_path=bundle.ref,
                      bundle_sha256=bundle.sha256, topk=topk, full=full, options=options,
                      threads=threads)
         for shard, block in plan_user_shards(np.asarray(chosen), options.shards or 1))

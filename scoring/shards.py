@@ -22,6 +22,8 @@ its record ``<out>/_runs/<run_id>.json`` last, atomically — run id, date, mode
 times, and every partition with its files and rows. A downstream job that needs every table from
 one run reads :func:`current_run`: the newest record of the date whose partitions all still carry
 its run id in their ``_SUCCESS``. A run killed between two partitions leaves no record.
+On object storage the record is one PUT, and a partition is "still visible" while its date's
+commit record names the run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ import pyarrow.parquet as pq
 from export.bundle import Bundle
 from export.runtime import Runtime, open_bundle_graph
 from export.runtime import RuntimeUnavailableError as ExportRuntimeError
+from export.storage import filesystem, is_url, join, ref_text
+from scoring import object_commit
 from scoring.bundle_cache import cached_for, where
 from scoring.errors import PartitionError, RuntimeUnavailableError, ScoringError
 from scoring.image_folder import ImageFile
@@ -160,7 +164,13 @@ def commit_run(plan: RunPlan, results: Sequence[ShardResult]) -> dict[str, Commi
     return committed
 
 
-def write_run_record(plan: RunPlan, committed: dict[str, CommittedPartition]) -> Path:
+def _relative(path: Path | str, out: Path | str) -> str:
+    if is_url(out):
+        return str(path)[len(str(out)) + 1:]
+    return str(Path(path).relative_to(out))
+
+
+def write_run_record(plan: RunPlan, committed: dict[str, CommittedPartition]) -> Path | str:
     """``<out>/_runs/<run_id>.json``, written to a temporary name, synced, then renamed."""
     first = plan.pendings[0]
     meta = {k.decode(): v.decode() for k, v in (first.schema.metadata or {}).items()}
@@ -172,9 +182,14 @@ def write_run_record(plan: RunPlan, committed: dict[str, CommittedPartition]) ->
         "started_at": datetime.fromtimestamp(plan.started_at, timezone.utc).isoformat(),
         "committed_at": datetime.now(timezone.utc).isoformat(),
         "host": socket.gethostname(),
-        "partitions": {table: {"path": str(c.path.relative_to(first.out)), "files": c.files,
+        "partitions": {table: {"path": _relative(c.path, first.out), "files": c.files,
                                "rows": c.rows} for table, c in committed.items()},
     }
+    if first.remote:  # one PUT: whole or absent
+        url = join(first.out, RUNS_DIR, f"{first.run_id}.json")
+        fs, path = filesystem(url)
+        fs.pipe_file(path, (json.dumps(record, indent=1) + "\n").encode())
+        return url
     runs = first.out / RUNS_DIR
     runs.mkdir(exist_ok=True)
     path, temp = runs / f"{first.run_id}.json", runs / f".{first.run_id}.json.tmp"
@@ -196,10 +211,10 @@ def current_run(out: str | Path, run_date: date, tables: Sequence[str] = ()) -> 
     complete while every partition it committed still holds its rows (its ``_SUCCESS`` names the
     run id). None if there is none."""
     records = []
-    for path in Path(out).glob(f"{RUNS_DIR}/*.json"):
+    for text in _run_records(out):
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            records.append(json.loads(text))
+        except ValueError:
             continue
     for record in sorted(records, key=lambda r: r.get("committed_at", ""), reverse=True):
         if (record.get("run_date") == run_date.isoformat()
@@ -209,7 +224,24 @@ def current_run(out: str | Path, run_date: date, tables: Sequence[str] = ()) -> 
     return None
 
 
+def _run_records(out: str | Path) -> list[bytes]:
+    if is_url(out):
+        fs, root = filesystem(join(ref_text(out), RUNS_DIR))
+        paths = fs.glob(f"{root}/*.json")
+        return list(fs.cat(paths).values()) if paths else []
+    texts = []
+    for path in Path(out).glob(f"{RUNS_DIR}/*.json"):
+        try:
+            texts.append(path.read_bytes())
+        except OSError:
+            continue
+    return texts
+
+
 def _still_visible(out: str | Path, record: dict) -> bool:
+    if is_url(out):
+        return all((object_commit.read_commit(join(ref_text(out), part["path"])) or {})
+                   .get("run_id") == record["run_id"] for part in record["partitions"].values())
     for part in record["partitions"].values():
         try:
             success = json.loads((Path(out) / part["path"] / SUCCESS_MARKER).read_text())
@@ -231,8 +263,11 @@ def _commit(pending: PendingPartition, shards: list[int],
     """Commit after checking the parts hold exactly the rows the shards reported: a stale part
     of a failed attempt would otherwise duplicate rows."""
     expected = sum(r.rows.get(pending.table, 0) for r in results)
-    parts = sorted(pending.temp_dir.glob("part-*.parquet"))
-    found = sum(pq.read_metadata(p).num_rows for p in parts)
+    if pending.remote:
+        found = sum(object_commit.part_rows(pending.temp_dir).values())
+    else:
+        parts = sorted(pending.temp_dir.glob("part-*.parquet"))
+        found = sum(pq.read_metadata(p).num_rows for p in parts)
     if found != expected:
         raise PartitionError(f"{pending.temp_dir}: parts hold {found} rows but the shards wrote "
                              f"{expected}; not committing")
@@ -302,7 +337,8 @@ def with_runtime(pending: PendingPartition, rt: Runtime) -> PendingPartition:
 
 
 def check_visible(pending: PendingPartition) -> None:
-    """Refuse to score into a temporary directory this process cannot see."""
-    if not pending.temp_dir.is_dir():
+    """Refuse to score into a temporary directory this process cannot see (object storage is
+    seen alike from everywhere)."""
+    if not pending.remote and not pending.temp_dir.is_dir():
         raise PartitionError(f"{pending.temp_dir}: not visible on {where()} (out must be on "
                              f"storage every worker mounts at the same path)")

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+#: The loopback S3 server (tests/support/s3_server.py) for the object-storage tests.
+pytest_plugins = ["s3_server"]
+
 
 @pytest.fixture(autouse=True)
 def _seeded_rngs():

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from export.storage import is_url, local_copy, ref_text
 from training.data.ratings_ids import RatingsFormatError, exact_ids
 
 #: Declared rating range of each known format (the GroupLens READMEs); tables declare none.
@@ -67,7 +68,17 @@ def detect_source(path: str | Path, *, user_col: str | None = None, item_col: st
                   rating_col: str | None = None, time_col: str | None = None,
                   items_path: str | Path | None = None, title_col: str | None = None,
                   items_id_col: str | None = None) -> RatingsSource:
-    """Work out the format from a directory's files (u.data, ratings.csv) or a file's name."""
+    """Work out the format from a directory's files (u.data, ratings.csv) or a file's name.
+
+    A URL (``s3://bucket/ml-100k``) is downloaded first into a temporary local folder.
+    """
+    if is_url(path) or (items_path is not None and is_url(items_path)):
+        try:
+            path = local_copy(ref_text(path)) if is_url(path) else path
+            items_path = local_copy(ref_text(items_path)) if items_path and is_url(items_path) \
+                else items_path
+        except FileNotFoundError as err:
+            raise RatingsFormatError(f"{err}: no such file or directory") from None
     path = Path(path)
     if not path.exists():
         raise RatingsFormatError(f"{path}: no such file or directory")

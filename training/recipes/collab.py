@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from export.storage import is_url, local_copy, ref_text
 from training.data.ratings import RatingsData, build_rating_loaders, load_ratings
 from training.errors import TrainingError
 from training.evaluation.plots import plot_learning_curve, plot_lr_find, plot_lr_schedule
@@ -121,6 +122,8 @@ def train_recommender(
     options = with_overrides(RecommenderOptions, options, overrides)
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    if is_url(data_path):  # read whole anyway: one download, then fingerprinted and read here
+        data_path = local_copy(ref_text(data_path))
     columns = {"user_col": options.user_col, "item_col": options.item_col,
                "rating_col": options.rating_col}
     bounds = parse_y_range(options.y_range)

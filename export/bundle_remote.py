@@ -1,0 +1,174 @@
+"""A model registry on object storage: bundles uploaded whole, fetched into a verified cache.
+
+An object store has no rename, so a bundle cannot appear at once. It appears when its
+``manifest.json`` does: :func:`publish_bundle` uploads every other file first, then the digest
+record, then the manifest, each one PUT. Readers (:func:`resolve_remote`, the registry listing)
+take a version for a bundle only when its manifest is there, so they see a whole bundle or
+none. ``current`` is one small object replaced by one PUT, which readers see old or new.
+
+Nothing is loaded from the store directly. :func:`fetch_bundle` copies a bundle into the local
+cache ``$LENSFLOW_BUNDLE_CACHE`` (default ``~/.cache/lensflow/bundles``) under its digest, the
+sha256 of the manifest bytes it downloaded, verifies every file against that manifest before the
+copy is renamed into place, and from then on serves the copy: a worker downloads a bundle once,
+and every process of a machine shares it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError
+from export.pins import CURRENT, RECORD_SUFFIX, parse_pointer
+from export.storage import basename, filesystem, join, parent, read_bytes
+
+MANIFEST = "manifest.json"
+CACHE_ENV = "LENSFLOW_BUNDLE_CACHE"
+
+#: Bundles this process downloaded, by URL (a test checks a worker downloads once).
+downloads: Counter[str] = Counter()
+
+
+def cache_dir() -> Path:
+    """Where fetched bundles live: ``$LENSFLOW_BUNDLE_CACHE`` or ``~/.cache/lensflow/bundles``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lensflow" / "bundles")
+
+
+def publish_bundle(local: Path, url: str) -> None:
+    """Upload a committed local bundle to ``url``: files, digest record, ``manifest.json`` last."""
+    fs, root = filesystem(url)
+    if fs.isfile(f"{root}/{MANIFEST}"):
+        raise ExportError(f"bundle {url}: version already exists")
+    files = sorted(p for p in local.rglob("*")
+                   if p.is_file() and p.relative_to(local).as_posix() != MANIFEST)
+    if files:  # one call: the driver uploads them concurrently
+        fs.put([str(p) for p in files],
+                [f"{root}/{p.relative_to(local).as_posix()}" for p in files])
+    record = local.with_name(local.name + RECORD_SUFFIX)
+    fs.pipe_file(root + RECORD_SUFFIX, record.read_bytes())
+    fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
+
+
+def read_remote_pointer(model_url: str) -> tuple[str, str | None] | None:
+    """``(version, pinned digest)`` of ``<model>/current``; None when nothing was promoted."""
+    pointer = join(model_url, CURRENT)
+    try:
+        text = read_bytes(pointer).decode()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BundleNotFoundError(f"{pointer}: unreadable ({err})") from None
+    return parse_pointer(text, pointer)
+
+
+def remote_versions(registry: str, model: str) -> list[str]:
+    """Versions of a model with a manifest (uploads in progress are not versions), oldest first."""
+    fs, root = filesystem(join(registry, model))
+    return sorted(PurePosixPath(p).parent.name for p in fs.glob(f"{root}/*/{MANIFEST}"))
+
+
+def resolve_remote(url: str) -> str:
+    """A bundle URL, or ``REG/NAME`` resolved through its ``current`` pin, as a bundle URL."""
+    fs, root = filesystem(url)
+    if fs.isfile(f"{root}/{MANIFEST}"):
+        return url
+    pin = read_remote_pointer(url)
+    if pin is None:
+        if remote_versions(parent(url), basename(url)):
+            raise BundleNotFoundError(f"no promoted version of {basename(url)!r} in {parent(url)} "
+                                      "— run lensflow promote")
+        raise BundleNotFoundError(
+            f"bundle {url}: neither a bundle (no manifest.json) nor a model with versions")
+    version, pinned = pin
+    target = join(url, version)
+    pointer = join(url, CURRENT)
+    try:
+        got = hashlib.sha256(read_bytes(join(target, MANIFEST))).hexdigest()
+    except FileNotFoundError:
+        raise BundleNotFoundError(f"{pointer}: names version {version!r}, which is not a bundle "
+                                  f"in {url}") from None
+    if pinned is None:
+        raise BundleIntegrityError(f"{pointer}: names {version} but pins no digest — run "
+                                   "lensflow promote again")
+    if got != pinned:
+        raise BundleIntegrityError(
+            f"bundle {target}: {pointer} pins sha256 {pinned[:12]}… but the manifest hashes to "
+            f"{got[:12]}… — the bundle changed after promotion")
+    return target
+
+
+def fetch_bundle(url: str, verify: Callable[[Path], object]) -> tuple[Path, bool]:
+    """The local copy of the bundle at ``url`` in the cache, keyed by its manifest's digest;
+    ``(path, downloaded now)``.
+
+    verify: checks a downloaded copy (every hash, no unlisted file) before it enters the cache.
+    """
+    try:
+        raw = read_bytes(join(url, MANIFEST))
+    except FileNotFoundError:
+        raise BundleNotFoundError(f"bundle {url}: no manifest.json there") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    _check_pin(url, digest)
+    version = basename(url)
+    cached = cache_dir() / digest
+    if (cached / version / MANIFEST).is_file():
+        return cached / version, False
+    files = _listed(url, raw)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=cache_dir()))
+    try:
+        local = staging / version
+        local.mkdir()
+        fs, root = filesystem(url)
+        if files:
+            fs.get([f"{root}/{rel}" for rel in files], [str(local / rel) for rel in files])
+        (local / MANIFEST).write_bytes(raw)
+        try:
+            record = fs.cat_file(root + RECORD_SUFFIX)
+        except FileNotFoundError:
+            record = b""  # the local check names the missing record
+        if record:
+            staging.joinpath(version + RECORD_SUFFIX).write_bytes(record)
+        verify(local)
+        try:
+            os.rename(staging, cached)
+        except OSError:  # another process of this machine fetched it first: use theirs
+            pass
+        downloads[url] += 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cached / version, True
+
+
+def _check_pin(url: str, digest: str) -> None:
+    """A bundle the model's ``current`` names must hash to what ``current`` pins."""
+    try:
+        pin = read_remote_pointer(parent(url))
+    except BundleNotFoundError:
+        return
+    if pin is not None and pin[0] == basename(url) and pin[1] is not None and pin[1] != digest:
+        raise BundleIntegrityError(
+            f"bundle {url}: {join(parent(url), CURRENT)} pins sha256 {pin[1][:12]}… but the "
+            f"manifest hashes to {digest[:12]}… — the bundle changed after promotion")
+
+
+def _listed(url: str, raw: bytes) -> list[str]:
+    """The files the manifest lists, refusing any path that would leave the bundle."""
+    try:
+        files = json.loads(raw).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise BundleIntegrityError(f"bundle {url}: manifest.json is not valid JSON ({err})") \
+            from None
+    if not isinstance(files, dict):
+        raise BundleIntegrityError(f"bundle {url}: manifest.json has no 'files' table")
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if rel == MANIFEST or not parts or rel.startswith("/") or ".." in parts:
+            raise BundleIntegrityError(f"bundle {url}: manifest lists an invalid path {rel!r}")
+    return sorted(files)

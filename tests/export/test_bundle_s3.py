@@ -1,0 +1,68 @@
+"""A model registry on object storage (the loopback S3 server): export, promote, resolve and
+load through a local cache keyed by digest, every file verified before anything is loaded."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+from tiny_image_bundle import make_image_bundle
+
+from export import bundle_remote
+from export.bundle import current_version, list_versions, load_bundle, resolve_bundle
+from export.errors import BundleIntegrityError, BundleNotFoundError
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(bundle_remote.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_export_promote_resolve_and_load_through_the_digest_cache(s3_bucket, cache):
+    registry = f"{s3_bucket}/registry"
+    url = make_image_bundle(registry)
+    assert isinstance(url, str) and url.startswith(f"{registry}/tiny/")
+    version = url.rsplit("/", 1)[1]
+    assert list_versions(registry, "tiny") == [version]
+    assert current_version(registry, "tiny") == version
+    assert resolve_bundle(f"{registry}/tiny") == url
+
+    bundle = load_bundle(f"{registry}/tiny/{version}/")
+    assert bundle.source == url and bundle.ref == url
+    assert bundle.path == cache / bundle.sha256 / version
+    assert bundle.file("model.onnx").read_bytes() == fsspec.open(f"{url}/model.onnx").open().read()
+    load_bundle(url)
+    assert bundle_remote.downloads[url] == 1  # the second load is served by the cache
+
+
+def test_a_file_changed_in_the_store_is_refused_and_never_cached(s3_bucket, cache):
+    url = make_image_bundle(f"{s3_bucket}/registry", promoted=False)
+    with fsspec.open(f"{url}/model.onnx", "wb") as f:
+        f.write(b"not the exported graph")
+    with pytest.raises(BundleIntegrityError, match="model.onnx sha256 mismatch"):
+        load_bundle(url)
+    assert not any(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def test_a_changed_manifest_is_refused_by_the_pin_of_current(s3_bucket, cache):
+    registry = f"{s3_bucket}/registry"
+    url = make_image_bundle(registry)
+    fs = fsspec.filesystem("s3")
+    manifest = fs.cat(f"{url}/manifest.json")
+    fs.pipe(f"{url}/manifest.json", manifest.replace(b'"tiny"', b'"tiny" '))
+    with pytest.raises(BundleIntegrityError, match="changed after promotion"):
+        resolve_bundle(f"{registry}/tiny")
+    with pytest.raises(BundleIntegrityError, match="changed after promotion"):
+        load_bundle(url)
+
+
+def test_an_upload_without_its_manifest_is_not_a_version(s3_bucket, cache):
+    registry = f"{s3_bucket}/registry"
+    url = make_image_bundle(registry, promoted=False)
+    fsspec.filesystem("s3").pipe(f"{registry}/tiny/20990101T000000.000000Z-dead/model.onnx",
+                                 b"half an export")
+    assert list_versions(registry, "tiny") == [url.rsplit("/", 1)[1]]
+    with pytest.raises(BundleNotFoundError, match="no promoted version"):
+        resolve_bundle(f"{registry}/tiny")
+    with pytest.raises(BundleNotFoundError, match="no manifest.json"):
+        load_bundle(f"{registry}/tiny/20990101T000000.000000Z-dead")
