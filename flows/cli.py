@@ -178,13 +178,10 @@ def export_cmd(
     export: ExportOptions,
 ) -> None:
     """Export a training output to a bundle (TorchScript, ONNX, torch.export) and run parity."""
-    from export.errors import ExportError
     from export.signing import SIGNING_KEY_ENV, load_signing_key
-    from export.storage import is_url
     from training.recipes.publish import export_training_output
 
-    if not is_url(registry) and Path(registry).exists() and not Path(registry).is_dir():
-        raise ExportError(f"registry {registry}: exists and is not a directory")
+    _check_registry(registry)
     if sign_key is not None:
         load_signing_key(sign_key)  # a bad key fails before the export starts
         # The publish step reads the key from the environment; this process ends after export.
@@ -192,6 +189,15 @@ def export_cmd(
     result = export_training_output(train_out, registry, name, options=export)
     out.print(result.parity.to_markdown())
     out.print(f"bundle: {result.bundle_path}\nsha256: {result.sha256}")
+
+
+def _check_registry(registry: str) -> None:
+    """A local registry that is a file fails before any export work starts."""
+    from export.errors import ExportError
+    from export.storage import is_url
+
+    if not is_url(registry) and Path(registry).exists() and not Path(registry).is_dir():
+        raise ExportError(f"registry {registry}: exists and is not a directory")
 
 
 @app.command("verify")
@@ -282,11 +288,9 @@ def import_model_cmd(
     """Export a torchvision/timm state dict trained elsewhere to a bundle, check parity,
     promote."""
     from export.bundle import promote
-    from export.errors import ExportError
     from training.recipes.import_model import import_checkpoint
 
-    if registry.exists() and not registry.is_dir():
-        raise ExportError(f"registry {registry}: exists and is not a directory")
+    _check_registry(registry)
     result = import_checkpoint(checkpoint, registry, name, options, classes=classes,
                                sample_images=sample_images,
                                warn=lambda note: console.print(f"warning: {note}",

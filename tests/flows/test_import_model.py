@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,7 +226,7 @@ def _captured_exports(monkeypatch) -> list[dict]:
 
     def export(model, manifest, registry, name, **_):
         manifests.append(manifest)
-        return ExportResult(registry / name / "v1", name, "v1", "0" * 64,
+        return ExportResult(Path(registry) / name / "v1", name, "v1", "0" * 64,
                             ParityReport(True, ParityTolerances(), ()))
 
     monkeypatch.setattr(recipe, "export_bundle", export)
