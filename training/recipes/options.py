@@ -23,6 +23,7 @@ Device = Literal["auto", "cpu", "cuda"]
 #: Words an image LR takes besides a number: "auto" (each stage's finder) or one finder rule.
 IMAGE_LR_WORDS = ("auto", *SUGGESTERS)
 ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat  # type: ignore[valid-type]
+FinderRule = Literal[tuple(SUGGESTERS)]  # type: ignore[valid-type]
 LearningRate = Literal["auto"] | PositiveFloat
 
 
@@ -53,6 +54,12 @@ class ImageTrainOptions(Options):
     lr: ImageLearningRate = Field("auto", description="a number; auto (LR finder, valley, each "
                                   "stage); or valley|steep|minimum|slide: that finder rule once, "
                                   "then halved after unfreezing like a number")
+    lr_rule: FinderRule = Field("valley", description="the finder rule --lr auto applies to "
+                                "the head sweep")
+    lr_rule_mult: PositiveFloat = Field(1.0, description="--lr auto: the rule's suggestion x "
+                                        "this")
+    unfrozen_lr_factor: PositiveFloat = Field(0.5, description="top LR after unfreezing as a "
+                                              "multiple of the frozen stage's")
     patience: NonNegativeInt = Field(2, description="early-stopping patience in epochs; 0 "
                                      "disables")
     precompute: bool = Field(False, description="cache frozen-body features for frozen epochs")
@@ -85,6 +92,19 @@ class RegressionOptions(ImageTrainOptions):
     y_range: str = Field("auto", pattern=r"^\s*(auto|none|[-+0-9.eE]+\s*,\s*[-+0-9.eE]+)\s*$",
                          description="auto | none | LOW,HIGH")
     flip: bool = Field(True, description="horizontal flips in training")
+    # Regression's own defaults (docs/training.md#defaults-per-task): a sigmoid-range head on
+    # MSE learns slowly, so the head sweep's valley (~1e-3 on the pet head centres) trains too
+    # cold and 3 epochs do not beat the mean; fastai's `minimum` rule lands near the 1e-2 the
+    # README found, kept (not halved) after unfreezing for a longer stage that ends annealed
+    # (no early stop mid-cycle); 128 px keeps those epochs affordable on a CPU.
+    size: PositiveInt = Field(128, description="side of the square input in pixels")
+    epochs: NonNegativeInt = Field(12, description="epochs after unfreezing, discriminative LRs")
+    lr_rule: FinderRule = Field("minimum", description="the finder rule --lr auto applies to "
+                                "the head sweep")
+    unfrozen_lr_factor: PositiveFloat = Field(1.0, description="top LR after unfreezing as a "
+                                              "multiple of the frozen stage's")
+    patience: NonNegativeInt = Field(0, description="early-stopping patience in epochs; 0 "
+                                     "disables")
 
 
 class RecommenderOptions(Options):
