@@ -51,9 +51,10 @@ class ImageTrainOptions(Options):
     bs: PositiveInt = Field(32, description="batch size")
     freeze_epochs: NonNegativeInt = Field(1, description="epochs of the head on a frozen body")
     epochs: NonNegativeInt = Field(3, description="epochs after unfreezing, discriminative LRs")
-    lr: ImageLearningRate = Field("auto", description="a number; auto (LR finder, valley, each "
-                                  "stage); or valley|steep|minimum|slide: that finder rule once, "
-                                  "then halved after unfreezing like a number")
+    lr: ImageLearningRate = Field("auto", description="a number; auto (the head sweep's "
+                                  "--lr-rule x --lr-rule-mult); or valley|steep|minimum|slide: "
+                                  "that finder rule once; after unfreezing x "
+                                  "--unfrozen-lr-factor")
     lr_rule: FinderRule = Field("valley", description="the finder rule --lr auto applies to "
                                 "the head sweep")
     lr_rule_mult: PositiveFloat = Field(1.0, description="--lr auto: the rule's suggestion x "
