@@ -95,13 +95,15 @@ class RegressionOptions(ImageTrainOptions):
     flip: bool = Field(True, description="horizontal flips in training")
     # Regression's own defaults (docs/training.md#defaults-per-task): a sigmoid-range head on
     # MSE learns slowly, so the head sweep's valley (~1e-3 on the pet head centres) trains too
-    # cold and 3 epochs do not beat the mean; fastai's `minimum` rule lands near the 1e-2 the
-    # README found, kept (not halved) after unfreezing for a longer stage that ends annealed
-    # (no early stop mid-cycle); 128 px keeps those epochs affordable on a CPU.
+    # cold and 3 epochs do not beat the mean; `minimum` x 8 found 1.0e-2 there (0.38x baseline;
+    # x 1 stayed at the mean, valley x 10 reached 0.67x), kept (not halved) after unfreezing for
+    # a longer stage that ends annealed (no early stop mid-cycle); 128 px keeps it affordable.
     size: PositiveInt = Field(128, description="side of the square input in pixels")
     epochs: NonNegativeInt = Field(12, description="epochs after unfreezing, discriminative LRs")
     lr_rule: FinderRule = Field("minimum", description="the finder rule --lr auto applies to "
                                 "the head sweep")
+    lr_rule_mult: PositiveFloat = Field(8.0, description="--lr auto: the rule's suggestion x "
+                                        "this")
     unfrozen_lr_factor: PositiveFloat = Field(1.0, description="top LR after unfreezing as a "
                                               "multiple of the frozen stage's")
     patience: NonNegativeInt = Field(0, description="early-stopping patience in epochs; 0 "
