@@ -151,9 +151,28 @@ def test_each_stage_says_why_it_trained_at_its_lr():
     given = fine_tune(make_learner(), epochs=1, base_lr=1e-2).to_dict()["lr_choice"]
     assert given["frozen"] == {"lr": 1e-2, "source": "given", "rule": None, "suggestions": {},
                                "sweep_iterations": None, "cached_features": False,
-                               "factor": 1.0}
+                               "factor": 1.0, "rule_mult": 1.0, "why": "given: 0.01"}
     assert given["unfrozen"]["lr"] == pytest.approx(5e-3)
     assert given["unfrozen"]["source"] == "frozen"
+
+
+def test_auto_takes_each_tasks_rule_multiple_and_unfrozen_factor():
+    result = fine_tune(make_learner(), epochs=1, base_lr="auto", auto_rule="steep",
+                       auto_mult=3.0, unfrozen_factor=1.0)
+    sweep = result.lr_finds["frozen"]
+    frozen, unfrozen = result.lr_choice["frozen"], result.lr_choice["unfrozen"]
+    assert sweep.chosen == "steep"
+    assert frozen.lr == pytest.approx(3 * sweep.suggestions["steep"]) and frozen.rule_mult == 3
+    assert result.stage_lrs["frozen"][-1] == pytest.approx(frozen.lr)
+    assert unfrozen.lr == pytest.approx(frozen.lr) and unfrozen.factor == 1.0
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(frozen.lr)
+    assert "steep x 3 of a head sweep on cached body features" in frozen.why()
+    assert unfrozen.why().startswith("frozen stage's LR x 1")
+    # A number is not multiplied: the rule multiple belongs to auto alone.
+    typed = fine_tune(make_learner(), epochs=1, base_lr=1e-2, auto_mult=3.0,
+                      unfrozen_factor=2.0)
+    assert typed.stage_lrs["frozen"][-1] == pytest.approx(1e-2)
+    assert typed.stage_lrs["unfrozen"][-1] == pytest.approx(2e-2)
 
 
 def test_a_named_rule_picks_the_frozen_lr_once_then_acts_as_that_number():
@@ -246,6 +265,8 @@ def test_plots_and_json(tmp_path):
                                        "valley, steep, minimum, slide"),
     ({"epochs": 1, "base_lr": -1.0}, "base_lr must be"),
     ({"epochs": 0, "freeze_epochs": 0}, "nothing to train"),
+    ({"epochs": 1, "auto_rule": "fast"}, "auto_rule must be one of"),
+    ({"epochs": 1, "unfrozen_factor": 0.0}, "must be positive"),
 ])
 def test_bad_arguments_are_training_errors(kwargs, message):
     with pytest.raises(TrainingError, match=message):

@@ -45,7 +45,8 @@ def test_exported_manifest_carries_the_lineage_of_the_training_run(tmp_path):
     root = colour_folder(tmp_path / "images")
     data = from_folder(root, valid_pct=0.25, seed=0)
     options = ImageTrainOptions(arch="resnet18", weights="none", size=32, bs=4,
-                                freeze_epochs=1, epochs=1, lr=1e-3, patience=0, workers=0)
+                                freeze_epochs=1, epochs=1, lr=1e-3, patience=0, workers=0,
+                                unfrozen_lr_factor=2.0)
     result = train_image_model(data, tmp_path / "train", options, seed=1)
 
     exported = export_training_output(result.out_dir, tmp_path / "reg", "colours")
@@ -53,6 +54,10 @@ def test_exported_manifest_carries_the_lineage_of_the_training_run(tmp_path):
     assert lineage["task"] == "single_label"
     assert lineage["options"] == options.updated(seed=1).model_dump()
     assert lineage["code"] == code_version()
+    # The LR of each stage and why, from the option the recipe handed to fine_tune.
+    unfrozen = lineage["lr_choice"]["unfrozen"]
+    assert unfrozen["lr"] == pytest.approx(2e-3) and unfrozen["factor"] == 2.0
+    assert lineage["lr_choice"]["frozen"]["why"] == "given: 0.001"
     assert lineage["data"]["files"] == 12
     assert lineage["data"]["sha256"] == image_data_fingerprint(data)["sha256"]
 

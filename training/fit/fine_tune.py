@@ -3,10 +3,12 @@
 Freeze the body and train the head with one-cycle at ``base_lr``; halve ``base_lr``; unfreeze;
 train every layer group with discriminative LRs ``slice(base_lr / lr_mult, base_lr)``.
 
-``base_lr="auto"`` takes the frozen stage's LR from ``AUTO_RULE`` on a sweep of the head over
-cached body features (``training.fit.head_sweep``: a few hundred head steps, nearly free, the same
-with or without ``precompute``) and halves it after unfreezing, as fastai's ``fine_tune`` does
-with a number. Measured on ants/bees (``benchmarks/lr_rules.py``): a second, full-model sweep
+``base_lr="auto"`` takes the frozen stage's LR from a rule (``auto_rule``, default ``AUTO_RULE``)
+on a sweep of the head over cached body features (``training.fit.head_sweep``: a few hundred head
+steps, nearly free, the same with or without ``precompute``), times ``auto_mult``, and multiplies
+it by ``unfrozen_factor`` after unfreezing (0.5 by default, as fastai's ``fine_tune`` halves a
+number). Each task's option model holds its own three values (``training.recipes.options``).
+Measured on ants/bees (``benchmarks/lr_rules.py``): a second, full-model sweep
 after unfreezing cost more than the training and its valley (~2e-4) trained worse than the
 halved head LR. ``base_lr="slide"`` (or another rule) runs the finder over the module being
 fitted, as before, and goes on as if you had passed the number. The unfrozen stage follows
@@ -59,11 +61,26 @@ class LRChoice:
     sweep_iterations: int | None = None
     cached_features: bool = False
     factor: float = 1.0
+    #: ``finder``: the rule's suggestion was multiplied by this (``rule_mult``).
+    rule_mult: float = 1.0
 
     def to_dict(self) -> dict:
         return {"lr": self.lr, "source": self.source, "rule": self.rule,
                 "suggestions": dict(self.suggestions), "sweep_iterations": self.sweep_iterations,
-                "cached_features": self.cached_features, "factor": self.factor}
+                "cached_features": self.cached_features, "factor": self.factor,
+                "rule_mult": self.rule_mult, "why": self.why()}
+
+    def why(self) -> str:
+        """One line a person reads in ``history.json``: where this stage's LR came from."""
+        if self.source == "given":
+            return f"given: {self.lr:.3g}" + (f" x {self.factor:g}" if self.factor != 1 else "")
+        if self.source == "finder":
+            sweep = "a head sweep on cached body features" if self.cached_features \
+                else "a sweep of the module being fitted"
+            mult = f" x {self.rule_mult:g}" if self.rule_mult != 1 else ""
+            return (f"finder: {self.rule}{mult} of {sweep} ({self.sweep_iterations} iterations) "
+                    f"= {self.lr:.3g}")
+        return f"frozen stage's LR x {self.factor:g} = {self.lr:.3g}"
 
 
 @dataclass(frozen=True)
@@ -118,9 +135,9 @@ class _Run:
         return self.early_stopping is not None and self.early_stopping.stopped_early
 
     def find_lr(self, stage: str, rule: str, *, head_only: bool = False,
-                train_plain=None) -> float:
-        """``rule``'s suggestion from a sweep of the module being fitted, or with ``head_only``
-        of the head on cached body features."""
+                train_plain=None, rule_mult: float = 1.0) -> float:
+        """``rule``'s suggestion × ``rule_mult`` from a sweep of the module being fitted, or with
+        ``head_only`` of the head on cached body features."""
         if head_only:
             result = lr_find_head(self.learner, train_plain, suggestion=rule)
         else:
@@ -131,10 +148,12 @@ class _Run:
             self.plots[f"lr_find_{stage}"] = str(path)
         self.learner.emit(event="lr_found", stage=stage, suggestions=result.suggestions,
                           lr=result.suggestion)
+        lr = result.suggestion * rule_mult
         self.lr_choice[stage] = LRChoice(
-            result.suggestion, "finder", rule, dict(result.suggestions), len(result.lrs),
-            cached_features=head_only or self.learner.train_module is not self.learner.model)
-        return result.suggestion
+            lr, "finder", rule, dict(result.suggestions), len(result.lrs),
+            cached_features=head_only or self.learner.train_module is not self.learner.model,
+            rule_mult=rule_mult)
+        return lr
 
     def given(self, stage: str, lr: float) -> float:
         self.lr_choice[stage] = LRChoice(lr, "given")
@@ -145,7 +164,8 @@ class _Run:
         frozen = self.lr_choice.get(FROZEN, LRChoice(lr, "given"))
         source = FROZEN if FROZEN in self.lr_choice else "given"
         self.lr_choice[stage] = LRChoice(lr * factor, source, frozen.rule,
-                                         dict(frozen.suggestions), factor=factor)
+                                         dict(frozen.suggestions), factor=factor,
+                                         rule_mult=frozen.rule_mult)
         return lr * factor
 
     def fit(self, stage: str, epochs: int, lrs: slice, **one_cycle) -> None:
@@ -198,11 +218,15 @@ def fine_tune(
     pct_start: float = 0.3,
     div: float = 5.0,
     schedule: Sgdr | None = None,
+    auto_rule: str = AUTO_RULE,
+    auto_mult: float = 1.0,
+    unfrozen_factor: float = UNFROZEN_FACTOR,
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
-    base_lr: a float; ``"auto"`` for ``AUTO_RULE`` on a head sweep over cached body features
-    (models with ``.body`` and ``.head``; others sweep the model), halved after unfreezing; or a
+    base_lr: a float; ``"auto"`` for ``auto_rule`` × ``auto_mult`` on a head sweep over cached
+    body features (models with ``.body`` and ``.head``; others sweep the model), then
+    × ``unfrozen_factor`` after unfreezing; or a
     suggestion rule (``valley``, ``steep``, ``minimum``, ``slide``): that rule's suggestion from
     one finder run over the module being fitted, then used exactly like a float you passed.
     find_lr_again: with ``"auto"``, the unfrozen stage's top LR is a fresh full-model finder's
@@ -211,9 +235,18 @@ def fine_tune(
     head sweep). plots_dir: write LR finder and learning curves and the LR schedule.
     schedule: ``Sgdr(cycle_len, cycle_mult)`` for warm restarts in both stages instead of
     one-cycle; each stage's epochs must end a cycle (checked before any training).
+    auto_rule, auto_mult: the rule ``"auto"`` applies and the multiple of its suggestion
+    (each task's options hold its own). unfrozen_factor: the unfrozen stage's top LR as a
+    multiple of the frozen stage's.
     """
     auto = base_lr == "auto"
-    rule = AUTO_RULE if auto else (base_lr if base_lr in SUGGESTERS else None)
+    if auto and auto_rule not in SUGGESTERS:
+        raise TrainingError(f"auto_rule must be one of {', '.join(SUGGESTERS)}, got "
+                            f"{auto_rule!r}")
+    if not (auto_mult > 0 and unfrozen_factor > 0):
+        raise TrainingError(f"auto_mult and unfrozen_factor must be positive, got {auto_mult}, "
+                            f"{unfrozen_factor}")
+    rule = auto_rule if auto else (base_lr if base_lr in SUGGESTERS else None)
     if rule is None and (isinstance(base_lr, str) or not base_lr > 0):
         raise TrainingError(f"base_lr must be a positive number, 'auto' or one of "
                             f"{', '.join(SUGGESTERS)}, got {base_lr!r}")
@@ -230,7 +263,8 @@ def fine_tune(
     if freeze_epochs:
         learner.freeze()
         with precomputed_body(learner, train_plain) if precompute else contextlib.nullcontext():
-            lr = run.find_lr(FROZEN, rule, head_only=head_only, train_plain=train_plain) \
+            lr = run.find_lr(FROZEN, rule, head_only=head_only, train_plain=train_plain,
+                             rule_mult=auto_mult if auto else 1.0) \
                 if rule else run.given(FROZEN, lr)
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
             run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
@@ -238,9 +272,9 @@ def fine_tune(
     learner.unfreeze()
     if epochs and not run.stopped:
         if lr is None or (auto and find_lr_again):
-            lr = run.find_lr(UNFROZEN, rule)
+            lr = run.find_lr(UNFROZEN, rule, rule_mult=auto_mult if auto else 1.0)
         else:
-            lr = run.from_frozen(UNFROZEN, lr, UNFROZEN_FACTOR)
+            lr = run.from_frozen(UNFROZEN, lr, unfrozen_factor)
         run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
     return run.result()
 

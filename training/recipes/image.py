@@ -158,7 +158,9 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     result = fine_tune(learner, options.epochs, base_lr=options.lr,
                        freeze_epochs=options.freeze_epochs, early_stopping=stopper,
                        precompute=options.precompute, plots_dir=plots_dir,
-                       train_plain=train_plain, schedule=options.sgdr())
+                       train_plain=train_plain, schedule=options.sgdr(),
+                       auto_rule=options.lr_rule, auto_mult=options.lr_rule_mult,
+                       unfrozen_factor=options.unfrozen_lr_factor)
 
     final, outputs = _evaluate_with_tta(task, learner, prep, plots_dir)
     spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),
@@ -171,7 +173,8 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     write_json(out_dir / OUTPUTS_FILE, outputs)
     write_json(out_dir / "data.json", {"root": str(data.root), "source": data.source,
                                        "summary": data.summary()})
-    write_lineage(out_dir, task.name, options, image_data_fingerprint(data))
+    write_lineage(out_dir, task.name, options, image_data_fingerprint(data),
+                  lr_choice={stage: c.to_dict() for stage, c in result.lr_choice.items()})
     plots = {p.stem: p for p in sorted(plots_dir.glob("*.png"))}
     seconds = sum(r.seconds for r in result.history)
     return ImageTrainResult(out_dir, final, result.best_epoch, result.stopped_early, seconds,

@@ -25,6 +25,7 @@ Device = Literal["auto", "cpu", "cuda"]
 #: Words an image LR takes besides a number: "auto" (each stage's finder) or one finder rule.
 IMAGE_LR_WORDS = ("auto", *SUGGESTERS)
 ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat  # type: ignore[valid-type]
+FinderRule = Literal[tuple(SUGGESTERS)]  # type: ignore[valid-type]
 LearningRate = Literal["auto"] | PositiveFloat
 
 
@@ -95,9 +96,16 @@ class ImageTrainOptions(ScheduleOptions):
     bs: PositiveInt = Field(32, description="batch size")
     freeze_epochs: NonNegativeInt = Field(1, description="epochs of the head on a frozen body")
     epochs: NonNegativeInt = Field(3, description="epochs after unfreezing, discriminative LRs")
-    lr: ImageLearningRate = Field("auto", description="a number; auto (LR finder, valley, each "
-                                  "stage); or valley|steep|minimum|slide: that finder rule once, "
-                                  "then halved after unfreezing like a number")
+    lr: ImageLearningRate = Field("auto", description="a number; auto (the head sweep's "
+                                  "--lr-rule x --lr-rule-mult); or valley|steep|minimum|slide: "
+                                  "that finder rule once; after unfreezing x "
+                                  "--unfrozen-lr-factor")
+    lr_rule: FinderRule = Field("valley", description="the finder rule --lr auto applies to "
+                                "the head sweep")
+    lr_rule_mult: PositiveFloat = Field(1.0, description="--lr auto: the rule's suggestion x "
+                                        "this")
+    unfrozen_lr_factor: PositiveFloat = Field(0.5, description="top LR after unfreezing as a "
+                                              "multiple of the frozen stage's")
     patience: NonNegativeInt = Field(2, description="early-stopping patience in epochs; 0 "
                                      "disables")
     precompute: bool = Field(False, description="cache frozen-body features for frozen epochs")
@@ -130,6 +138,21 @@ class RegressionOptions(ImageTrainOptions):
     y_range: str = Field("auto", pattern=r"^\s*(auto|none|[-+0-9.eE]+\s*,\s*[-+0-9.eE]+)\s*$",
                          description="auto | none | LOW,HIGH")
     flip: bool = Field(True, description="horizontal flips in training")
+    # Regression's own defaults (docs/training.md#defaults-per-task): a sigmoid-range head on
+    # MSE learns slowly, so the head sweep's valley (~1e-3 on the pet head centres) trains too
+    # cold and 3 epochs do not beat the mean; `minimum` x 8 found 1.0e-2 there (0.38x baseline;
+    # x 1 stayed at the mean, valley x 10 reached 0.67x), kept (not halved) after unfreezing for
+    # a longer stage that ends annealed (no early stop mid-cycle); 128 px keeps it affordable.
+    size: PositiveInt = Field(128, description="side of the square input in pixels")
+    epochs: NonNegativeInt = Field(12, description="epochs after unfreezing, discriminative LRs")
+    lr_rule: FinderRule = Field("minimum", description="the finder rule --lr auto applies to "
+                                "the head sweep")
+    lr_rule_mult: PositiveFloat = Field(8.0, description="--lr auto: the rule's suggestion x "
+                                        "this")
+    unfrozen_lr_factor: PositiveFloat = Field(1.0, description="top LR after unfreezing as a "
+                                              "multiple of the frozen stage's")
+    patience: NonNegativeInt = Field(0, description="early-stopping patience in epochs; 0 "
+                                     "disables")
 
 
 class RecommenderOptions(ScheduleOptions):

@@ -45,10 +45,11 @@ def _finite(obj):
     return obj
 
 
-def write_lineage(out_dir: Path, task: str, options: BaseModel, data: dict) -> dict:
-    """Write ``lineage.json``: the task, the options used, the data fingerprint, the code."""
+def write_lineage(out_dir: Path, task: str, options: BaseModel, data: dict, **choices) -> dict:
+    """Write ``lineage.json``: the task, the options used, the data fingerprint, the code, and
+    ``choices`` the run made itself (``lr_choice``: each stage's LR and why)."""
     lineage = {"task": task, "options": options.model_dump(), "data": data,
-               "code": code_version()}
+               "code": code_version(), **choices}
     write_json(out_dir / LINEAGE_FILE, lineage)
     return lineage
 

@@ -1,0 +1,344 @@
+"""Every task with lensflow's defaults next to fastai 2.8's defaults: one table, one run.
+
+    .venv/bin/python benchmarks/quality_suite.py [--tasks ants,pets,multilabel,points,ratings]
+        [--freeze-epochs N] [--epochs N] [--fastai-python /path/to/python]
+        [--variant NAME:key=value,...] [--typed-tasks ants] [--fastai-tasks ants,multilabel]
+        [--threads 2] [--json FILE]
+
+Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
+
+- ``ants``: single-label ants/bees (``hymenoptera_data``, its ``val/`` folder is validation);
+- ``pets``: single-label breeds of the Oxford-IIIT Pet sample (``derived/head_center.csv``'s
+  ``breed``, 20 % per class held out, seed 42);
+- ``multilabel``: ants/bees + pets with two labels each (``insect bee``, ``cat bengal``; built by
+  ``tests/support/multilabel_sample.py``), metrics at the threshold the recipe stores;
+- ``points``: pet head centres (``center_x,center_y``), ``valid_mse`` against ``baseline_mse``;
+- ``ratings``: the recommender on ml-100k (random 20 %, seed 42).
+
+Rows per task: ``lensflow`` (no tuning flags: each task's option defaults, ``--lr auto``),
+``lensflow typed`` (the LRs ``auto`` chose typed as a number: the ratio of the two wall times is
+what automatic LR costs), one row per ``--variant`` (option overrides, e.g.
+``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``), and
+``fastai`` when ``--fastai-python`` names an interpreter that imports fastai 2.8
+(``benchmarks/fastai_peer.py`` runs there: ``vision_learner`` on timm ``tf_efficientnet_lite0``
+with the same packaged weights, ``fine_tune(epochs, freeze_epochs)``, fastai's default LR, head,
+augmentations; ``collab_learner`` with fastbook's settings for ratings). Images, split, backbone,
+input size, batch size and epochs are the same for both tools; ``--freeze-epochs`` /
+``--epochs`` override both tools' epochs for a quick run. Figures only: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
+
+from multilabel_sample import write_multilabel_csv  # noqa: E402
+
+from training.data.images import from_csv  # noqa: E402
+from training.data.multilabel import from_multilabel_csv  # noqa: E402
+from training.data.regression import from_regression_csv  # noqa: E402
+from training.recipes.collab import train_recommender  # noqa: E402
+from training.recipes.image import prepare_image_data, train_image_model  # noqa: E402
+from training.recipes.multilabel import train_multilabel_model  # noqa: E402
+from training.recipes.options import (  # noqa: E402
+    ImageTrainOptions,
+    MultiLabelOptions,
+    RecommenderOptions,
+    RegressionOptions,
+)
+from training.recipes.regression import train_regression_model  # noqa: E402
+
+TASKS = ("ants", "pets", "multilabel", "points", "ratings")
+PETS = "oxford-iiit-pet-sample"
+HEAD_CENTRES = f"{PETS}/derived/head_center.csv"
+PEER = Path(__file__).with_name("fastai_peer.py")
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("LENSFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@dataclass
+class Row:
+    task: str
+    tool: str
+    metrics: dict
+    seconds: float
+    lr: str
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageSuiteTask:
+    """How to load one image task's data and train it with a recipe."""
+
+    name: str
+    options_cls: type
+    train: object  # (data, out_dir, options) -> ImageTrainResult
+    kind: str  # single_label | multi_label | points
+    key_metrics: tuple[str, ...]
+
+
+def load_data(task: str, shared: Path, work: Path):
+    if task == "ants":
+        return prepare_image_data(shared / "hymenoptera_data")
+    if task == "pets":
+        return from_csv(shared / HEAD_CENTRES, shared / PETS, label_col="breed")
+    if task == "multilabel":
+        return from_multilabel_csv(write_multilabel_csv(shared, work / "multilabel.csv"), shared)
+    if task == "points":
+        return from_regression_csv(shared / HEAD_CENTRES, shared / PETS,
+                                   points="center_x,center_y")
+    raise ValueError(task)
+
+
+IMAGE_TASKS = {
+    "ants": ImageSuiteTask("ants", ImageTrainOptions, train_image_model, "single_label",
+                           ("accuracy",)),
+    "pets": ImageSuiteTask("pets", ImageTrainOptions, train_image_model, "single_label",
+                           ("accuracy",)),
+    "multilabel": ImageSuiteTask("multilabel", MultiLabelOptions, train_multilabel_model,
+                                 "multi_label", ("mean_average_precision", "f1_macro",
+                                                 "threshold")),
+    "points": ImageSuiteTask("points", RegressionOptions, train_regression_model, "points",
+                             ("valid_mse", "baseline_mse")),
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``name:key=value,key=value`` → (name, {key: value}); values stay text for pydantic."""
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:key=value,...")
+    pairs = {}
+    for part in body.split(","):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {part!r} is not key=value")
+        pairs[key.strip()] = value.strip()
+    return name, pairs
+
+
+def lr_text(choice: dict) -> str:
+    """``frozen 4.2e-03 (valley x1) / unfrozen 2.1e-03`` from history.json's ``lr_choice``."""
+    parts = []
+    for stage, c in choice.items():
+        how = c.get("rule") if c.get("source") == "finder" else c.get("source")
+        mult = f" x{c['rule_mult']:g}" if c.get("source") == "finder" and \
+            c.get("rule_mult", 1) != 1 else ""
+        parts.append(f"{stage} {c['lr']:.2e} ({how}{mult})")
+    return " / ".join(parts)
+
+
+def image_row(task: ImageSuiteTask, data, options, tool: str) -> tuple[Row, dict]:
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        result = task.train(data, out, options)
+        seconds = time.perf_counter() - start
+        history = json.loads((Path(out) / "history.json").read_text())
+    choice = history.get("lr_choice", {})
+    metrics = {k: result.metrics[k] for k in task.key_metrics if k in result.metrics}
+    if "baseline_mse" in metrics:
+        metrics["mse/baseline"] = metrics["valid_mse"] / metrics["baseline_mse"]
+    return Row(task.name, tool, metrics, seconds, lr_text(choice),
+               f"best epoch {result.best_epoch}"), choice
+
+
+def fastai_items(task: ImageSuiteTask, data) -> list[dict]:
+    """The very items (paths, labels, split) lensflow trains on, for the fastai peer."""
+    items = []
+    for split in ("train", "valid"):
+        for item in getattr(data, split):
+            if task.kind == "single_label":
+                label = data.classes[item.label]
+            elif task.kind == "multi_label":
+                label = [c for c, on in zip(data.classes, item.label, strict=True) if on]
+            else:
+                label = list(item.label)
+            items.append({"path": str(item.path), "label": label, "valid": split == "valid"})
+    return items
+
+
+def run_peer(python: str, spec: dict, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+        proc = subprocess.run([python, str(PEER), str(spec_path), str(out_path),
+                               "--threads", str(threads)], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": tail[0][:160]}
+        return json.loads(out_path.read_text())
+
+
+def fastai_available(python: str | None) -> str | None:
+    """Why fastai rows are skipped, or None when ``python`` imports fastai 2.8."""
+    if not python:
+        return "no --fastai-python given"
+    try:
+        proc = subprocess.run([python, "-c", "import fastai; print(fastai.__version__)"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{python}: {err}"
+    version = proc.stdout.strip()
+    if proc.returncode != 0 or not version.startswith("2.8"):
+        return f"{python} does not import fastai 2.8 ({version or 'ImportError'})"
+    return None
+
+
+def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
+    task = IMAGE_TASKS[name]
+    data = load_data(name, shared, work)
+    epochs = {k: v for k, v in (("freeze_epochs", args.freeze_epochs),
+                                ("epochs", args.epochs)) if v is not None}
+    options = task.options_cls(device="cpu", **epochs)
+    rows = []
+    row, choice = image_row(task, data, options, "lensflow")
+    rows.append(row)
+    print_row(row)
+    frozen = choice.get("frozen") or choice.get("unfrozen")
+    if name in args.typed and options.lr == "auto" and frozen:
+        typed, _ = image_row(task, data, options.updated(lr=frozen["lr"]), "lensflow typed")
+        typed.extra["auto_cost"] = row.seconds / typed.seconds
+        rows.append(typed)
+        print_row(typed)
+    for variant, overrides in args.variant:
+        merged = options.model_dump() | epochs | overrides
+        variant_row, _ = image_row(task, data, task.options_cls(**merged), f"lensflow {variant}")
+        rows.append(variant_row)
+        print_row(variant_row)
+    if args.fastai_skip is None and name in args.peers:
+        spec = {"task": task.kind, "items": fastai_items(task, data), "size": options.size,
+                "bs": options.bs, "freeze_epochs": options.freeze_epochs,
+                "epochs": options.epochs, "seed": options.seed}
+        start = time.perf_counter()
+        result = run_peer(args.fastai_python, spec, args.threads)
+        seconds = result.pop("seconds", time.perf_counter() - start)
+        lr = result.pop("lr", "")
+        note = result.pop("error", "")
+        if "baseline_mse" in result:
+            result["mse/baseline"] = result["valid_mse"] / result["baseline_mse"]
+        rows.append(Row(name, "fastai", result, seconds, str(lr), note))
+        print_row(rows[-1])
+    return rows
+
+
+def ratings_rows(args, shared: Path) -> list[Row]:
+    path = shared / "ml-100k"
+    options = RecommenderOptions(device="cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        result = train_recommender(path, out, options)
+        seconds = time.perf_counter() - start
+    rows.append(Row("ratings", "lensflow", {"valid_mse": result.metrics["valid_mse"]}, seconds,
+                    f"{result.lr:.2e} (finder)"))
+    print_row(rows[-1])
+    if "ratings" in args.typed and options.lr == "auto":
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            typed = train_recommender(path, out, options.updated(lr=result.lr))
+            typed_s = time.perf_counter() - start
+        rows.append(Row("ratings", "lensflow typed", {"valid_mse": typed.metrics["valid_mse"]},
+                        typed_s, f"{result.lr:.2e} (given)",
+                        extra={"auto_cost": seconds / typed_s}))
+        print_row(rows[-1])
+    if args.fastai_skip is None and "ratings" in args.peers:
+        spec = {"task": "collab", "path": str(path), "seed": options.seed,
+                "valid_pct": options.valid_pct, "epochs": options.epochs,
+                "factors": options.factors}
+        result = run_peer(args.fastai_python, spec, args.threads)
+        seconds = result.pop("seconds", 0.0)
+        lr = result.pop("lr", "")
+        rows.append(Row("ratings", "fastai", result, seconds, str(lr), result.pop("error", "")))
+        print_row(rows[-1])
+    return rows
+
+
+def metric_text(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items())
+
+
+def print_row(row: Row) -> None:
+    print(f"# {row.task} {row.tool}: {metric_text(row.metrics)} in {row.seconds:.1f} s; "
+          f"LR {row.lr} {row.note}", flush=True)
+
+
+def print_table(rows: list[Row], header: str) -> None:
+    print(f"\n{header}\n")
+    print("| task | tool | metrics | seconds | LR chosen | note |")
+    print("| --- | --- | --- | ---: | --- | --- |")
+    for r in rows:
+        print(f"| {r.task} | {r.tool} | {metric_text(r.metrics)} | {r.seconds:.1f} | {r.lr} | "
+              f"{r.note} |")
+    costs = [(r.task, r.extra["auto_cost"]) for r in rows if "auto_cost" in r.extra]
+    if costs:
+        print("\nauto-LR cost (wall time of the `--lr auto` run ÷ the same run with its chosen "
+              "LRs typed): " + ", ".join(f"{t} {c:.3f}" for t, c in costs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--freeze-epochs", type=int, default=None,
+                        help="override every image task's frozen epochs (both tools)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override every image task's unfrozen epochs (both tools)")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
+                        help="extra lensflow row: NAME:option=value,... (repeatable)")
+    parser.add_argument("--fastai-python", default=None,
+                        help="an interpreter that imports fastai 2.8, for the fastai rows")
+    parser.add_argument("--typed-tasks", default=",".join(TASKS),
+                        help="tasks that also rerun with auto's LRs typed (auto-LR cost); "
+                        "'' for none")
+    parser.add_argument("--fastai-tasks", default=",".join(TASKS),
+                        help="tasks that get a fastai row (with --fastai-python)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.typed = {t.strip() for t in args.typed_tasks.split(",")}
+    args.peers = {t.strip() for t in args.fastai_tasks.split(",")}
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    torch.set_num_threads(args.threads)
+    shared = shared_data()
+    if not (shared / "hymenoptera_data").is_dir():
+        sys.exit(f"{shared}: the shared data folder is missing; set LENSFLOW_SHARED_DATA")
+    args.fastai_skip = fastai_available(args.fastai_python)
+    if args.fastai_skip:
+        print(f"# fastai rows skipped: {args.fastai_skip}")
+    started = time.perf_counter()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as work:
+        for name in tasks:
+            if name == "ratings":
+                rows += ratings_rows(args, shared)
+            else:
+                rows += image_task_rows(name, args, shared, Path(work))
+    print_table(rows, f"quality suite: {', '.join(tasks)}; torch {torch.__version__}, "
+                f"{args.threads} threads, {time.perf_counter() - started:.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
