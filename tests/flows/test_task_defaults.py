@@ -32,7 +32,7 @@ def test_points_and_regression_train_longer_and_hotter_than_classification():
 def test_the_cli_hands_the_recipe_its_tasks_defaults(command, model, monkeypatch, tmp_path):
     seen = {}
 
-    def train_and_publish(recipe, prepared, out_dir, options, registry, name):
+    def train_and_publish(recipe, prepared, out_dir, options, registry, name, export):
         seen["options"] = options
 
     monkeypatch.setattr(cli, "_train_and_publish", train_and_publish)
@@ -53,7 +53,7 @@ def test_the_cli_hands_the_recipe_its_tasks_defaults(command, model, monkeypatch
 def test_the_flow_hands_the_recipe_its_tasks_defaults(flow, model, monkeypatch):
     seen = {}
 
-    def fine_tune_and_publish(kind, prepared, registry, name, train_dir, options):
+    def fine_tune_and_publish(kind, prepared, registry, name, train_dir, options, export):
         seen["options"] = options
         return {}
 
