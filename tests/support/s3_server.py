@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from export.loader_workers import die_with_parent
+
 #: What the server needs to be told once: fake keys (moto accepts any) and where it listens.
 _ENV = {"AWS_ACCESS_KEY_ID": "lensflow-test", "AWS_SECRET_ACCESS_KEY": "lensflow-test",
         "AWS_DEFAULT_REGION": "us-east-1"}
@@ -36,9 +38,13 @@ def start_server() -> tuple[subprocess.Popen, str]:
     """Start ``moto_server`` on a free loopback port; (process, endpoint URL) once it answers."""
     port = _free_port()
     server = Path(sys.executable).with_name("moto_server")
+    starter = os.getpid()
+    # Killed with its starter even when that is SIGKILLed (a timed-out CI job, a killed
+    # benchmark): no server left listening after the tests.
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: die_with_parent(starter))
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
