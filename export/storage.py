@@ -14,6 +14,7 @@ Credentials never pass through here: each driver reads its own standard settings
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -56,6 +57,27 @@ def ref_text(ref: str | Path) -> str:
 def absolute(ref: str | Path) -> str | Path:
     """A URL as given; a local path made absolute (a worker's working directory is not ours)."""
     return ref_text(ref) if is_url(ref) else as_local(ref).absolute()
+
+
+#: Environment variables the fsspec drivers read their endpoint and credentials from.
+_STORAGE_ENV = ("AWS_", "BOTO_", "GOOGLE_", "GCE_", "AZURE_", "FSSPEC_")
+
+
+def storage_environment() -> dict[str, str]:
+    """This process's object-storage settings (endpoint, credentials) from the environment.
+
+    Decoding processes come from a forkserver started once per process, possibly before these
+    were set (a test fixture, a flow that sets them late); they adopt this snapshot, so every
+    process of one run reads the same store. Never logged.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(_STORAGE_ENV)}
+
+
+def adopt_environment(settings: dict[str, str]) -> None:
+    """Make ``settings`` (a :func:`storage_environment` snapshot) this process's own."""
+    for key, value in settings.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def filesystem(url: str):

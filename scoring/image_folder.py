@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from export.loader_workers import available_cores, worker_context
 from export.pixels import Preprocessing, decode_batch_cuda, decode_for_model, is_image_name
-from export.storage import filesystem, full_url, is_url, ref_text
+from export.storage import (
+    adopt_environment,
+    filesystem,
+    full_url,
+    is_url,
+    ref_text,
+    storage_environment,
+)
 from scoring.errors import ImageFolderError
 
 #: Threads fetching (and decoding) one batch from object storage.
@@ -213,6 +220,8 @@ class DecodedImages(Dataset):
     def __init__(self, files: Sequence[ImageFile], spec: Preprocessing):
         self.files = files
         self.spec = spec
+        #: The planner's object-storage settings, for decoding processes that predate them.
+        self.storage_env = storage_environment() if files and is_url(files[0].path) else {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -228,6 +237,7 @@ class DecodedImages(Dataset):
         decoding its image while the others still wait on the network."""
         if not indices or not is_url(self.files[indices[0]].path):
             return [self[i] for i in indices]
+        adopt_environment(self.storage_env)
         with ThreadPoolExecutor(min(_FETCHERS, len(indices))) as pool:
             return list(pool.map(self._fetch_and_decode, indices))
 

@@ -185,3 +185,29 @@ def test_recommendations_from_an_s3_registry_and_users_file_to_s3_as_on_local_di
         assert on_s3 == on_disk and on_s3
     assert set(current_run(out, DAY, [TOPK_TABLE, FULL_TABLE])["partitions"]) == {
         TOPK_TABLE, FULL_TABLE}
+
+
+def test_decoding_processes_adopt_the_planners_storage_settings(s3_bucket, tmp_path):
+    """A decoding process forked from a forkserver that started before the endpoint was set
+    (as in a long-lived worker) still reads the same store: the dataset carries the settings."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from export.pixels import Preprocessing
+    from scoring.image_folder import DecodedImages
+
+    make_images(tmp_path / "photos", 2, size=40)
+    fsspec.filesystem("s3").put(str(tmp_path / "photos"), f"{s3_bucket}/photos", recursive=True)
+    files = list(walk_folder(f"{s3_bucket}/photos").files)
+    dataset = tmp_path / "dataset.pkl"
+    dataset.write_bytes(pickle.dumps(DecodedImages(files, Preprocessing(input_size=32,
+                                                                        resize_size=32))))
+    read = ("import pickle, sys; d = pickle.load(open(sys.argv[1], 'rb')); "
+            "print([e for _, _, e in d.__getitems__([0, 1])])")
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-c", read, str(dataset)], env=bare,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[None, None]"
