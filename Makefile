@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -ra --durations=15
+	$(BIN)/pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 serve: $(STAMP)
 	$(BIN)/lensflow serve
