@@ -6,35 +6,14 @@ import hashlib
 import json
 import shutil
 import stat
-import sys
 
 import pytest
 import torch
+from cli_runs import assert_one_line, lensflow
 from tiny_export_models import TinyCNN, image_manifest, trained_like
 
 from export.convert import export_bundle
 from export.signing import REQUIRE_SIGNED_ENV, SIGNING_KEY_ENV, VERIFY_KEY_ENV
-
-
-def lensflow(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the console entry in-process: (exit code, stdout, stderr)."""
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lensflow", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line(err: str, *needles: str) -> None:
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.fixture(autouse=True)

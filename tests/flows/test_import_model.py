@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from cli_runs import assert_one_line, lensflow
 from plain_torch_model import (
     ARCH,
     CLASSES,
@@ -26,27 +26,6 @@ from safetensors.torch import save_file
 
 from export.bundle import current_version, load_bundle
 from export.manifest import thresholds_for
-
-
-def lensflow(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the console entry in-process: (exit code, stdout, stderr)."""
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lensflow", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line(err: str, *needles: str) -> None:
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.mark.slow
