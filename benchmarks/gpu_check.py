@@ -4,9 +4,10 @@ Steps, each timed and reported on its own line (a failed step does not stop the 
 
 1. ``env``: torch, CUDA device, ONNX Runtime providers.
 2. ``parity``: export resnet50 (random init; no weights download there) and lite0 (packaged
-   ImageNet weights) to bundles; the export's parity gate includes ONNX Runtime's CUDA provider
-   with TF32 off (``use_tf32=0``), at the CPU gate's tolerances; also reported: the largest
-   difference with TF32 on, which is what scoring runs with by default.
+   ImageNet weights) to an fp32 and an fp16 bundle each (``--val``: real JPEGs for the gate);
+   the export's parity gate includes ONNX Runtime's CUDA provider with TF32 off
+   (``use_tf32=0``), at the precision's own tolerances; also reported: the largest difference
+   with TF32 on, which is what scoring runs with by default.
 3. ``model-only``: images/s of each graph in ONNX Runtime CUDA on a batch already on the GPU
    (IO binding, TF32 on), and of eager PyTorch with AMP (channels-last, bf16) for scale.
 4. ``end-to-end``: ``score_image_folder`` on a folder of JPEGs (``--images``, else ants/bees
@@ -14,7 +15,8 @@ Steps, each timed and reported on its own line (a failed step does not stop the 
    decoding workers; images/s and the ratio to model-only.
 5. ``amp-epoch``: one fine-tuning epoch of lite0 with mixed precision on the GPU.
 
-Prints one JSON object last. Usage: ``python benchmarks/gpu_check.py [--images DIR] [--json F]``.
+Prints one JSON object last. Usage: ``python benchmarks/gpu_check.py [--images DIR] [--train DIR]
+[--val DIR] [--steps env,parity,...] [--json F]``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ARCHS = ("resnet50", "tf_efficientnet_lite0")
+STEPS = ("env", "parity", "model_only", "end_to_end", "amp_epoch")
 
 
 def step(report: dict, name: str):
@@ -61,23 +64,44 @@ def env() -> dict:
             "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
 
 
-def make_bundles(registry: Path) -> dict:
+PRECISIONS = ("fp32", "fp16")
+
+
+def make_bundles(registry: Path, val: Path | None) -> dict:
+    """fp32 and fp16 bundles of each arch, gated with real images when ``val`` has JPEGs."""
     from export.convert import export_bundle
+    from export.errors import ParityError
+    from export.pixels import decode_for_model
     from training.models.backbones import create_model
 
     out = {}
     for arch in ARCHS:
         weights = "packaged" if arch == "tf_efficientnet_lite0" else "none"
         model, prep = create_model(arch, 2, weights=weights)
-        manifest = {"task": "single_label", "arch": arch, "classes": ["ants", "bees"],
-                    "preprocessing": prep.to_dict(), "thresholds": None}
-        result = export_bundle(model.eval(), manifest, registry, arch, pt2=False)
-        cuda_rows = [r for r in result.parity.rows if r.runtime == "onnxruntime-cuda"]
-        out[arch] = {"bundle": str(result.bundle_path), "parity_passed": result.parity.passed,
-                     "cuda_rows": len(cuda_rows),
-                     "cuda_tf32_off_max_abs": max((r.max_abs for r in cuda_rows), default=None),
-                     "tf32_on_max_abs": (_tf32_on_max_abs(result.bundle_path)
-                                         if _ort_cuda() else "no CUDA provider")}
+        files = sorted(val.rglob("*.jpg"))[:128] if val is not None and val.is_dir() else []
+        real = np.stack([decode_for_model(f, prep) for f in files]) if files else None
+        for precision in PRECISIONS:
+            manifest = {"task": "single_label", "arch": arch, "classes": ["ants", "bees"],
+                        "preprocessing": prep.to_dict(), "thresholds": None,
+                        "precision": precision}
+            try:
+                result = export_bundle(model.eval(), manifest, registry,
+                                       f"{arch}-{precision}", validation_inputs=real, pt2=False)
+                path, parity = result.bundle_path, result.parity
+            except ParityError as err:  # report the rows: that is what this run is for
+                path, parity = err.bundle_path, err.report
+            cuda_rows = [r for r in parity.rows if r.runtime == "onnxruntime-cuda"]
+            out[f"{arch}-{precision}"] = {
+                "bundle": str(path), "parity_passed": parity.passed,
+                "tolerances": parity.tolerances.to_dict(), "real_images": len(files),
+                "failures": parity.failures()[:3], "cuda_rows": len(cuda_rows),
+                "cuda_tf32_off_max_abs": max((r.max_abs for r in cuda_rows), default=None),
+                "cuda_min_agreement": min((r.agreement for r in cuda_rows
+                                           if r.agreement is not None), default=None),
+                "cpu_max_abs": max((r.max_abs for r in parity.rows
+                                    if r.runtime == "onnxruntime-cpu"), default=None),
+                "tf32_on_max_abs": (_tf32_on_max_abs(path) if _ort_cuda()
+                                    else "no CUDA provider")}
     return out
 
 
@@ -108,15 +132,17 @@ def model_only(bundles: dict, batch: int = 256, seconds: float = 5.0) -> dict:
     from export.runtime import open_bundle_graph
 
     out = {}
-    for arch, info in bundles.items():
+    for name, info in bundles.items():
         bundle = load_bundle(info["bundle"])
         size = bundle.manifest["preprocessing"]["input_size"]
         x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
         if _ort_cuda():
             rt = open_bundle_graph(bundle, "onnx", "cuda")
-            out[f"{arch}_onnx_cuda_images_per_s"] = _rate(lambda rt=rt, x=x: rt.run(x), batch,
+            out[f"{name}_onnx_cuda_images_per_s"] = _rate(lambda rt=rt, x=x: rt.run(x), batch,
                                                           seconds)
-        out[f"{arch}_eager_amp_images_per_s"] = _eager_amp_rate(arch, x, seconds)
+        arch = bundle.manifest["arch"]
+        if name.endswith("fp32"):
+            out[f"{arch}_eager_amp_images_per_s"] = _eager_amp_rate(arch, x, seconds)
     return out
 
 
@@ -176,7 +202,7 @@ def end_to_end(bundles: dict, folder: Path, model: dict) -> dict:
         out["skipped"] = "onnxruntime has no CUDA provider here: no end-to-end GPU runs"
         return out
     device = "cuda"
-    for arch, info in bundles.items():
+    for arch, info in bundles.items():  # arch: "<arch>-<precision>"
         rows = {}
         for gpu_decode in (True, False):
             label = f"{arch}_{'gpu' if gpu_decode else 'cpu'}_decode"
@@ -237,18 +263,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, help="JPEG folder to score end to end")
     parser.add_argument("--train", type=Path, help="class folders for the AMP epoch")
+    parser.add_argument("--val", type=Path, help="JPEGs the parity gate checks as real images")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated subset of {','.join(STEPS)}")
     args = parser.parse_args(argv)
+    steps = set(args.steps.split(","))
+    if steps - set(STEPS):
+        parser.error(f"--steps: unknown {sorted(steps - set(STEPS))}; choose from {STEPS}")
     report: dict = {}
-    step(report, "env")(env)
+    if "env" in steps:
+        step(report, "env")(env)
     with tempfile.TemporaryDirectory(prefix="lensflow-gpu-") as tmp:
         tmp = Path(tmp)
-        bundles = step(report, "parity")(make_bundles, tmp / "registry")
-        arch_bundles = {a: bundles[a] for a in ARCHS if isinstance(bundles.get(a), dict)}
-        model = step(report, "model_only")(model_only, arch_bundles)
-        folder = image_folder(args.images, tmp / "images")
-        step(report, "end_to_end")(end_to_end, arch_bundles, folder, model)
-        step(report, "amp_epoch")(amp_epoch, args.train)
+        bundles = {}
+        if steps & {"parity", "model_only", "end_to_end"}:
+            bundles = step(report, "parity")(make_bundles, tmp / "registry", args.val)
+        arch_bundles = {name: info for name, info in bundles.items()
+                        if isinstance(info, dict) and "bundle" in info}
+        model = {}
+        if steps & {"model_only", "end_to_end"}:
+            model = step(report, "model_only")(model_only, arch_bundles)
+        if "end_to_end" in steps:
+            folder = image_folder(args.images, tmp / "images")
+            step(report, "end_to_end")(end_to_end, arch_bundles, folder, model)
+        if "amp_epoch" in steps:
+            step(report, "amp_epoch")(amp_epoch, args.train)
     print(json.dumps(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

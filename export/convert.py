@@ -25,8 +25,14 @@ from torch import nn
 from export.bundle import MANIFEST, PARITY, BundleWriter, load_bundle
 from export.errors import ConversionError, ExportError, ParityError
 from export.formats import GraphSpec, convert_graph, graph_specs
-from export.manifest import IMAGE_TASKS
-from export.parity import PARITY_INPUTS, ParityReport, ParityTolerances, run_gate
+from export.manifest import IMAGE_TASKS, graph_precision
+from export.parity import (
+    PARITY_INPUTS,
+    PRECISION_TOLERANCES,
+    ParityReport,
+    ParityTolerances,
+    run_gate,
+)
 from export.signing import load_signing_key, signing_key_from_env
 
 WEIGHTS = "weights.safetensors"
@@ -119,7 +125,7 @@ def _copy_extras(bundle_dir: Path, plots_dir: Path | None,
 
 def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: str, *,
                   validation_inputs: object = None,
-                  tolerances: ParityTolerances = ParityTolerances(),
+                  tolerances: ParityTolerances | None = None,
                   plots_dir: Path | None = None, extra_files: dict[str, Path] | None = None,
                   weights: bool = True, pt2: bool = True, aoti: bool = False,
                   signing_key: str | Path | None = None) -> ExportResult:
@@ -127,6 +133,8 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
 
     validation_inputs: a real batch — images as uint8 (N, H, W, 3) or normalised float
         (N, 3, H, W); collab as int (N, 2) user/item index pairs. Up to 256 rows are used.
+    tolerances: the gate's element and decision rule (default: the one for the manifest's
+        ``precision``, ``export.parity.PRECISION_TOLERANCES``).
     aoti: also compile an AOTInductor package of each graph for this machine's CPU (minutes;
         a failed compile is recorded as the graph's ``aoti_error`` and the bundle goes on).
     signing_key: Ed25519 private key PEM that signs the bundle digest (default
@@ -136,6 +144,7 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
     # A bad key fails here, before minutes of conversion.
     key = load_signing_key(signing_key) if signing_key else signing_key_from_env()
     manifest = _normalised_manifest(manifest)
+    tolerances = tolerances or PRECISION_TOLERANCES[graph_precision(manifest)]
     # Export runs on CPU and must neither move nor mode-switch the caller's model.
     model = copy.deepcopy(model).cpu().float().eval()
     specs = graph_specs(model, manifest)

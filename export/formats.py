@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from export.errors import ConversionError
-from export.manifest import IMAGE_TASKS, point_frame, tta_views
+from export.manifest import IMAGE_TASKS, graph_precision, point_frame, tta_views
 from export.wrappers import (
     CollabPairsWrapper,
     CollabUsersWrapper,
@@ -53,6 +53,9 @@ class GraphSpec:
     input_dtype: torch.dtype
     input_high: tuple[int, ...]
     output_names: tuple[str, ...]
+    #: What the gate compares against: the fp32 eager graph when ``module`` runs in reduced
+    #: precision (the deviation measured is then the precision's, not hidden by a like copy).
+    reference: nn.Module | None = field(default=None, repr=False)
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """A random valid input of ``batch`` rows."""
@@ -65,8 +68,9 @@ class GraphSpec:
         return torch.stack(columns, dim=1)
 
     def run_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The reference outputs for ``x`` (the fp32 eager graph)."""
         with torch.inference_mode():
-            out = self.module(x)
+            out = (self.reference or self.module)(x)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
@@ -82,18 +86,22 @@ def _n_users(model: nn.Module, manifest: dict) -> int:
 def graph_specs(model: nn.Module, manifest: dict) -> list[GraphSpec]:
     """The graphs a bundle of this task holds: ``model`` (and ``pairs`` for collab)."""
     task = manifest.get("task")
+    precision = graph_precision(manifest)
     if task in IMAGE_TASKS:
         prep = manifest.get("preprocessing") or {}
         try:
             size = int(prep["input_size"])
+            kwargs = {"tta": bool(tta_views(manifest)),
+                      "points": point_frame(manifest) is not None}
             wrapper = ImageExportWrapper(model, task, prep["mean"], prep["std"],
-                                         tta=bool(tta_views(manifest)),
-                                         points=point_frame(manifest) is not None)
+                                         precision=precision, **kwargs)
+            reference = None if precision == "fp32" else ImageExportWrapper(
+                model, task, prep["mean"], prep["std"], **kwargs).eval()
         except (KeyError, TypeError, ValueError) as err:
             raise ConversionError(
                 f"manifest 'preprocessing': needs input_size, mean and std ({err!r})") from None
         return [GraphSpec("model", wrapper.eval(), "images", (size, size, 3), torch.uint8,
-                          (256,), ("scores", "logits"))]
+                          (256,), ("scores", "logits"), reference)]
     if task == "collab":
         if manifest.get("tta"):
             raise ConversionError("manifest 'tta': test-time augmentation is for image graphs; "

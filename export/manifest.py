@@ -21,6 +21,10 @@ POINT_FRAME = "input_crop_normalised"
 #: ``tta.views`` of a graph with test-time augmentation: the centre crop the graph is given and
 #: its horizontal mirror, whose scores the graph averages (``export.wrappers.FlipAverage``).
 TTA_VIEWS = ("centre_crop", "centre_crop_hflip")
+#: ``precision`` of an image graph's arithmetic (inputs stay uint8, outputs float32). bfloat16 is
+#: not among them: ONNX Conv has no bfloat16 type at the bundle's opset 18, and ONNX Runtime
+#: refuses such a graph ("Type 'tensor(bfloat16)' ... of operator (Conv) is invalid").
+PRECISIONS = ("fp32", "fp16")
 
 
 def thresholds_for(manifest: dict, n_classes: int) -> np.ndarray:
@@ -66,3 +70,15 @@ def tta_views(manifest: dict) -> tuple[str, ...]:
         raise ManifestError(f"manifest 'tta.views': {list(views)} is not {list(TTA_VIEWS)}, "
                             "the views lensflow's graphs average")
     return views
+
+
+def graph_precision(manifest: dict) -> str:
+    """The arithmetic precision of the bundle's image graph (``precision``; fp32 when absent)."""
+    precision = manifest.get("precision") or "fp32"
+    if precision not in PRECISIONS:
+        raise ManifestError(f"manifest 'precision': {precision!r} is not one of "
+                            f"{list(PRECISIONS)}")
+    if precision != "fp32" and manifest.get("task") not in IMAGE_TASKS:
+        raise ManifestError(f"manifest 'precision': {precision} is for image graphs; a "
+                            "recommender's graphs are embedding lookups and stay fp32")
+    return precision

@@ -19,13 +19,17 @@ scores every item for a batch of users, one predicts the rating of (user, item) 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from export.errors import ConversionError
-from export.manifest import IMAGE_TASKS
+from export.manifest import IMAGE_TASKS, PRECISIONS
+
+#: The dtype an image graph's model runs in, per ``export.manifest.PRECISIONS`` name.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def task_scores(task: str, logits: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,8 @@ class FlipAverage(nn.Module):
         self.points = points
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(torch.cat([x, x.flip(-1)]))
+        # Scores in float32 whatever the model's precision (a no-op for an fp32 model).
+        out = self.model(torch.cat([x, x.flip(-1)])).to(torch.float32)
         views = out.reshape(2, -1, out.shape[-1])  # no batch size in the graph: it stays dynamic
         direct, mirrored = views[0], views[1]
         if self.points:
@@ -73,16 +78,25 @@ class ImageExportWrapper(nn.Module):
     """uint8 ``images`` (N, H, W, 3) RGB → ``scores`` and ``logits`` of an eager image model.
 
     tta: average over ``TTA_VIEWS`` (``FlipAverage``); points: the regression outputs are points.
+    precision: ``fp16`` runs a half-precision copy of the model on the normalised pixels (which
+    are computed in fp32) and hands back float32 outputs, so the graph's inputs and outputs are
+    the same as an fp32 graph's and no scorer changes.
     """
 
     def __init__(self, model: nn.Module, task: str, mean: Sequence[float],
-                 std: Sequence[float], *, tta: bool = False, points: bool = False) -> None:
+                 std: Sequence[float], *, tta: bool = False, points: bool = False,
+                 precision: str = "fp32") -> None:
         super().__init__()
         if task not in IMAGE_TASKS:
             raise ConversionError(f"task {task!r}: not an image task (one of {IMAGE_TASKS})")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ConversionError(
                 f"preprocessing mean/std {list(mean)}/{list(std)}: need 3 values, std > 0")
+        if precision not in PRECISIONS:
+            raise ConversionError(f"precision {precision!r}: not one of {list(PRECISIONS)}")
+        self.dtype = DTYPES[precision]
+        if self.dtype != torch.float32:
+            model = copy.deepcopy(model).to(self.dtype)  # .to() is in place: keep the caller's
         self.model = FlipAverage(model, task, points) if tta else model
         self.task = task
         self.tta = tta
@@ -92,10 +106,10 @@ class ImageExportWrapper(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).to(torch.float32).div(255.0)
-        x = (x - self.mean) / self.std
+        x = ((x - self.mean) / self.std).to(self.dtype)
         if self.tta:
             return self.model(x)
-        logits = self.model(x)
+        logits = self.model(x).to(torch.float32)  # softmax/sigmoid in fp32
         return task_scores(self.task, logits), logits
 
 

@@ -34,12 +34,13 @@ def test_export_options_are_flags_of_export_and_of_training_with_a_registry_and_
                  ("train", "regression")):
         params = _params(*path)
         for name, flag in EXPORT_FLAGS.items():
-            assert flag in params[name].opts and params[name].default is False, path
+            default = ExportOptions.model_fields[name].default
+            assert flag in params[name].opts and params[name].default == default, path
     for flow in (train_image_model_flow, train_multilabel_model_flow,
                  train_regression_model_flow):
         schema = parameter_schema(flow).model_dump()["properties"]
         for name, field in ExportOptions.model_fields.items():
-            assert schema[name]["default"] is False, (flow.name, name)
+            assert schema[name]["default"] == field.default, (flow.name, name)
             assert schema[name]["description"] == field.description, (flow.name, name)
 
 
@@ -55,10 +56,21 @@ def test_export_flags_reach_the_exporter_as_one_options_model(monkeypatch, tmp_p
     monkeypatch.setattr(publish, "export_training_output", record)
     monkeypatch.setattr(sys, "argv", ["lensflow", "export", str(tmp_path / "train"),
                                       "--registry", str(tmp_path / "reg"), "--name", "pets",
-                                      "--aoti"])
+                                      "--aoti", "--precision", "fp16"])
     with pytest.raises(SystemExit):
         main()
-    assert seen == [ExportOptions(aoti=True, tta=False)]
+    assert seen == [ExportOptions(aoti=True, tta=False, precision="fp16")]
+
+
+def test_a_precision_lensflow_has_no_graph_for_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["lensflow", "export", str(tmp_path / "train"),
+                                      "--registry", str(tmp_path / "reg"), "--name", "pets",
+                                      "--precision", "bf16"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "bf16" in err and "fp16" in err and "Traceback" not in err
 
 
 def test_an_sgdr_run_that_ends_mid_cycle_is_one_line_before_any_work(monkeypatch, capsys,

@@ -267,7 +267,6 @@ def export_image_model(
     from safetensors.torch import load_file
 
     from export.convert import export_bundle
-    from export.parity import ParityTolerances
 
     train_out = Path(train_out)
     options = options or ExportOptions()
@@ -294,10 +293,11 @@ def export_image_model(
         "history": read_json(train_out / "history.json"),
         "lineage": lineage,
         "tta": {"views": list(TTA_VIEWS)} if options.tta else None,
+        "precision": options.precision,
     }
     plots = train_out / "plots"
     return export_bundle(model.eval(), manifest, registry, name, validation_inputs=sample,
-                         tolerances=tolerances or ParityTolerances(),
+                         tolerances=tolerances,
                          plots_dir=plots if plots.is_dir() else None, aoti=options.aoti)
 
 

@@ -25,6 +25,9 @@ def export_training_output(train_out: str | Path, registry: str | Path, name: st
         if options.tta:
             raise TrainingError(f"{train_out}: a recommender has no views to average; "
                                 "tta is for image models")
+        if options.precision != "fp32":
+            raise TrainingError(f"{train_out}: precision {options.precision} is for image "
+                                "models; a recommender's graphs are embedding lookups")
         from training.recipes.collab import export_recommender
 
         return export_recommender(train_out, registry, name, aoti=options.aoti)
