@@ -13,7 +13,7 @@ output. The digest is stored outside the bundle directory, where editing the man
 edit it: in ``<registry>/<name>/<version>.digest.json`` (written at export, with an optional
 Ed25519 signature, see ``export.signing``) and in ``current`` (``<version> sha256:<digest>``).
 Loading checks the manifest against both, every listed file against the manifest, and that no
-file was added; any difference is refused in one line.
+file was added; any difference is refused in one line (the checks: :mod:`export.bundle_integrity`).
 
 A registry may also be a URL (``s3://bucket/registry``): a bundle is staged and committed locally
 as above, then uploaded with its manifest last, and read through a local cache keyed by its digest
@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 
-from export import signing
+from export.bundle_integrity import check_digest, read_manifest, refuse_unlisted, verify_files
 from export.bundle_remote import (
     MANIFEST,
     fetch_bundle,
@@ -57,7 +57,6 @@ from export.pins import (
     fsync_path,
     pointer_text,
     read_pointer,
-    read_record,
     record_path,
     write_atomically,
     write_record,
@@ -276,82 +275,6 @@ class Bundle:
                 "sha256": self.sha256, "task": self.task}
 
 
-def _read_manifest(path: Path) -> tuple[dict, bytes]:
-    manifest_path = path / MANIFEST
-    try:
-        raw = manifest_path.read_bytes()
-    except FileNotFoundError:
-        raise BundleIntegrityError(f"bundle {path}: manifest.json is missing") from None
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleIntegrityError(f"bundle {path}: manifest.json is not valid JSON ({err})") \
-            from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise BundleIntegrityError(f"bundle {path}: manifest.json has no 'files' table")
-    for key in ("name", "version", "task"):
-        if not isinstance(manifest.get(key), str):
-            raise BundleIntegrityError(f"bundle {path}: manifest.json has no '{key}'")
-    return manifest, raw
-
-
-def _verify_files(path: Path, files: dict) -> None:
-    root = path.resolve()
-    for rel, entry in files.items():
-        target = (path / rel).resolve()
-        if rel == MANIFEST or root not in target.parents:
-            raise BundleIntegrityError(f"bundle {path}: manifest lists an invalid path {rel!r}")
-        if not target.is_file():
-            raise BundleIntegrityError(f"bundle {path}: {rel} is missing")
-        expected = entry.get("sha256") if isinstance(entry, dict) else None
-        got = file_sha256(target)
-        if got != expected:
-            raise BundleIntegrityError(
-                f"bundle {path}: {rel} sha256 mismatch (expected {expected}, got {got})")
-
-
-def _refuse_unlisted(path: Path, files: dict) -> None:
-    """A file (or link) the manifest does not list was added after export: refuse it."""
-    for dirpath, dirnames, filenames in os.walk(path):
-        here = Path(dirpath)
-        links = [d for d in dirnames if (here / d).is_symlink()]
-        for name in sorted(filenames + links):
-            rel = (here / name).relative_to(path).as_posix()
-            if rel != MANIFEST and rel not in files:
-                raise BundleIntegrityError(
-                    f"bundle {path}: {rel} is not listed in manifest.json (added after export)")
-
-
-def _pinned_by_current(path: Path) -> tuple[Path, str] | None:
-    """``(pointer, digest)`` when the model's ``current`` names this bundle and pins a digest."""
-    try:
-        pin = read_pointer(path.parent / CURRENT)
-    except BundleNotFoundError:
-        return None  # resolving the model reports a broken pointer; this bundle may be fine
-    if pin is None or pin[0] != path.name or pin[1] is None:
-        return None
-    return path.parent / CURRENT, pin[1]
-
-
-def _check_digest(path: Path, manifest: dict, digest: str) -> str:
-    """The manifest's digest against its record, ``current``'s pin and the signature; returns
-    the signature's standing."""
-    record = read_record(path)
-    if record["sha256"] != digest:
-        raise BundleIntegrityError(
-            f"bundle {path}: manifest.json changed after export (sha256 {digest[:12]}…, "
-            f"{record_path(path).name} records {record['sha256'][:12]}…)")
-    if (record.get("name"), record.get("version")) != (manifest["name"], manifest["version"]):
-        raise BundleIntegrityError(f"bundle {path}: {record_path(path).name} is the record of "
-                                   f"{record.get('name')}/{record.get('version')}")
-    pinned = _pinned_by_current(path)
-    if pinned is not None and pinned[1] != digest:
-        raise BundleIntegrityError(
-            f"bundle {path}: {pinned[0]} pins sha256 {pinned[1][:12]}… but the manifest hashes "
-            f"to {digest[:12]}… — the bundle changed after promotion")
-    return signing.check_signature(str(path), record.get("signature"), digest)
-
-
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read a bundle directory, refusing a manifest its digest record, ``current`` or signature
     does not vouch for; with ``verify`` also every listed file's sha256, and no unlisted file.
@@ -365,12 +288,12 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     path = Path(path)
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
-    manifest, raw = _read_manifest(path)
+    manifest, raw = read_manifest(path)
     digest = hashlib.sha256(raw).hexdigest()
-    signature = _check_digest(path, manifest, digest)
+    signature = check_digest(path, manifest, digest)
     if verify:
-        _verify_files(path, manifest["files"])
-        _refuse_unlisted(path, manifest["files"])
+        verify_files(path, manifest["files"])
+        refuse_unlisted(path, manifest["files"])
     return Bundle(path=path, manifest=manifest, name=manifest["name"],
                   version=manifest["version"], sha256=digest, task=manifest["task"],
                   signature=signature)

@@ -12,8 +12,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+from export.declared_options import NonNegativeInt, PositiveInt
+
 #: A non-empty path or registry reference (``REG/NAME``, ``REG/NAME/VERSION`` or a bundle dir).
 PathText = Annotated[str, Field(min_length=1)]
 #: A Dask scheduler address, ``tcp://HOST:PORT`` (tls, ucx, ws, wss also accepted; IPv6 hosts

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from export.storage import filesystem, full_url, is_url, join
 from scoring.errors import PartitionError
+from scoring.fault_hook import fault_point
 
 PARTS_DIR = "_parts"
 COMMITS_DIR = "_commits"
@@ -91,8 +92,6 @@ def commit_record(out: str, table: str, run_date: date, run_id: str, parts: dict
                   metadata: dict[str, str]) -> tuple[str, int]:
     """PUT the record that makes a run's parts the partition of its date; then delete the parts
     of the run it replaced. Returns ``(record URL, rows)``."""
-    from scoring.partition import fault_point  # the fault hook lives with the local commit
-
     url = record_url(out, table, run_date)
     prefix = parts_prefix(out, table, run_date, run_id)
     base = join(out, table)

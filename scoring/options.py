@@ -6,34 +6,23 @@ The scorers, the Prefect flows and the CLI all take their option parameters from
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal, TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from export.declared_options import Device, NonNegativeInt, Options, PositiveInt
 from scoring.errors import ScoringError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
 Runtime = Literal["onnx", "torchscript", "aoti"]
-Device = Literal["auto", "cpu", "cuda"]
-Options = TypeVar("Options", bound="RuntimeOptions")
+RunOptions = TypeVar("RunOptions", bound="RuntimeOptions")
 
 
-class RuntimeOptions(BaseModel):
-    """Which exported graph runs, and where: shared by every scoring run and the nightly flow.
-
-    Unknown names are refused, values are frozen.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RuntimeOptions(Options):
+    """Which exported graph runs, and where: shared by every scoring run and the nightly flow."""
 
     runtime: Runtime = Field("onnx", description="onnx | torchscript | aoti (an AOTInductor "
                              "package, when the bundle has one): which exported graph runs")
     device: Device = Field("auto", description="auto | cpu | cuda")
-
-    def updated(self: Options, **changes) -> Options:
-        """A validated copy with ``changes`` applied."""
-        return type(self)(**(self.model_dump() | changes))
 
 
 class ScoreOptions(RuntimeOptions):
@@ -74,7 +63,8 @@ class RecScoreOptions(ScoreOptions):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def resolve_options(model: type[Options], options: Options | None, overrides: dict) -> Options:
+def resolve_options(model: type[RunOptions], options: RunOptions | None,
+                    overrides: dict) -> RunOptions:
     """``options`` (default ``model()``) with ``overrides`` applied and checked; a refused value
     is one :class:`ScoringError` line naming the option."""
     if options is not None and not isinstance(options, model):

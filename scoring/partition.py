@@ -21,7 +21,8 @@ One writer per (table, date): the planner holds an exclusive ``flock`` on the lo
 it dies. A second run fails at once naming the holder. Every :func:`open_partition` also removes
 the staging of dead runs (lock free) of every table and date of its output root. Several
 processes may fill one partition: each shard writes its own parts through
-:meth:`PendingPartition.part_writer`, and the planner commits once all shards are done.
+:meth:`PendingPartition.part_writer` (:mod:`scoring.part_writer`), and the planner commits once
+all shards are done.
 
 An output root that is a URL (``s3://...``) has no rename and no lock: its parts stay where they
 were written and one commit record, written last, names them (:mod:`scoring.object_commit`).
@@ -33,9 +34,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -43,10 +43,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.bundle import fsync_path
+from export.pins import fsync_path
 from export.storage import filesystem, is_url, join, ref_text
 from scoring import object_commit
 from scoring.errors import PartitionError
+from scoring.fault_hook import fault_point
+from scoring.part_writer import IN_PROGRESS_SUFFIX, PartWriter
 from scoring.staging import (
     STAGING_DIR,
     SUCCESS_MARKER,
@@ -59,22 +61,8 @@ from scoring.staging import (
 )
 
 REQUIRED_METADATA = ("model_name", "model_version", "bundle_sha256")
-_IN_PROGRESS_SUFFIX = ".inprogress"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PART_SEQ = re.compile(r"part-\d+-(\d+)\.parquet")
-Batch = pa.RecordBatch | pa.Table | dict
-
-#: Test hook of the fault suite (tests/scoring/test_faults.py): when set to one of
-#: :data:`FAULT_STEPS`, the process SIGKILLs itself at that step, as an OOM kill or a lost node
-#: would. Never set outside tests.
-FAULT_ENV = "LENSFLOW_FAULT_AT"
-FAULT_STEPS = ("mid-write", "before-swap", "after-swap", "before-record")
-
-
-def fault_point(step: str) -> None:
-    """Test hook: die by SIGKILL here when ``$LENSFLOW_FAULT_AT`` names ``step``."""
-    if os.environ.get(FAULT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_run_id() -> str:
@@ -244,120 +232,6 @@ def _next_seq(final: Path) -> int:
     return max(seqs) + 1 if seqs else 0
 
 
-class PartWriter:
-    """Streams record batches into numbered Parquet files of at most ``rows_per_file`` rows.
-
-    Batches are buffered up to ``row_group_rows`` rows (so row groups are not as small as the
-    caller's batches) and each file is written under a hidden in-progress name, renamed when
-    closed; memory stays bounded by one row group whatever the number of rows.
-    """
-
-    def __init__(self, pending: PendingPartition, name_of: Callable[[int], str]):
-        self.pending = pending
-        self._name_of = name_of
-        self._seq = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._path: Path | str | None = None
-        self._sink = None  # the object being uploaded, on object storage
-        self._rows_in_file = 0
-        self._buffer: list[pa.RecordBatch] = []
-        self._buffered = 0
-        self.rows = 0
-        self.files: list[Path] = []
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def write(self, data: Batch) -> None:
-        """Append rows: a record batch, a table, or a dict of columns (cast to the schema)."""
-        table = _as_table(data, self.pending.schema)
-        for batch in table.to_batches():
-            self._buffer.append(batch)
-            self._buffered += batch.num_rows
-            if self._buffered >= self.pending.row_group_rows:
-                self._flush()
-
-    def close(self) -> list[Path]:
-        """Flush and finish the open file; writes one empty file if no row came, so the schema is
-        always there to read."""
-        self._flush()
-        if self._writer is None and not self.files:
-            self._open_file()
-        self._close_file()
-        return self.files
-
-    def abort(self) -> None:
-        """Drop the file being written (finished files stay for the caller to discard)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._sink is not None:  # never completed, so the object never appears
-            getattr(self._sink, "discard", lambda: None)()
-            self._sink = None
-        elif self._path is not None:
-            _in_progress(self._path).unlink(missing_ok=True)
-        self._path = None
-
-    def _flush(self) -> None:
-        if not self._buffered:
-            return
-        table = pa.Table.from_batches(self._buffer, schema=self.pending.schema)
-        self._buffer, self._buffered = [], 0
-        offset = 0
-        while offset < table.num_rows:
-            if self._writer is None:
-                self._open_file()
-            room = self.pending.rows_per_file - self._rows_in_file
-            chunk = table.slice(offset, room)
-            self._writer.write_table(chunk, row_group_size=self.pending.row_group_rows)
-            fault_point("mid-write")
-            self._rows_in_file += chunk.num_rows
-            self.rows += chunk.num_rows
-            offset += chunk.num_rows
-            if self._rows_in_file >= self.pending.rows_per_file:
-                self._close_file()
-
-    def _open_file(self) -> None:
-        self._path = join(self.pending.temp_dir, self._name_of(self._seq))
-        self._seq += 1
-        if self.pending.remote:  # an object appears whole when its upload completes
-            fs, path = filesystem(self._path)
-            self._sink = fs.open(path, "wb")
-            self._writer = pq.ParquetWriter(self._sink, self.pending.schema)
-        else:
-            self._writer = pq.ParquetWriter(_in_progress(self._path), self.pending.schema)
-        self._rows_in_file = 0
-
-    def _close_file(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
-        else:
-            os.rename(_in_progress(self._path), self._path)
-        self.files.append(self._path)
-        self._writer, self._path = None, None
-
-
-def _in_progress(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_IN_PROGRESS_SUFFIX}")
-
-
-def _as_table(data: Batch, schema: pa.Schema) -> pa.Table:
-    if isinstance(data, dict):
-        return pa.Table.from_pydict(data, schema=schema)
-    table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
-    return table.select(schema.names).cast(schema)
-
-
 def commit_partition(
     pending: PendingPartition, *, expected_shards: Iterable[int] | None = None,
     release: bool = True,
@@ -373,7 +247,7 @@ def commit_partition(
     temp = pending.temp_dir
     if not temp.is_dir():
         raise PartitionError(f"{temp} is gone: was this partition already committed or aborted?")
-    writing = sorted(p.name for p in temp.glob(f".*{_IN_PROGRESS_SUFFIX}"))
+    writing = sorted(p.name for p in temp.glob(f".*{IN_PROGRESS_SUFFIX}"))
     if writing:
         raise PartitionError(f"{temp}: parts still being written or left by a crash: {writing[0]}")
     parts = sorted(temp.glob("part-*.parquet"))

@@ -48,16 +48,16 @@ from export.storage import filesystem, is_url, join, ref_text
 from scoring import object_commit
 from scoring.bundle_cache import cached_for, where
 from scoring.errors import PartitionError, RuntimeUnavailableError, ScoringError
+from scoring.fault_hook import fault_point
 from scoring.image_folder import ImageFile
 from scoring.partition import (
-    SUCCESS_MARKER,
     CommittedPartition,
     PendingPartition,
     abort_partition,
     commit_partition,
-    fault_point,
     release_partition,
 )
+from scoring.staging import SUCCESS_MARKER
 
 RUNS_DIR = "_runs"
 Progress = Callable[[dict], None]

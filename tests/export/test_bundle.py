@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from bundle_tampering import edited_manifest, reseal
 
 from export.bundle import (
     BundleWriter,
@@ -33,16 +34,6 @@ def write_bundle(registry: Path, name: str = "ants", passed: bool | None = True,
         if passed is not None:
             (writer.dir / "parity.json").write_text(json.dumps({"passed": passed}))
         return writer.commit({"task": "single_label", "classes": ["ant", "bee"]})
-
-
-def reseal(path: Path) -> None:
-    """Rewrite a bundle's digest record for its edited manifest, as anyone who can write the
-    registry could: only ``current``'s pin or a signature can tell."""
-    record = path.parent / f"{path.name}.digest.json"
-    data = json.loads(record.read_text())
-    data["sha256"] = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
-    record.chmod(0o644)
-    record.write_text(json.dumps(data))
 
 
 def flip_byte(path: Path, offset: int = 0) -> None:
@@ -138,10 +129,8 @@ def test_missing_file_and_broken_manifest_are_refused(tmp_path):
 
 def test_manifest_cannot_point_outside_the_bundle(tmp_path):
     path = write_bundle(tmp_path)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
-    (path / "manifest.json").chmod(0o600)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    with edited_manifest(path) as manifest:
+        manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
     with pytest.raises(BundleIntegrityError, match="manifest.json changed after export"):
         load_bundle(path)
     reseal(path)

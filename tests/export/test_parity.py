@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from bundle_tampering import edited_manifest, reseal
 from onnx import numpy_helper
 from paths import SHARED_DATA
 from PIL import Image
@@ -46,17 +47,10 @@ def perturb_largest_initializer(path, delta: float) -> None:
 def resign(bundle_dir, rel: str) -> None:
     """Record a file's new hash in the manifest and the manifest's in the digest record (as
     anyone who can write the registry could), so only the gate — not the hashes — can object."""
-    manifest_path = bundle_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
     data = (bundle_dir / rel).read_bytes()
-    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    manifest_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    manifest_path.write_text(json.dumps(manifest))
-    record_path = bundle_dir.parent / f"{bundle_dir.name}.digest.json"
-    record = json.loads(record_path.read_text())
-    record["sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-    record_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    record_path.write_text(json.dumps(record))
+    with edited_manifest(bundle_dir) as manifest:
+        manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    reseal(bundle_dir)
 
 
 def copy_bundle(bundle_dir, to_model_dir) -> Path:

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from bundle_tampering import edited_manifest, record_of, reseal
 from tiny_image_bundle import make_image_bundle
 
 from export.bundle import (
@@ -24,27 +25,6 @@ from export.bundle import (
 )
 from export.errors import BundleIntegrityError, GraphMismatchError
 from export.runtime import open_bundle_graph
-
-
-def record_of(bundle: Path) -> Path:
-    return bundle.parent / f"{bundle.name}.digest.json"
-
-
-def edit_manifest(bundle: Path, **changes) -> None:
-    manifest_path = bundle / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest.update(changes)
-    manifest_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-
-
-def reseal(bundle: Path) -> None:
-    """Rewrite the digest record for the edited manifest, as anyone who can write the registry
-    could."""
-    record = json.loads(record_of(bundle).read_text())
-    record["sha256"] = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-    record_of(bundle).chmod(stat.S_IRUSR | stat.S_IWUSR)
-    record_of(bundle).write_text(json.dumps(record))
 
 
 @pytest.fixture
@@ -68,7 +48,8 @@ def test_the_digest_is_pinned_in_the_record_and_current_and_is_the_bundle_sha256
 def test_a_copy_with_swapped_classes_is_refused_by_load_and_promote(bundle):
     copy = bundle.parent / "20990101T000000.000000Z-beef"
     shutil.copytree(bundle, copy)
-    edit_manifest(copy, classes=["bees", "ants"])
+    with edited_manifest(copy) as manifest:
+        manifest["classes"] = ["bees", "ants"]
     with pytest.raises(BundleIntegrityError, match=r"no digest record .*re-export it"):
         load_bundle(copy)
     shutil.copy(record_of(bundle), record_of(copy))
@@ -76,14 +57,16 @@ def test_a_copy_with_swapped_classes_is_refused_by_load_and_promote(bundle):
         with pytest.raises(BundleIntegrityError, match="manifest.json changed after export"):
             refuse(copy)
     # In place, too: the original bundle edited the same way.
-    edit_manifest(bundle, classes=["bees", "ants"])
+    with edited_manifest(bundle) as manifest:
+        manifest["classes"] = ["bees", "ants"]
     with pytest.raises(BundleIntegrityError, match=f"bundle {bundle}: manifest.json changed"):
         promote(bundle)
 
 
 def test_a_promoted_bundle_edited_and_resealed_is_refused_by_current(bundle):
     promote(bundle)
-    edit_manifest(bundle, classes=["bees", "ants"])
+    with edited_manifest(bundle) as manifest:
+        manifest["classes"] = ["bees", "ants"]
     reseal(bundle)
     with pytest.raises(BundleIntegrityError, match="current pins sha256 .* after promotion"):
         resolve_bundle(bundle.parent)
@@ -119,8 +102,8 @@ def test_an_old_pointer_without_a_digest_asks_for_promote_again(bundle):
 
 
 def test_a_manifest_input_size_other_than_the_graphs_is_one_line(bundle):
-    edit_manifest(bundle, preprocessing={**json.loads(
-        (bundle / "manifest.json").read_text())["preprocessing"], "input_size": 48})
+    with edited_manifest(bundle) as manifest:
+        manifest["preprocessing"]["input_size"] = 48
     reseal(bundle)
     loaded = load_bundle(bundle)
     for kind in ("onnx", "torchscript"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from bundle_tampering import edited_manifest, record_of, reseal
 
 from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
 from export.errors import BundleSignatureError, SigningKeyError
@@ -42,16 +42,9 @@ def write_bundle(registry: Path, signing_key=None) -> Path:
 
 def tamper_and_reseal(bundle: Path) -> None:
     """Swap the classes and rewrite the digest record, keeping the old signature."""
-    manifest_path = bundle / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["classes"] = ["bee", "ant"]
-    manifest_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    manifest_path.write_text(json.dumps(manifest))
-    record_path = bundle.parent / f"{bundle.name}.digest.json"
-    record = json.loads(record_path.read_text())
-    record["sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-    record_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    record_path.write_text(json.dumps(record))
+    with edited_manifest(bundle) as manifest:
+        manifest["classes"] = ["bee", "ant"]
+    reseal(bundle)
 
 
 def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(keys):
@@ -66,7 +59,7 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(k
 def test_signed_bundle_verifies_and_a_tampered_one_is_refused(tmp_path, keys, monkeypatch):
     private, public = keys
     bundle = write_bundle(tmp_path / "reg", load_signing_key(private))
-    record = json.loads((bundle.parent / f"{bundle.name}.digest.json").read_text())
+    record = json.loads(record_of(bundle).read_text())
     assert record["signature"]["algorithm"] == "ed25519"
     assert load_bundle(bundle).signature == "unchecked"  # no verify key configured
     monkeypatch.setenv(VERIFY_KEY_ENV, str(public))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import stat
 
 import pytest
 import torch
+from bundle_tampering import edited_manifest, reseal
 from cli_runs import assert_one_line, lensflow
 from tiny_export_models import TinyCNN, image_manifest, trained_like
 
@@ -75,16 +75,9 @@ def test_a_copy_with_swapped_classes_is_refused_by_verify_and_promote(monkeypatc
 def test_verify_names_a_manifest_input_size_other_than_the_graphs(monkeypatch, capsys,
                                                                   registry, exported):
     bundle = registry / exported.version
-    manifest_path = bundle / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["preprocessing"]["input_size"] = 64
-    manifest_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    manifest_path.write_text(json.dumps(manifest))
-    record_path = registry / f"{exported.version}.digest.json"
-    record = json.loads(record_path.read_text())
-    record["sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-    record_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    record_path.write_text(json.dumps(record))
+    with edited_manifest(bundle) as manifest:
+        manifest["preprocessing"]["input_size"] = 64
+    reseal(bundle)
     code, _, err = lensflow(monkeypatch, capsys, "verify", bundle)
     assert code == 2
     assert_one_line(err, f"bundle {bundle}", "preprocessing.input_size 64",

@@ -5,13 +5,12 @@ worker killed in the middle of a shard still leaves every row exactly once."""
 
 from __future__ import annotations
 
-import os
-import signal
 from datetime import date
 
 import fsspec
 import pandas as pd
 import pytest
+from dask_cluster_runs import kill_first_shard, killed_worker, two_worker_cluster
 from flow_test_data import make_images
 from s3_server import new_bucket
 from tiny_image_bundle import make_image_bundle
@@ -50,8 +49,7 @@ def cluster(store, prefect_api):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(DASK_ADDRESS_ENV, raising=False)
         mp.setenv(bundle_remote.CACHE_ENV, str(store["root"] / "worker-cache"))
-        local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                                         processes=True, dashboard_address=None, silence_logs=40)
+        local = two_worker_cluster()
     with local, distributed.Client(local, set_as_default=False) as client:
         yield local, client
 
@@ -96,42 +94,21 @@ def test_a_worker_killed_mid_shard_on_s3_still_commits_every_row_exactly_once(
         store, cluster, planner_cache, tmp_path, monkeypatch):
     """The first shard writes its parts, leaves a stray extra part in the run's prefix as a
     crash would, and SIGKILLs its own worker; Dask reruns it on the other."""
-    import flows.score_flows as score_flows
+    from flows.score_flows import score_image_folder_flow
 
     local, client = cluster
     marker = tmp_path / "killed"
 
-    def dying_shard(score_shard, job, progress=None):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return score_shard(job, progress)
-        score_shard(job)
-        fs = fsspec.filesystem("s3")
+    def leave_a_stray_copy(job):
         prefix = f"{job.pending.temp_dir}/part-{job.shard:05d}"
-        fs.copy(f"{prefix}-0000.parquet", f"{prefix}-0007.parquet")
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
+        fsspec.filesystem("s3").copy(f"{prefix}-0000.parquet", f"{prefix}-0007.parquet")
 
-    shard_runner = score_flows.shard_runner
-
-    def runner_of_dying_shards(address):
-        run = shard_runner(address)
-
-        def run_dying(score_shard, jobs, progress):
-            def score_image_shard(job, progress=None):
-                return dying_shard(score_shard, job, progress)
-            return run(score_image_shard, jobs, progress)
-        return run_dying
-
-    monkeypatch.setattr(score_flows, "shard_runner", runner_of_dying_shards)
+    kill_first_shard(monkeypatch, marker, leave_a_stray_copy)
     out = f"{store['bucket']}/killed"
-    state = score_flows.score_image_folder_flow(
+    state = score_image_folder_flow(
         store["images"], store["model"], out, run_date=DAY, shards=4,
         dask_address=local.scheduler_address, return_state=True)
     assert state.is_completed(), state.message
-    killed = int(marker.read_text())
-    assert killed not in client.run(os.getpid).values()  # that worker really died
+    killed_worker(marker, client)
     paths = _rows(out)["path"].tolist()
     assert paths == sorted(paths) and len(paths) == len(set(paths)) == 12  # each file once

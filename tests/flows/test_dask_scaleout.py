@@ -14,7 +14,6 @@ no worker started a Prefect server of its own, and that stopped workers leave no
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from dask_cluster_runs import kill_first_shard, killed_worker, two_worker_cluster
 from flow_test_data import make_images
 from paths import REPO
 from tiny_image_bundle import make_image_bundle
@@ -261,10 +261,7 @@ def cluster(prefect_api):
     (so the flows connect by address, as to a remote scheduler)."""
     import distributed
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                                  processes=True, dashboard_address=None,
-                                  silence_logs=40) as local, \
-            distributed.Client(local, set_as_default=False) as client:
+    with two_worker_cluster() as local, distributed.Client(local, set_as_default=False) as client:
         yield local, client
 
 
@@ -318,42 +315,22 @@ def test_a_worker_killed_mid_shard_still_commits_every_row_exactly_once(
         data, tmp_path, cluster, monkeypatch):
     """The first shard to start writes its parts, leaves a finished copy and a half-written file
     behind as a crash would, and SIGKILLs its own worker; Dask reruns it elsewhere."""
-    import flows.score_flows as score_flows
+    from flows.score_flows import score_image_folder_flow
 
     local, client = cluster
     marker = tmp_path / "killed"
 
-    def dying_shard(score_shard, job, progress=None):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return score_shard(job, progress)
-        score_shard(job)
+    def leave_a_copy_and_a_half_written_part(job):
         temp, prefix = job.pending.temp_dir, f"part-{job.shard:05d}"
         shutil.copy(temp / f"{prefix}-0000.parquet", temp / f"{prefix}-0007.parquet")
         (temp / f".{prefix}-0008.parquet.inprogress").write_bytes(b"PAR1")
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
 
-    shard_runner = score_flows.shard_runner
-
-    def runner_of_dying_shards(address):
-        run = shard_runner(address)
-
-        def run_dying(score_shard, jobs, progress):
-            def score_image_shard(job, progress=None):
-                return dying_shard(score_shard, job, progress)
-            return run(score_image_shard, jobs, progress)
-        return run_dying
-
-    monkeypatch.setattr(score_flows, "shard_runner", runner_of_dying_shards)
-    state = score_flows.score_image_folder_flow(
+    kill_first_shard(monkeypatch, marker, leave_a_copy_and_a_half_written_part)
+    state = score_image_folder_flow(
         str(data["images"]), str(data["model"]), str(tmp_path), run_date=DAY, shards=4,
         dask_address=local.scheduler_address, return_state=True)
     assert state.is_completed(), state.message
-    killed = int(marker.read_text())
-    assert killed not in client.run(os.getpid).values()  # that worker really died
+    killed_worker(marker, client)
     rows = _rows(state.result()["partition"], ["path"])
     expected = sorted(f.relpath for f in walk_images(data["images"]))
     assert rows["path"].tolist() == expected  # every file, exactly once

@@ -32,9 +32,9 @@ from tiny_image_bundle import make_image_bundle
 
 from export.convert import export_bundle
 from scoring.image_scoring import score_image_folder
-from scoring.partition import STAGING_DIR
 from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations
 from scoring.shards import RUNS_DIR, current_run
+from scoring.staging import STAGING_DIR
 from training.models.collab import DotProductBias
 
 IMAGES = "image_predictions"

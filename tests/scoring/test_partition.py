@@ -23,7 +23,6 @@ from paths import REPO
 
 from scoring.errors import PartitionError
 from scoring.partition import (
-    STAGING_DIR,
     CommittedPartition,
     abort_partition,
     commit_partition,
@@ -31,6 +30,7 @@ from scoring.partition import (
     open_partition,
     read_partition,
 )
+from scoring.staging import STAGING_DIR
 
 DAY = date(2026, 11, 22)
 OTHER_DAY = date(2026, 11, 23)

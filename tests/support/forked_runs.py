@@ -14,7 +14,7 @@ from pathlib import Path
 
 from paths import REPO
 
-from scoring.partition import FAULT_ENV
+from scoring.fault_hook import FAULT_ENV
 
 FORKER = REPO / "tests" / "support" / "scoring_forker.py"
 

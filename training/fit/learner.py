@@ -4,24 +4,28 @@ Batches are ``(x, y)`` tuples, the loss and the metrics are passed in, so the sa
 image classifier and a collaborative-filtering model. Recipe after fastai (Howard & Gugger,
 https://arxiv.org/abs/2002.04688): ``fit_one_cycle`` with AdamW, discriminative LRs per layer
 group, ``freeze``/``unfreeze`` of the body with BatchNorm kept trainable. On CUDA it trains under
-autocast (bf16 where supported, else fp16 with a GradScaler, Micikevicius et al.,
-https://arxiv.org/abs/1710.03740), channels-last; on CPU the same code runs in fp32.
+autocast, channels-last; on CPU the same code runs in fp32 (:mod:`training.fit.device`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from training.errors import TrainingError
+from training.fit.device import (
+    amp_dtype,
+    batch_size,
+    move_to_device,
+    resolve_device,
+    seed_everything,
+)
 from training.fit.early_stopping import EarlyStopping
 from training.fit.schedule import (
     LrSpec,
@@ -65,37 +69,6 @@ class EpochRecord:
         return record
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device={device!r} asked for CUDA but no GPU is available")
-    return resolved
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so shuffles, dropout and init repeat."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _batch_size(y) -> int:
-    if isinstance(y, torch.Tensor) and y.dim() > 0:
-        return int(y.shape[0])
-    if isinstance(y, (list, tuple)) and y:
-        return _batch_size(y[0])
-    return 1
-
-
 class Learner:
     """Model + loaders + loss + metrics, and the loop that fits them.
 
@@ -121,7 +94,7 @@ class Learner:
         if seed is not None:
             seed_everything(seed)
         self.seed = seed
-        self.amp_dtype = _amp_dtype(self.device, amp)
+        self.amp_dtype = amp_dtype(self.device, amp)
         self.channels_last = self.device.type == "cuda"
         model = model.to(self.device)
         if self.channels_last:
@@ -198,16 +171,7 @@ class Learner:
 
     def to_device(self, batch):
         """Move a tensor (or nested tuple/list/dict of them) to the device, asynchronously."""
-        if isinstance(batch, torch.Tensor):
-            batch = batch.to(self.device, non_blocking=True)
-            if self.channels_last and batch.dim() == 4 and batch.is_floating_point():
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            return batch
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self.to_device(b) for b in batch)
-        if isinstance(batch, dict):
-            return {k: self.to_device(v) for k, v in batch.items()}
-        return batch
+        return move_to_device(batch, self.device, self.channels_last)
 
     def autocast(self):
         """Mixed-precision context on CUDA, a no-op on CPU."""
@@ -357,7 +321,7 @@ class Learner:
                 self.scheduler.step()
             else:
                 self.skipped_steps += 1
-            bs = _batch_size(y)
+            bs = batch_size(y)
             total, count = total + loss * bs, count + bs
             self.emit(event="batch", stage=stage, epoch=epoch, batch=i, batches=n_batches,
                        loss=loss, lrs=lrs, beta1=beta1, skipped=not stepped)
@@ -375,7 +339,7 @@ class Learner:
             with self.autocast():
                 out = module(x)
                 loss = self.loss_fn(out, y)
-            bs = _batch_size(y)
+            bs = batch_size(y)
             total, count = total + float(loss) * bs, count + bs
             preds.append(out.float().cpu())
             targets.append(y.cpu())

@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from export.declared_options import Options, PositiveInt
 from export.pixels import RESIZE_FILTERS
-from training.recipes.options import Options, PositiveInt
 
 #: Comma-separated numbers: "0.5" or "0.3,0.6,0.5".
 _NUMBERS = r"^\s*[-+0-9.eE]+(\s*,\s*[-+0-9.eE]+)*\s*$"

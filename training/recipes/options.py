@@ -10,33 +10,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from export.declared_options import Device, NonNegativeInt, Options, PositiveInt
 from training.errors import TrainingError
 from training.fit.lr_finder import SUGGESTERS
 from training.fit.schedule import SCHEDULES, Sgdr, sgdr_epochs
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 ValidFraction = Annotated[float, Field(gt=0, lt=1)]
-Device = Literal["auto", "cpu", "cuda"]
 #: Words an image LR takes besides a number: "auto" (each stage's finder) or one finder rule.
 IMAGE_LR_WORDS = ("auto", *SUGGESTERS)
 ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat  # type: ignore[valid-type]
 FinderRule = Literal[tuple(SUGGESTERS)]  # type: ignore[valid-type]
 LearningRate = Literal["auto"] | PositiveFloat
-
-
-class Options(BaseModel):
-    """Base of every declared option set: unknown names are refused, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def updated(self, **changes) -> Options:
-        """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
-        return type(self)(**(self.model_dump() | changes))
 
 
 class ScheduleOptions(Options):

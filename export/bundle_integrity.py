@@ -1,0 +1,97 @@
+"""The checks :func:`export.bundle.load_bundle` runs before it hands out a bundle.
+
+A bundle is what its pins vouch for, or it is refused in one line: ``manifest.json`` must hash to
+the digest its record (``<version>.digest.json``) and ``current`` pin, and carry a valid signature
+when one is required (:mod:`export.signing`); every file it lists must hash to its entry, and no
+file it does not list may have been added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from export import signing
+from export.bundle_remote import MANIFEST
+from export.errors import BundleIntegrityError, BundleNotFoundError
+from export.pins import CURRENT, file_sha256, read_pointer, read_record, record_path
+
+
+def read_manifest(path: Path) -> tuple[dict, bytes]:
+    """The bundle's manifest and its raw bytes (what its digest is of), with the keys loading
+    needs checked."""
+    manifest_path = path / MANIFEST
+    try:
+        raw = manifest_path.read_bytes()
+    except FileNotFoundError:
+        raise BundleIntegrityError(f"bundle {path}: manifest.json is missing") from None
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleIntegrityError(f"bundle {path}: manifest.json is not valid JSON ({err})") \
+            from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleIntegrityError(f"bundle {path}: manifest.json has no 'files' table")
+    for key in ("name", "version", "task"):
+        if not isinstance(manifest.get(key), str):
+            raise BundleIntegrityError(f"bundle {path}: manifest.json has no '{key}'")
+    return manifest, raw
+
+
+def verify_files(path: Path, files: dict) -> None:
+    """Every file the manifest lists is inside the bundle and hashes to its entry."""
+    root = path.resolve()
+    for rel, entry in files.items():
+        target = (path / rel).resolve()
+        if rel == MANIFEST or root not in target.parents:
+            raise BundleIntegrityError(f"bundle {path}: manifest lists an invalid path {rel!r}")
+        if not target.is_file():
+            raise BundleIntegrityError(f"bundle {path}: {rel} is missing")
+        expected = entry.get("sha256") if isinstance(entry, dict) else None
+        got = file_sha256(target)
+        if got != expected:
+            raise BundleIntegrityError(
+                f"bundle {path}: {rel} sha256 mismatch (expected {expected}, got {got})")
+
+
+def refuse_unlisted(path: Path, files: dict) -> None:
+    """A file (or link) the manifest does not list was added after export: refuse it."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        for name in sorted(filenames + links):
+            rel = (here / name).relative_to(path).as_posix()
+            if rel != MANIFEST and rel not in files:
+                raise BundleIntegrityError(
+                    f"bundle {path}: {rel} is not listed in manifest.json (added after export)")
+
+
+def _pinned_by_current(path: Path) -> tuple[Path, str] | None:
+    """``(pointer, digest)`` when the model's ``current`` names this bundle and pins a digest."""
+    try:
+        pin = read_pointer(path.parent / CURRENT)
+    except BundleNotFoundError:
+        return None  # resolving the model reports a broken pointer; this bundle may be fine
+    if pin is None or pin[0] != path.name or pin[1] is None:
+        return None
+    return path.parent / CURRENT, pin[1]
+
+
+def check_digest(path: Path, manifest: dict, digest: str) -> str:
+    """The manifest's digest against its record, ``current``'s pin and the signature; returns
+    the signature's standing."""
+    record = read_record(path)
+    if record["sha256"] != digest:
+        raise BundleIntegrityError(
+            f"bundle {path}: manifest.json changed after export (sha256 {digest[:12]}…, "
+            f"{record_path(path).name} records {record['sha256'][:12]}…)")
+    if (record.get("name"), record.get("version")) != (manifest["name"], manifest["version"]):
+        raise BundleIntegrityError(f"bundle {path}: {record_path(path).name} is the record of "
+                                   f"{record.get('name')}/{record.get('version')}")
+    pinned = _pinned_by_current(path)
+    if pinned is not None and pinned[1] != digest:
+        raise BundleIntegrityError(
+            f"bundle {path}: {pinned[0]} pins sha256 {pinned[1][:12]}… but the manifest hashes "
+            f"to {digest[:12]}… — the bundle changed after promotion")
+    return signing.check_signature(str(path), record.get("signature"), digest)
