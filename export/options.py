@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from export.declared_options import Options
 
 
-class ExportOptions(BaseModel):
-    """How a training output becomes a bundle. Unknown names are refused, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ExportOptions(Options):
+    """How a training output becomes a bundle."""
 
     tta: bool = Field(False, description="image models: the exported graph averages the scores "
                       "of the centre crop and its mirror (test-time augmentation; ~2x the "

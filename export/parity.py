@@ -57,11 +57,14 @@ class ParityTolerances:
 
 
 #: The gate's tolerances for a graph of each ``precision`` (``export.manifest.PRECISIONS``).
-#: fp16 keeps 10 mantissa bits (~3 significant digits), so its elements are held to 1e-2 of a
-#: probability; decisions must still agree wherever the fp32 reference is that decisive.
-#: Measured deviations (lite0 and resnet50, real and random images): docs/export.md.
+#: fp16 keeps 10 mantissa bits (~3 significant digits) and freezing folds batch-norm into the
+#: half weights, so its elements may drift by a few hundredths: on an H200 (gpu_check.py) lite0
+#: drifted up to 0.017 (TorchScript, CPU) and 0.013 (ONNX Runtime CUDA) from the fp32 model on
+#: the gate's random images, resnet50 up to 0.046 on its logits of ~|5|. Hence 3e-2 + 1% of the
+#: reference, about twice the worst seen; decisions must still agree wherever the fp32 reference
+#: is more decisive than that.
 PRECISION_TOLERANCES = {"fp32": ParityTolerances(),
-                        "fp16": ParityTolerances(atol=1e-2, rtol=1e-2)}
+                        "fp16": ParityTolerances(atol=3e-2, rtol=1e-2)}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ same code, device="cpu"), so it is checked on every machine; the CUDA tests skip
 
 from __future__ import annotations
 
+import threading
 from datetime import date
 
 import numpy as np
@@ -21,7 +22,7 @@ from export.pixels import (
     decode_for_model,
 )
 from export.runtime import onnx_cuda_available, open_bundle_graph
-from scoring.image_folder import gpu_decoded_batches, walk_images
+from scoring.image_folder import gpu_decoded_batches, prefetched, walk_images
 from scoring.image_scoring import score_image_folder
 from scoring.partition import read_partition
 
@@ -74,6 +75,51 @@ def test_gpu_batches_keep_file_order_and_global_indices(tmp_path):
     assert [i for b in batches for i, _ in b.failed] == [2]
     expected = decode_for_model(files[3].path, PRE).astype(int)
     assert np.abs(batches[1].images[0].numpy() - expected).mean() < 4
+
+
+def test_prefetched_keeps_order_and_runs_ahead_of_the_consumer():
+    made = []
+    third_made = threading.Event()
+
+    def produce():
+        for i in range(6):
+            made.append(i)
+            if i == 2:
+                third_made.set()
+            yield i
+
+    items = prefetched(produce(), ahead=2)
+    assert next(items) == 0
+    # While the consumer holds item 0, the thread goes on and makes 1 and 2.
+    assert third_made.wait(timeout=10)
+    assert [0, *items] == list(range(6)) == made
+
+
+def test_prefetched_raises_the_producers_error_where_it_happened():
+    def produce():
+        yield "a"
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetched(produce(), ahead=2):
+            got.append(item)
+    assert got == ["a"]
+
+
+def test_a_consumer_that_stops_early_stops_the_prefetch_thread():
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    items = prefetched(endless(), ahead=2)
+    assert next(items) == 0
+    items.close()
+    assert not [t for t in threading.enumerate() if t.name == "lensflow-prefetch"]
+    assert len(made) <= 4  # one taken, at most two waiting, one being offered
 
 
 @cuda
