@@ -51,9 +51,10 @@ from scoring.errors import ImageFolderError
 _FETCHERS = 16
 #: Below this many files, worker start-up costs more than decoding in the main process.
 TINY_FOLDER = 128
-#: Decoding processes at most: a 16-core GPU host decoded ~1,200 images/s with 8 (H200 run of
-#: benchmarks/gpu_check.py), while its GPU scores ~10,000/s; each process holds ~300 MB.
-MAX_DECODE_WORKERS = 16
+#: Decoding processes at most. On a 16-core H200 host (benchmarks/gpu_check.py, one run) 8
+#: processes fed resnet50 1,646 images/s and 15 only 1,354: past 8 the processes starve the
+#: scoring process that collates their batches and feeds the GPU.
+MAX_DECODE_WORKERS = 8
 #: Batches the GPU decoding thread keeps ready ahead of the model.
 GPU_BATCHES_AHEAD = 2
 T = TypeVar("T")
