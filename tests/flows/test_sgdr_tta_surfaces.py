@@ -13,6 +13,7 @@ from prefect.utilities.callables import parameter_schema
 
 from export.manifest import TTA_VIEWS
 from export.options import ExportOptions
+from export.parity import PRECISION_TOLERANCES
 from flows.cli import app, main
 from training.recipes.options import ImageTrainOptions
 
@@ -116,3 +117,17 @@ def test_sgdr_training_reports_tta_metrics_and_exports_a_tta_bundle(tmp_path, mo
     assert manifest["tta"] == {"views": list(TTA_VIEWS)}
     assert manifest["metrics"]["tta"]["accuracy"] == metrics["tta"]["accuracy"]
     assert json.loads((bundle / "parity.json").read_text())["passed"] is True
+
+    # The same training output as an fp16 bundle: gated at fp16's tolerance, recorded as such.
+    monkeypatch.setattr(sys, "argv", ["lensflow", "export", str(result.out_dir), "--registry",
+                                      str(tmp_path / "reg"), "--name", "half", "--precision",
+                                      "fp16"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    (half,) = [p for p in (tmp_path / "reg" / "half").iterdir() if p.is_dir()]
+    manifest = json.loads((half / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["tta"] is None
+    parity = json.loads((half / "parity.json").read_text())
+    assert parity["passed"] is True
+    assert parity["tolerances"] == PRECISION_TOLERANCES["fp16"].to_dict()
