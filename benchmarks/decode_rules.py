@@ -22,6 +22,7 @@ copies of them at 2732×2048 (5.6 MP: the short side is 8× the 256 px resize, s
 call, 1/8 to 1.5× the side). Usage::
 
     python benchmarks/decode_rules.py [--images 0] [--repeat 2] [--trained DIR] [--json out.json]
+    python benchmarks/decode_rules.py --trained DIR --rules k2,k2+lanczos --no-timing
 """
 
 from __future__ import annotations
