@@ -61,8 +61,9 @@ def val_images(n: int) -> list[Path]:
     return [found[int(i * len(found) / n)] for i in range(n)]
 
 
-def phone_copies(paths: list[Path], into: Path, quality: int = 92) -> list[Path]:
-    """Phone-size (4032×3024, portrait kept portrait) JPEG copies of ``paths``."""
+def phone_copies(paths: list[Path], into: Path, quality: int = 92,
+                 size: tuple[int, int] = PHONE) -> list[Path]:
+    """Phone-size (4032×3024 or ``size``, portrait kept portrait) JPEG copies of ``paths``."""
     from PIL import Image
 
     into.mkdir(parents=True, exist_ok=True)
@@ -70,9 +71,9 @@ def phone_copies(paths: list[Path], into: Path, quality: int = 92) -> list[Path]
     for i, path in enumerate(paths):
         with Image.open(path) as im:
             rgb = im.convert("RGB")
-        size = PHONE if rgb.width >= rgb.height else PHONE[::-1]
         target = into / f"{i:04d}_{path.name}"
-        rgb.resize(size, Image.Resampling.BICUBIC).save(target, quality=quality)
+        upright = size if rgb.width >= rgb.height else size[::-1]
+        rgb.resize(upright, Image.Resampling.BICUBIC).save(target, quality=quality)
         out.append(target)
     return out
 

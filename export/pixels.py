@@ -8,12 +8,13 @@ centre crop as the ImageNet reference scripts do, and map point coordinates betw
 pixels and the [-1, 1] frame of that crop. Training, export's parity sample and scoring all call
 these, so a model is trained on the pixels it is later scored on.
 
-JPEGs are decoded by libjpeg-turbo at the smallest power-of-two DCT scale that keeps the side the
-model needs (``jpeg_decode="dct-scaled"``, recorded in the manifest's preprocessing; ``"full"``
-decodes every pixel first). With the optional ``simplejpeg`` installed, that decode goes through
-it: the same library at the same scale, so the same pixels bit for bit, with less per-image work
-(``benchmarks/decoders.py`` measures both); without it Pillow's ``draft`` does it.
-``LENSFLOW_JPEG_DECODER=pil`` forces Pillow.
+JPEGs are decoded by libjpeg-turbo at the smallest power-of-two DCT scale that keeps twice the
+side the model needs (``jpeg_decode="dct-scaled-2x"``, recorded in the manifest's preprocessing;
+``"dct-scaled"`` keeps the side itself, ``"full"`` decodes every pixel first;
+``benchmarks/decode_rules.py`` measures what each does to a model's answers). With the optional
+``simplejpeg`` installed, that decode goes through it: the same library at the same scale, so the
+same pixels bit for bit, with less per-image work (``benchmarks/decoders.py`` measures both);
+without it Pillow's ``draft`` does it. ``LENSFLOW_JPEG_DECODER=pil`` forces Pillow.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ _PIL_FILTERS = {
     InterpolationMode.HAMMING: Image.Resampling.HAMMING,
 }
 RESIZE_FILTERS = tuple(m.value for m in _PIL_FILTERS)
-#: How a JPEG is decoded before the resize: at the smallest power-of-two DCT scale that keeps
-#: the side the model needs (libjpeg-turbo's scaled IDCT), or every pixel first.
-JPEG_DECODES = ("dct-scaled", "full")
+#: How a JPEG is decoded before the resize → how many times the side the transform needs the
+#: decode keeps: libjpeg-turbo's scaled IDCT at the smallest power-of-two scale that keeps twice
+#: the side (``dct-scaled-2x``) or the side itself (``dct-scaled``: bundles written before
+#: ``dct-scaled-2x``, decoded as they were trained); ``full`` decodes every pixel first.
+JPEG_DECODES = {"dct-scaled-2x": 2, "dct-scaled": 1, "full": None}
 #: Environment variable that picks the JPEG library: auto (simplejpeg when installed) | pil.
 DECODER_ENV = "LENSFLOW_JPEG_DECODER"
 #: EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose).
@@ -72,7 +75,8 @@ class Preprocessing:
     resize_size: shorter side an image is resized to before the centre crop at validation.
     mean, std: per-channel normalisation of RGB values scaled to [0, 1].
     interpolation: resize filter name (``bilinear`` | ``bicubic`` | ``nearest`` | ...).
-    jpeg_decode: ``dct-scaled`` (JPEGs decoded at reduced scale, see the module) | ``full``.
+    jpeg_decode: ``dct-scaled-2x`` | ``dct-scaled`` (JPEGs decoded at reduced scale, see
+    :data:`JPEG_DECODES`) | ``full``.
     """
 
     input_size: int = 224
@@ -80,7 +84,7 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
-    jpeg_decode: str = "dct-scaled"
+    jpeg_decode: str = "dct-scaled-2x"
 
     def __post_init__(self) -> None:
         if self.jpeg_decode not in JPEG_DECODES:
@@ -123,12 +127,14 @@ class Preprocessing:
         return Preprocessing(input_size, round(input_size * ratio), self.mean, self.std,
                              self.interpolation, self.jpeg_decode)
 
-    def decode_side(self) -> int | None:
-        """Shortest side a validation decode needs (JPEGs are decoded at reduced scale to it);
-        None when ``jpeg_decode`` is ``full``."""
-        if self.jpeg_decode == "full":
+    def decode_side(self, need: int | None = None) -> int | None:
+        """Shortest side a JPEG is decoded to (at reduced DCT scale) for a transform that needs
+        ``need`` pixels (default: the validation resize's); None when ``jpeg_decode`` is
+        ``full``. Training and scoring both ask here, so both decode alike."""
+        keep = JPEG_DECODES[self.jpeg_decode]
+        if keep is None:
             return None
-        return max(self.resize_size, self.input_size)
+        return keep * (need or max(self.resize_size, self.input_size))
 
 
 def is_image_name(name: str) -> bool:

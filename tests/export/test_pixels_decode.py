@@ -9,7 +9,13 @@ from PIL import Image
 
 from export import pixels
 from export.errors import ManifestError
-from export.pixels import DECODER_ENV, Preprocessing, decode_for_model, open_rgb
+from export.pixels import (
+    DECODER_ENV,
+    Preprocessing,
+    decode_for_model,
+    open_rgb,
+    resize_and_crop,
+)
 
 simplejpeg = pytest.importorskip("simplejpeg")
 
@@ -74,9 +80,52 @@ def test_a_truncated_jpeg_fails_as_pillow_fails(tmp_path, monkeypatch):
         open_rgb(path, min_side=256)
 
 
+@pytest.mark.parametrize(("size", "twice", "once"), [
+    ((500, 375), (500, 375), (500, 375)),        # ~0.2 MP: every pixel under both rules
+    ((1600, 1200), (800, 600), (400, 300)),      # 1200 // 512 = 2; 1200 // 256 = 4
+    ((1200, 1600), (600, 800), (300, 400)),      # portrait: the short side still decides
+    ((2732, 2048), (683, 512), (342, 256)),      # 2048 = 8 × 256: exactly 2× / 1× the side
+    ((4032, 3024), (1008, 756), (504, 378)),     # a 12 MP phone photo: 1/4 and 1/8
+])
+@pytest.mark.parametrize("library", ["pil", "auto"])
+def test_the_decode_keeps_twice_the_side_and_old_bundles_the_side_itself(
+        tmp_path, monkeypatch, size, twice, once, library):
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", size, (90, 140, 60)).save(path, quality=80)
+    monkeypatch.setenv(DECODER_ENV, library)
+    new = Preprocessing(224, 256)
+    old = Preprocessing.from_dict({"input_size": 224, "resize_size": 256})  # no jpeg_decode
+    assert (new.jpeg_decode, old.jpeg_decode) == ("dct-scaled-2x", "dct-scaled")
+    assert open_rgb(path, min_side=new.decode_side()).size == twice
+    assert open_rgb(path, min_side=old.decode_side()).size == once
+
+
+@pytest.mark.parametrize("mode", ["dct-scaled-2x", "dct-scaled"])
+def test_both_libraries_give_the_same_model_input_in_each_mode(tmp_path, monkeypatch, mode):
+    path = tmp_path / "photo.jpg"
+    _photo(1366, 1100).save(path, quality=90)  # 1/4 under dct-scaled-2x, 1/8 under dct-scaled
+    pre = Preprocessing(64, 72, jpeg_decode=mode)
+    monkeypatch.setenv(DECODER_ENV, "pil")
+    reference = decode_for_model(path, pre)
+    monkeypatch.setenv(DECODER_ENV, "auto")
+    assert np.array_equal(decode_for_model(path, pre), reference)
+
+
+def test_an_old_manifest_value_decodes_as_it_was_exported(tmp_path):
+    # dct-scaled was: the smallest DCT scale keeping max(resize_size, input_size), one resample.
+    path = tmp_path / "photo.jpg"
+    _photo(1366, 1100).save(path, quality=90)
+    old = Preprocessing.from_dict({"input_size": 64, "resize_size": 72,
+                                   "jpeg_decode": "dct-scaled"})
+    before = np.asarray(resize_and_crop(open_rgb(path, min_side=72), old))
+    assert np.array_equal(decode_for_model(path, old), before)
+    assert not np.array_equal(decode_for_model(path, Preprocessing(64, 72)), before)
+
+
 def test_decode_mode_is_in_the_manifest_and_full_decodes_every_pixel(tmp_path, monkeypatch):
     pre = Preprocessing(64, 72)
-    assert pre.to_dict()["jpeg_decode"] == "dct-scaled"
+    assert pre.to_dict()["jpeg_decode"] == "dct-scaled-2x"
+    assert Preprocessing.from_dict(pre.to_dict()).jpeg_decode == "dct-scaled-2x"
     assert Preprocessing.from_dict({"input_size": 64, "resize_size": 72}).jpeg_decode \
         == "dct-scaled"  # older manifests: what their training did
     full = Preprocessing.from_dict(pre.to_dict() | {"jpeg_decode": "full"})

@@ -78,11 +78,17 @@ def test_interpolation_comes_from_the_preprocessing():
         valid_transform(Preprocessing(interpolation="lanczoz"))
 
 
-def test_decode_min_side_lets_the_smallest_training_crop_keep_full_resolution():
-    pre = Preprocessing(input_size=224, resize_size=256)
+@pytest.mark.parametrize(("mode", "keep"), [("dct-scaled-2x", 2), ("dct-scaled", 1)])
+def test_decode_min_side_lets_the_smallest_training_crop_keep_full_resolution(mode, keep):
+    pre = Preprocessing(input_size=224, resize_size=256, jpeg_decode=mode)
     side = decode_min_side(pre, train=True)
-    assert side * 0.35 ** 0.5 >= 224
-    assert decode_min_side(pre, train=False) == 256
+    assert side * 0.35 ** 0.5 >= 224 * keep
+    assert decode_min_side(pre, train=False) == 256 * keep == pre.decode_side()
+
+
+def test_training_decodes_every_pixel_when_the_manifest_says_full():
+    pre = Preprocessing(input_size=224, resize_size=256, jpeg_decode="full")
+    assert decode_min_side(pre, train=True) is None and decode_min_side(pre, train=False) is None
 
 
 def test_reduced_jpeg_decode_keeps_at_least_min_side(tmp_path):

@@ -73,13 +73,14 @@ def valid_transform(pre: Preprocessing) -> v2.Compose:
 
 def decode_min_side(
     pre: Preprocessing, *, train: bool, scale: tuple[float, float] = TRAIN_SCALE
-) -> int:
-    """Shortest image side the transform needs, so a JPEG can be decoded at reduced scale.
+) -> int | None:
+    """Shortest side a JPEG is decoded to (at reduced DCT scale) for the transform, by the rule
+    of ``pre.jpeg_decode`` that scoring follows too; None: every pixel.
 
     The smallest training crop covers `scale[0]` of the area, so its side is about
     sqrt(scale[0]) of the image side; the image must be big enough for that crop to still hold
     `input_size` pixels, or the crop would be upsampled from a needlessly shrunken decode.
     """
     if not train:
-        return max(pre.resize_size, pre.input_size)
-    return max(pre.resize_size, math.ceil(pre.input_size / math.sqrt(scale[0])))
+        return pre.decode_side()
+    return pre.decode_side(max(pre.resize_size, math.ceil(pre.input_size / math.sqrt(scale[0]))))
