@@ -19,8 +19,8 @@ Rows per task: ``lensflow`` (no tuning flags: each task's option defaults, ``--l
 ``lensflow typed`` (the LRs ``auto`` chose typed as a number: the ratio of the two wall times is
 what automatic LR costs), one row per ``--variant`` (option overrides, e.g.
 ``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``),
-``lensflow sgdr`` with ``--sgdr`` (every task's defaults under ``schedule=sgdr``: cycles of 1, 2,
-4, ... epochs where both stages end a cycle that way, else one-epoch cycles), and
+``lensflow sgdr`` with ``--sgdr`` (every task's defaults under ``schedule=sgdr``, ratings too:
+cycles of 1, 2, 4, ... epochs where both stages end a cycle that way, else one-epoch cycles), and
 ``fastai`` when ``--fastai-python`` names an interpreter that imports fastai 2.8
 (``benchmarks/fastai_peer.py`` runs there: ``vision_learner`` on timm ``tf_efficientnet_lite0``
 with the same packaged weights, ``fine_tune(epochs, freeze_epochs)``, fastai's default LR, head,
@@ -299,6 +299,15 @@ def ratings_rows(args, shared: Path) -> list[Row]:
         rows.append(Row("ratings", "lensflow typed", {"valid_mse": typed.metrics["valid_mse"]},
                         typed_s, f"{result.lr:.2e} (given)",
                         extra={"auto_cost": seconds / typed_s}))
+        print_row(rows[-1])
+    if args.sgdr:
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            sgdr_options = options.updated(**sgdr_overrides(0, options.epochs))
+            sgdr = train_recommender(path, out, sgdr_options)
+            sgdr_s = time.perf_counter() - start
+        rows.append(Row("ratings", "lensflow sgdr", {"valid_mse": sgdr.metrics["valid_mse"]},
+                        sgdr_s, f"{sgdr.lr:.2e} (finder)"))
         print_row(rows[-1])
     if args.fastai_skip is None and "ratings" in args.peers:
         spec = {"task": "collab", "path": str(path), "seed": options.seed,

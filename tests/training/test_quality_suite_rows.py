@@ -4,7 +4,7 @@ cycles every task's option model accepts, and the SGDR and TTA ratios it prints.
 import pytest
 from benchmark_modules import load_benchmark
 
-from training.recipes.options import ImageTrainOptions, RegressionOptions
+from training.recipes.options import ImageTrainOptions, RecommenderOptions, RegressionOptions
 
 suite = load_benchmark("quality_suite")
 
@@ -33,6 +33,11 @@ def test_the_sgdr_row_has_cycles_that_end_both_stages(options_cls, freeze, epoch
     assert overrides["cycle_mult"] == mult
     options = options_cls(freeze_epochs=freeze, epochs=epochs, **overrides)
     assert options.sgdr() == suite.Sgdr(1, mult)
+
+
+def test_the_recommender_sgdr_row_takes_one_epoch_cycles_for_its_five_epochs():
+    options = RecommenderOptions(**suite.sgdr_overrides(0, RecommenderOptions().epochs))
+    assert options.sgdr() == suite.Sgdr(1, 1)
 
 
 def test_ratios_compare_sgdr_with_one_cycle_and_tta_with_plain():
