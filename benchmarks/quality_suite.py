@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/quality_suite.py [--tasks ants,pets,multilabel,points,ratings]
         [--freeze-epochs N] [--epochs N] [--fastai-python /path/to/python]
-        [--variant NAME:key=value,...] [--typed-tasks ants] [--fastai-tasks ants,multilabel]
-        [--threads 2] [--json FILE]
+        [--size PX] [--sgdr] [--variant NAME:key=value,...] [--typed-tasks ants]
+        [--fastai-tasks ants,multilabel] [--threads 2] [--json FILE]
 
 Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
 
@@ -18,13 +18,20 @@ Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
 Rows per task: ``lensflow`` (no tuning flags: each task's option defaults, ``--lr auto``),
 ``lensflow typed`` (the LRs ``auto`` chose typed as a number: the ratio of the two wall times is
 what automatic LR costs), one row per ``--variant`` (option overrides, e.g.
-``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``), and
+``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``),
+``lensflow sgdr`` with ``--sgdr`` (every task's defaults under ``schedule=sgdr``, ratings too:
+cycles of 1, 2, 4, ... epochs where both stages end a cycle that way, else one-epoch cycles), and
 ``fastai`` when ``--fastai-python`` names an interpreter that imports fastai 2.8
 (``benchmarks/fastai_peer.py`` runs there: ``vision_learner`` on timm ``tf_efficientnet_lite0``
 with the same packaged weights, ``fine_tune(epochs, freeze_epochs)``, fastai's default LR, head,
 augmentations; ``collab_learner`` with fastbook's settings for ratings). Images, split, backbone,
 input size, batch size and epochs are the same for both tools; ``--freeze-epochs`` /
-``--epochs`` override both tools' epochs for a quick run. Figures only: nothing is asserted.
+``--epochs`` / ``--size`` override every row's epochs and input side for a quick run.
+
+Every image row shows its metrics without and with test-time augmentation (``metrics.json``'s
+``tta`` block: the centre crop and its mirror, what a ``--tta`` bundle averages; the fastai peer
+reports none), and the summary gives per task SGDR ÷ one-cycle and TTA ÷ plain of the first key
+metric. Figures only: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from multilabel_sample import write_multilabel_csv  # noqa: E402
 from training.data.images import from_csv  # noqa: E402
 from training.data.multilabel import from_multilabel_csv  # noqa: E402
 from training.data.regression import from_regression_csv  # noqa: E402
+from training.errors import TrainingError  # noqa: E402
+from training.fit.schedule import Sgdr  # noqa: E402
 from training.recipes.collab import train_recommender  # noqa: E402
 from training.recipes.image import prepare_image_data, train_image_model  # noqa: E402
 from training.recipes.multilabel import train_multilabel_model  # noqa: E402
@@ -79,6 +88,7 @@ class Row:
     lr: str
     note: str = ""
     extra: dict = field(default_factory=dict)
+    tta: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,34 @@ IMAGE_TASKS = {
 }
 
 
+def key_metrics(task: ImageSuiteTask, metrics: dict) -> dict:
+    """The task's key metrics of one ``metrics.json`` level, with ``mse/baseline`` for points."""
+    picked = {k: metrics[k] for k in task.key_metrics if k in metrics}
+    if "valid_mse" in picked and "baseline_mse" in picked:
+        picked["mse/baseline"] = picked["valid_mse"] / picked["baseline_mse"]
+    return picked
+
+
+def tta_metrics(task: ImageSuiteTask, metrics: dict) -> dict:
+    """The key metrics of ``metrics.json``'s ``tta`` block ({} when the run had no TTA);
+    ``baseline_mse`` is the plain one's (the mean predictor has no views)."""
+    block = metrics.get("tta") or {}
+    if "valid_mse" in block and "baseline_mse" not in block and "baseline_mse" in metrics:
+        block = block | {"baseline_mse": metrics["baseline_mse"]}
+    return key_metrics(task, block)
+
+
+def sgdr_overrides(freeze_epochs: int, epochs: int) -> dict:
+    """SGDR options whose cycles end both stages: ``cycle_mult=2`` (cycles of 1, 2, 4, ...)
+    when ``epochs`` is 1, 3, 7, 15, ..., else one-epoch cycles (``cycle_mult=1``)."""
+    try:
+        for n in (freeze_epochs, epochs):
+            Sgdr(1, 2).cycle_lengths(n)
+    except TrainingError:
+        return {"schedule": "sgdr", "cycle_len": 1, "cycle_mult": 1}
+    return {"schedule": "sgdr", "cycle_len": 1, "cycle_mult": 2}
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """``name:key=value,key=value`` → (name, {key: value}); values stay text for pydantic."""
     name, _, body = text.partition(":")
@@ -150,11 +188,12 @@ def image_row(task: ImageSuiteTask, data, options, tool: str) -> tuple[Row, dict
         seconds = time.perf_counter() - start
         history = json.loads((Path(out) / "history.json").read_text())
     choice = history.get("lr_choice", {})
-    metrics = {k: result.metrics[k] for k in task.key_metrics if k in result.metrics}
-    if "baseline_mse" in metrics:
-        metrics["mse/baseline"] = metrics["valid_mse"] / metrics["baseline_mse"]
-    return Row(task.name, tool, metrics, seconds, lr_text(choice),
-               f"best epoch {result.best_epoch}"), choice
+    schedule = history.get("schedule") or {}
+    note = f"best epoch {result.best_epoch}"
+    if schedule.get("schedule") == "sgdr":
+        note += f"; sgdr cycle_len {schedule['cycle_len']}, cycle_mult {schedule['cycle_mult']}"
+    return Row(task.name, tool, key_metrics(task, result.metrics), seconds, lr_text(choice),
+               note, tta=tta_metrics(task, result.metrics)), choice
 
 
 def fastai_items(task: ImageSuiteTask, data) -> list[dict]:
@@ -205,7 +244,7 @@ def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
     task = IMAGE_TASKS[name]
     data = load_data(name, shared, work)
     epochs = {k: v for k, v in (("freeze_epochs", args.freeze_epochs),
-                                ("epochs", args.epochs)) if v is not None}
+                                ("epochs", args.epochs), ("size", args.size)) if v is not None}
     options = task.options_cls(device="cpu", **epochs)
     rows = []
     row, choice = image_row(task, data, options, "lensflow")
@@ -217,7 +256,10 @@ def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
         typed.extra["auto_cost"] = row.seconds / typed.seconds
         rows.append(typed)
         print_row(typed)
-    for variant, overrides in args.variant:
+    variants = list(args.variant)
+    if args.sgdr:
+        variants.insert(0, ("sgdr", sgdr_overrides(options.freeze_epochs, options.epochs)))
+    for variant, overrides in variants:
         merged = options.model_dump() | epochs | overrides
         variant_row, _ = image_row(task, data, task.options_cls(**merged), f"lensflow {variant}")
         rows.append(variant_row)
@@ -258,6 +300,15 @@ def ratings_rows(args, shared: Path) -> list[Row]:
                         typed_s, f"{result.lr:.2e} (given)",
                         extra={"auto_cost": seconds / typed_s}))
         print_row(rows[-1])
+    if args.sgdr:
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            sgdr_options = options.updated(**sgdr_overrides(0, options.epochs))
+            sgdr = train_recommender(path, out, sgdr_options)
+            sgdr_s = time.perf_counter() - start
+        rows.append(Row("ratings", "lensflow sgdr", {"valid_mse": sgdr.metrics["valid_mse"]},
+                        sgdr_s, f"{sgdr.lr:.2e} (finder)"))
+        print_row(rows[-1])
     if args.fastai_skip is None and "ratings" in args.peers:
         spec = {"task": "collab", "path": str(path), "seed": options.seed,
                 "valid_pct": options.valid_pct, "epochs": options.epochs,
@@ -275,18 +326,49 @@ def metric_text(metrics: dict) -> str:
                      for k, v in metrics.items())
 
 
+def tta_text(row: Row) -> str:
+    """The TTA metrics that differ in meaning from the plain ones (not the shared baseline)."""
+    return metric_text({k: v for k, v in row.tta.items() if k != "baseline_mse"}) or "—"
+
+
 def print_row(row: Row) -> None:
-    print(f"# {row.task} {row.tool}: {metric_text(row.metrics)} in {row.seconds:.1f} s; "
-          f"LR {row.lr} {row.note}", flush=True)
+    print(f"# {row.task} {row.tool}: {metric_text(row.metrics)}; with TTA {tta_text(row)}; "
+          f"in {row.seconds:.1f} s; LR {row.lr} {row.note}", flush=True)
+
+
+def ratios(rows: list[Row]) -> list[str]:
+    """Per task, of its first key metric: SGDR ÷ one-cycle (plain and with TTA) and TTA ÷ plain."""
+    lines = []
+    for task in dict.fromkeys(r.task for r in rows):
+        base = next((r for r in rows if r.task == task and r.tool == "lensflow"), None)
+        if base is None or not base.metrics:
+            continue
+        metric = next(iter(base.metrics))
+        parts = []
+        sgdr = next((r for r in rows if r.task == task and r.tool == "lensflow sgdr"), None)
+        if sgdr and sgdr.metrics.get(metric):
+            text = f"sgdr/one-cycle {sgdr.metrics[metric] / base.metrics[metric]:.3f}"
+            if base.tta.get(metric) and sgdr.tta.get(metric):
+                text += f" (with TTA {sgdr.tta[metric] / base.tta[metric]:.3f})"
+            parts.append(text)
+        for name, r in (("one-cycle", base), ("sgdr", sgdr)):
+            if r and r.tta.get(metric) is not None and r.metrics.get(metric):
+                parts.append(f"TTA/plain {name} {r.tta[metric] / r.metrics[metric]:.3f}")
+        if parts:
+            lines.append(f"{task} {metric}: " + ", ".join(parts))
+    return lines
 
 
 def print_table(rows: list[Row], header: str) -> None:
     print(f"\n{header}\n")
-    print("| task | tool | metrics | seconds | LR chosen | note |")
-    print("| --- | --- | --- | ---: | --- | --- |")
+    print("| task | tool | metrics | with TTA | seconds | LR chosen | note |")
+    print("| --- | --- | --- | --- | ---: | --- | --- |")
     for r in rows:
-        print(f"| {r.task} | {r.tool} | {metric_text(r.metrics)} | {r.seconds:.1f} | {r.lr} | "
-              f"{r.note} |")
+        print(f"| {r.task} | {r.tool} | {metric_text(r.metrics)} | {tta_text(r)} | "
+              f"{r.seconds:.1f} | {r.lr} | {r.note} |")
+    lines = ratios(rows)
+    if lines:
+        print("\nratios of the first key metric: " + "; ".join(lines))
     costs = [(r.task, r.extra["auto_cost"]) for r in rows if "auto_cost" in r.extra]
     if costs:
         print("\nauto-LR cost (wall time of the `--lr auto` run ÷ the same run with its chosen "
@@ -301,6 +383,10 @@ def main() -> None:
                         help="override every image task's frozen epochs (both tools)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override every image task's unfrozen epochs (both tools)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="override every image task's input side in pixels (both tools)")
+    parser.add_argument("--sgdr", action="store_true",
+                        help="add a `lensflow sgdr` row per task: the defaults under SGDR")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[],
                         help="extra lensflow row: NAME:option=value,... (repeatable)")
     parser.add_argument("--fastai-python", default=None,

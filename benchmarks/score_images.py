@@ -17,11 +17,17 @@ decoding workers keep the environment they started with) and per runtime (``--ru
 onnx,torchscript,aoti``); in each process (a) and (c) run ``--repeat`` alternating rounds and
 keep their best (the machine may be shared). Prints images/s, a/c per case, 12MP/0.2MP per
 configuration, a/b and the top-1 agreement of (a) and (b) (goals on 2 cores: a/b >= 2.0,
-a/c >= 0.75 for lite0, 12MP/0.2MP >= 0.6). Usage::
+a/c >= 0.75 for lite0, 12MP/0.2MP >= 0.6).
+
+The cost of test-time augmentation: ``--tta`` exports a ``--tta`` twin of the ``--make-bundle``
+model (same weights; the graph averages the centre crop and its mirror), or ``--tta-model`` names
+one for ``--model``; (a) and (c) then run on both bundles in alternating rounds of the same
+process, and the TTA bundle's images/s ÷ the plain one's is printed per configuration. Usage::
 
     python benchmarks/score_images.py --make-bundle --phone 96   # lite0 bundle, both cases
     python benchmarks/score_images.py FOLDER --model REG/NAME --batch-size 32 --workers 1
     python benchmarks/score_images.py --make-bundle --arch resnet50 --aoti --runtimes onnx,aoti
+    python benchmarks/score_images.py --make-bundle --tta --phone 0 --no-naive   # TTA's cost
 """
 
 from __future__ import annotations
@@ -43,11 +49,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.bundle import load_bundle, resolve_bundle  # noqa: E402
+from export.manifest import TTA_VIEWS  # noqa: E402
 from export.pixels import Preprocessing, decode_for_model  # noqa: E402
 from export.runtime import open_bundle_graph  # noqa: E402
 from scoring.image_folder import default_workers, walk_images  # noqa: E402
 from scoring.image_scoring import score_image_folder  # noqa: E402
 from scoring.partition import read_partition  # noqa: E402
+
+#: How a TTA twin's figures are keyed: ``{runtime}+tta``.
+TTA_SUFFIX = "+tta"
 
 
 def shared_data() -> Path:
@@ -61,9 +71,11 @@ def copy_folder(src: Path, copies: int, into: Path) -> Path:
     return into
 
 
-def make_bundle(registry: Path, arch: str = "tf_efficientnet_lite0", aoti: bool = False) -> Path:
+def make_bundle(registry: Path, arch: str = "tf_efficientnet_lite0", aoti: bool = False,
+                tta: bool = False) -> tuple[Path, Path | None]:
     """A 2-class bundle of ``arch`` (head untrained: speed only): lite0 with its offline
-    ImageNet weights, any other architecture randomly initialised (no download here)."""
+    ImageNet weights, any other architecture randomly initialised (no download here); with
+    ``tta`` also its twin whose graph averages ``TTA_VIEWS`` (the same weights)."""
     from export.convert import export_bundle
     from training.models.backbones import create_model
 
@@ -71,8 +83,13 @@ def make_bundle(registry: Path, arch: str = "tf_efficientnet_lite0", aoti: bool 
     model, prep = create_model(arch, 2, weights=weights)
     manifest = {"task": "single_label", "arch": arch, "classes": ["ants", "bees"],
                 "preprocessing": prep.to_dict(), "thresholds": None}
-    return export_bundle(model.eval(), manifest, registry, "bench", pt2=False,
-                         aoti=aoti).bundle_path
+    plain = export_bundle(model.eval(), manifest, registry, "bench", pt2=False,
+                          aoti=aoti).bundle_path
+    if not tta:
+        return plain, None
+    twin = export_bundle(model.eval(), manifest | {"tta": {"views": list(TTA_VIEWS)}}, registry,
+                         "bench-tta", pt2=False, aoti=aoti).bundle_path
+    return plain, twin
 
 
 def eager_model(bundle) -> torch.nn.Module:
@@ -146,29 +163,37 @@ def run_model_only(paths: list[Path], bundle, args, runtime: str = "onnx") -> fl
     return time.perf_counter() - started
 
 
-def measure_cases(cases: dict[str, Path], bundle_path: Path, out: Path, args) -> dict:
-    """{case: {runtime: {"e2e_s", "model_only_s", "labels"}}}: alternating rounds, best kept."""
-    bundle = load_bundle(bundle_path)
+def measure_cases(cases: dict[str, Path], bundle_path: Path, out: Path, args,
+                  tta_path: Path | None = None) -> dict:
+    """{case: {runtime: {"e2e_s", "model_only_s", "labels"}}}: alternating rounds, best kept;
+    with ``tta_path`` also ``{runtime}+tta``, that bundle's figures from the same rounds."""
+    bundles = {"": (bundle_path, load_bundle(bundle_path))}
+    if tta_path is not None:
+        bundles[TTA_SUFFIX] = (tta_path, load_bundle(tta_path))
     result: dict = {}
     for case, folder in cases.items():
         paths = [f.path for f in walk_images(folder)]
         for runtime in args.runtimes:
-            e2e, model, labels = [], [], []
+            e2e, model, labels = {k: [] for k in bundles}, {k: [] for k in bundles}, {}
             for _ in range(args.repeat):
-                seconds, labels = run_lensflow(folder, bundle_path, out, args, runtime)
-                e2e.append(seconds)
-                model.append(run_model_only(paths, bundle, args, runtime))
-            result.setdefault(case, {})[runtime] = {
-                "images": len(paths), "e2e_s": min(e2e), "model_only_s": min(model),
-                "labels": labels}
+                for key, (path, bundle) in bundles.items():
+                    seconds, labels[key] = run_lensflow(folder, path, out, args, runtime)
+                    e2e[key].append(seconds)
+                    model[key].append(run_model_only(paths, bundle, args, runtime))
+            for key in bundles:
+                result.setdefault(case, {})[runtime + key] = {
+                    "images": len(paths), "e2e_s": min(e2e[key]),
+                    "model_only_s": min(model[key]), "labels": labels[key]}
     return result
 
 
-def measure_in_child(decoder: str, cases: dict[str, Path], bundle_path: Path, args) -> dict:
+def measure_in_child(decoder: str, cases: dict[str, Path], bundle_path: Path, args,
+                     tta_path: Path | None = None) -> dict:
     """:func:`measure_cases` in a fresh process whose JPEG library is ``decoder``."""
     from export.pixels import DECODER_ENV
 
     request = {"cases": {k: str(v) for k, v in cases.items()}, "bundle": str(bundle_path),
+               "tta_bundle": str(tta_path) if tta_path else None,
                "args": {k: getattr(args, k) for k in ("batch_size", "workers", "device",
                                                        "repeat", "runtimes")}}
     env = os.environ | {DECODER_ENV: decoder}
@@ -183,8 +208,10 @@ def child(request: str) -> None:
     spec = json.loads(request)
     args = argparse.Namespace(**spec["args"])
     with tempfile.TemporaryDirectory(prefix="lensflow-bench-") as tmp:
+        tta = spec.get("tta_bundle")
         result = measure_cases({k: Path(v) for k, v in spec["cases"].items()},
-                               Path(spec["bundle"]), Path(tmp) / "out", args)
+                               Path(spec["bundle"]), Path(tmp) / "out", args,
+                               Path(tta) if tta else None)
     print(json.dumps(result))
 
 
@@ -201,6 +228,23 @@ def phone_cases(folder: Path, n: int, into: Path) -> dict[str, Path]:
         shutil.copy(path, into / "small" / f"{i:04d}_{path.name}")
     phone_copies(picked, into / "phone")
     return {"0.2MP": into / "small", "12MP": into / "phone"}
+
+
+def tta_ratios(configurations: dict) -> dict:
+    """Per configuration measured with a TTA twin (``case/runtime+tta/decoder``): its e2e and
+    model-only images/s ÷ the plain bundle's."""
+    ratios = {}
+    for key, value in configurations.items():
+        case, runtime, decoder = key.split("/")
+        if not runtime.endswith(TTA_SUFFIX):
+            continue
+        plain = configurations.get(f"{case}/{runtime.removesuffix(TTA_SUFFIX)}/{decoder}")
+        if plain:
+            ratios[f"{case}/{runtime.removesuffix(TTA_SUFFIX)}/{decoder}"] = {
+                "e2e": round(value["e2e_images_per_s"] / plain["e2e_images_per_s"], 3),
+                "model_only": round(value["model_only_images_per_s"]
+                                    / plain["model_only_images_per_s"], 3)}
+    return ratios
 
 
 def summarise(measured: dict[str, dict], naive: dict | None, args) -> dict:
@@ -226,6 +270,9 @@ def summarise(measured: dict[str, dict], naive: dict | None, args) -> dict:
                                              / small["e2e_images_per_s"], 3)
     if naive:
         figures |= naive
+    tta = tta_ratios(configs)
+    if tta:
+        figures["tta_over_plain_images_per_s"] = tta
     print(f"{'case':6s} {'runtime':11s} {'decoder':11s} {'e2e img/s':>10s} {'model img/s':>12s} "
           f"{'e2e/model':>10s} {'12MP/0.2MP':>11s}")
     for case, runtime, decoder, e2e, model in rows:
@@ -235,6 +282,9 @@ def summarise(measured: dict[str, dict], naive: dict | None, args) -> dict:
     for key in ("b_naive_eager_images_per_s", "a_over_b", "top1_agreement_a_b"):
         if key in figures:
             print(f"{key:30s} {figures[key]}")
+    for key, ratio in tta.items():
+        print(f"TTA ÷ plain images/s {key}: e2e {ratio['e2e']:.3f}, "
+              f"model-only {ratio['model_only']:.3f}")
     return figures
 
 
@@ -251,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arch", default="tf_efficientnet_lite0")
     parser.add_argument("--aoti", action="store_true",
                         help="with --make-bundle: compile the AOTInductor package (minutes)")
+    parser.add_argument("--tta", action="store_true",
+                        help="with --make-bundle: also measure its --tta twin (TTA's cost)")
+    parser.add_argument("--tta-model", help="with --model: a --tta bundle of the same model")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
@@ -269,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if not args.model and not args.make_bundle:
         parser.error("give --model REG/NAME or --make-bundle")
+    if args.tta and not args.make_bundle:
+        parser.error("--tta makes a twin of --make-bundle's model; with --model give "
+                     "--tta-model REG/NAME")
     args.runtimes = args.runtimes.split(",")
     from export import pixels
 
@@ -279,9 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
         folder = args.folder or copy_folder(shared_data() / "hymenoptera_data", args.copies,
                                             tmp / "images")
         cases = phone_cases(folder, args.phone, tmp / "cases") if args.phone else {"0.2MP": folder}
-        bundle_path = (make_bundle(tmp / "registry", args.arch, args.aoti) if args.make_bundle
-                       else resolve_bundle(args.model))
-        measured = {decoder: measure_in_child(decoder, cases, bundle_path, args)
+        if args.make_bundle:
+            bundle_path, tta_path = make_bundle(tmp / "registry", args.arch, args.aoti, args.tta)
+        else:
+            bundle_path = resolve_bundle(args.model)
+            tta_path = resolve_bundle(args.tta_model) if args.tta_model else None
+        measured = {decoder: measure_in_child(decoder, cases, bundle_path, args, tta_path)
                     for decoder in decoders}
         naive = None
         if not args.no_naive:
