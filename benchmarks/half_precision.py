@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "support"), str(REPO / "benchmarks")]
+
+from decoders import imagenet_lite0  # noqa: E402  (the packaged ImageNet classifier)
 
 from export.bundle import load_bundle  # noqa: E402
 from export.convert import export_bundle  # noqa: E402
@@ -34,19 +36,6 @@ from export.pixels import Preprocessing, decode_for_model  # noqa: E402
 from export.runtime import open_bundle_graph  # noqa: E402
 
 WIDE_OPEN = ParityTolerances(atol=1.0, rtol=1.0, min_agreement=0.0)
-
-
-def lite0_imagenet() -> tuple[torch.nn.Module, Preprocessing]:
-    import timm
-
-    from training.models.packaged_weights import (
-        packaged_lite0_state_dict,
-        packaged_preprocessing,
-    )
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    model.load_state_dict(packaged_lite0_state_dict())
-    return model.eval(), packaged_preprocessing()
 
 
 def resnet50_random() -> tuple[torch.nn.Module, Preprocessing]:
@@ -101,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--archs", default="tf_efficientnet_lite0,resnet50")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    builders = {"tf_efficientnet_lite0": lite0_imagenet, "resnet50": resnet50_random}
+    builders = {"tf_efficientnet_lite0": imagenet_lite0, "resnet50": resnet50_random}
     report: dict = {"device": args.device, "batch": args.batch}
     with tempfile.TemporaryDirectory(prefix="lensflow-half-") as registry:
         for arch in args.archs.split(","):
