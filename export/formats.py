@@ -54,7 +54,7 @@ class GraphSpec:
     input_high: tuple[int, ...]
     output_names: tuple[str, ...]
     #: What the gate compares against: the fp32 eager graph when ``module`` runs in reduced
-    #: precision (the deviation measured is then the precision's, not hidden by a like copy).
+    #: precision, so the gate measures what the precision costs against the trained model.
     reference: nn.Module | None = field(default=None, repr=False)
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
