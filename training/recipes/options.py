@@ -105,6 +105,12 @@ class ImageTrainOptions(ScheduleOptions):
     device: Device = Field("auto", description="auto | cpu | cuda")
 
 
+def task_default(name: str, value):
+    """``ImageTrainOptions.<name>`` with another default for one task: the option's help stays
+    declared once, in ``ImageTrainOptions``."""
+    return Field(value, description=ImageTrainOptions.model_fields[name].description)
+
+
 class MultiLabelOptions(ImageTrainOptions):
     """Multi-label images: a sigmoid per label and a decision threshold tuned on validation."""
 
@@ -131,16 +137,12 @@ class RegressionOptions(ImageTrainOptions):
     # cold and 3 epochs do not beat the mean; `minimum` x 8 found 1.0e-2 there (0.38x baseline;
     # x 1 stayed at the mean, valley x 10 reached 0.67x), kept (not halved) after unfreezing for
     # a longer stage that ends annealed (no early stop mid-cycle); 128 px keeps it affordable.
-    size: PositiveInt = Field(128, description="side of the square input in pixels")
-    epochs: NonNegativeInt = Field(12, description="epochs after unfreezing, discriminative LRs")
-    lr_rule: FinderRule = Field("minimum", description="the finder rule --lr auto applies to "
-                                "the head sweep")
-    lr_rule_mult: PositiveFloat = Field(8.0, description="--lr auto: the rule's suggestion x "
-                                        "this")
-    unfrozen_lr_factor: PositiveFloat = Field(1.0, description="top LR after unfreezing as a "
-                                              "multiple of the frozen stage's")
-    patience: NonNegativeInt = Field(0, description="early-stopping patience in epochs; 0 "
-                                     "disables")
+    size: PositiveInt = task_default("size", 128)
+    epochs: NonNegativeInt = task_default("epochs", 12)
+    lr_rule: FinderRule = task_default("lr_rule", "minimum")
+    lr_rule_mult: PositiveFloat = task_default("lr_rule_mult", 8.0)
+    unfrozen_lr_factor: PositiveFloat = task_default("unfrozen_lr_factor", 1.0)
+    patience: NonNegativeInt = task_default("patience", 0)
 
 
 class RecommenderOptions(ScheduleOptions):
