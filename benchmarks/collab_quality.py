@@ -24,7 +24,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.data.ratings import load_ratings  # noqa: E402
 from training.recipes.collab import train_recommender  # noqa: E402
 
 FASTBOOK_MSE = 0.8231
@@ -45,27 +44,16 @@ def ours(path: Path, seed: int, **overrides) -> tuple[float, float, float]:
 
 def fastai_on_same_split(path: Path, seed: int) -> float | None:
     """fastai's collab_learner (50 factors, y_range (0, 5.5), 5 epochs, 5e-3, wd 0.1) on our
-    split; None when fastai is not installed."""
+    split, as the quality suite's peer trains it; None when fastai is not installed."""
     try:
-        import pandas as pd
-        from fastai.collab import collab_learner
-        from fastai.tabular.all import Categorify, IndexSplitter, TabularCollab, TransformBlock
+        import fastai  # noqa: F401
     except ImportError:
         return None
-    data = load_ratings(path, seed=seed)
-    frames = []
-    for pairs, ratings, valid in ((data.train_pairs, data.train_ratings, False),
-                                  (data.valid_pairs, data.valid_ratings, True)):
-        frames.append(pd.DataFrame({"user": data.users.decode(pairs[:, 0]),
-                                    "item": data.items.decode(pairs[:, 1]),
-                                    "rating": ratings, "is_valid": valid}))
-    df = pd.concat(frames, ignore_index=True)
-    splits = IndexSplitter(np.flatnonzero(df.is_valid.to_numpy()))(range(len(df)))
-    to = TabularCollab(df, [Categorify], ["user", "item"], y_names=["rating"],
-                       y_block=TransformBlock(), splits=splits)
-    learn = collab_learner(to.dataloaders(bs=64), n_factors=50, y_range=(0, 5.5))
-    learn.fit_one_cycle(5, 5e-3, wd=0.1)
-    return float(learn.validate()[0])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fastai_peer import train_collab
+
+    spec = {"path": str(path), "valid_pct": 0.2, "seed": seed, "factors": 50, "epochs": 5}
+    return train_collab(spec)["valid_mse"]
 
 
 def main() -> int:

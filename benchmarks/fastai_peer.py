@@ -119,8 +119,8 @@ def train_images(spec: dict) -> dict:
 
 
 def train_collab(spec: dict) -> dict:
-    from fastai.collab import collab_learner
-    from fastai.tabular.all import Categorify, IndexSplitter, TabularCollab, TransformBlock
+    from fastai.collab import TabularCollab, collab_learner
+    from fastai.tabular.all import Categorify, IndexSplitter, TransformBlock
 
     from training.data.ratings import load_ratings
 
