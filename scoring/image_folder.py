@@ -1,4 +1,5 @@
-"""An image folder as model input: a deterministic walk, then decoding in DataLoader workers.
+"""An image folder as model input: a deterministic walk, then decoding in threads of this
+process (small folders, small hosts) or in DataLoader worker processes.
 
 The walk lists image files recursively in sorted relative-path order, skips hidden names (a
 leading ``.``), follows directory symlinks but never a loop (real paths of visited directories
@@ -49,14 +50,24 @@ from scoring.errors import ImageFolderError
 
 #: Threads fetching (and decoding) one batch from object storage.
 _FETCHERS = 16
-#: Below this many files, worker start-up costs more than decoding in the main process.
+#: Below this many files, decoding threads: a decoding process's start (a forkserver that
+#: imports torch, seconds once per process) costs more than the whole folder's decoding.
 TINY_FOLDER = 128
+#: Hosts with at most this many cores decode in threads of the scoring process, whatever the
+#: folder's size. On 2 cores (benchmarks/score_images.py --workers, one run on a shared machine)
+#: a thread beat a process end to end: lite0 0.84 against 0.70 of the model-only rate on
+#: ants/bees, 0.51 against 0.45 on 12 MP copies; no IPC, no process start, and the JPEG decoders,
+#: Pillow's resize and ONNX Runtime all release the GIL. 16-core hosts keep processes (8 fed the
+#: GPU best, see MAX_DECODE_WORKERS); hosts in between are not measured.
+THREADED_HOST_CORES = 4
 #: Decoding processes at most. On a 16-core H200 host (benchmarks/gpu_check.py, one run) 8
 #: processes fed resnet50 1,646 images/s and 15 only 1,354: past 8 the processes starve the
 #: scoring process that collates their batches and feeds the GPU.
 MAX_DECODE_WORKERS = 8
 #: Batches the GPU decoding thread keeps ready ahead of the model.
 GPU_BATCHES_AHEAD = 2
+#: Batches decoding threads keep ready ahead of the model (``--workers 0``, small folders).
+THREAD_BATCHES_AHEAD = 2
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
@@ -362,23 +373,53 @@ def prefetched(items: Iterator[T], ahead: int) -> Iterator[T]:
 
 
 def default_workers(n_files: int) -> int:
-    """Decoding processes: none for a tiny folder, else one per spare core (at least one)."""
-    if n_files < TINY_FOLDER:
+    """Decoding processes: none (decoding threads instead) for a small folder or a small host,
+    else one per spare core, at most :data:`MAX_DECODE_WORKERS`."""
+    cores = available_cores()
+    if n_files < TINY_FOLDER or cores <= THREADED_HOST_CORES:
         return 0
-    return max(1, min(MAX_DECODE_WORKERS, available_cores() - 1))
+    return max(1, min(MAX_DECODE_WORKERS, cores - 1))
 
 
 def decoded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
-                    workers: int | None) -> Iterator[DecodedBatch]:
+                    workers: int | None, threads: int | None = None) -> Iterator[DecodedBatch]:
     """Batches of ``files`` decoded as ``spec`` says, in file order.
 
-    workers: DataLoader decoding processes (None: :func:`default_workers`, 0: this process).
+    workers: DataLoader decoding processes (None: :func:`default_workers`); 0: decoding threads
+    of this process instead (``threads`` of them, default one per spare core), a batch ahead.
     """
     if not files:
         return iter(())
     workers = default_workers(len(files)) if workers is None else workers
+    if not workers:
+        return threaded_batches(files, spec, batch_size, threads)
     return iter(DataLoader(DecodedImages(files, spec), batch_size=batch_size,
                            num_workers=workers, collate_fn=collate_decoded,
-                           prefetch_factor=4 if workers else None,
-                           multiprocessing_context=(worker_context("scoring.image_folder")
-                                                    if workers else None)))
+                           prefetch_factor=4, multiprocessing_context=worker_context(
+                               "scoring.image_folder")))
+
+
+def threaded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
+                     threads: int | None = None, ahead: int = THREAD_BATCHES_AHEAD,
+                     ) -> Iterator[DecodedBatch]:
+    """Batches decoded by threads of this process, ``ahead`` batches before they are asked for.
+
+    The JPEG libraries and Pillow's resize release the GIL, so a decoding thread runs beside the
+    model (whose runtime releases it too) at no start-up cost: no process to fork, no torch to
+    import in one, no batch to pass through shared memory. What suits a small folder, a Dask
+    worker (a daemon may not start processes) and ``--workers 0``.
+    """
+    images = DecodedImages(files, spec)
+    threads = max(1, available_cores() - 1) if threads is None else max(1, threads)
+
+    def batches() -> Iterator[DecodedBatch]:
+        with ThreadPoolExecutor(threads, thread_name_prefix="lensflow-decode") as pool:
+            for start in range(0, len(files), batch_size):
+                indices = range(start, min(start + batch_size, len(files)))
+                if is_url(files[start].path):
+                    items = images.__getitems__(list(indices))
+                else:
+                    items = list(pool.map(images.__getitem__, indices))
+                yield collate_decoded(items)
+
+    return prefetched(batches(), ahead)

@@ -36,7 +36,8 @@ class ImageScoreOptions(ScoreOptions):
     """Scoring an image folder to ``image_predictions``."""
 
     batch_size: PositiveInt = Field(64, description="images per runtime call")
-    workers: NonNegativeInt | None = Field(None, description="image-decoding worker processes "
+    workers: NonNegativeInt | None = Field(None, description="image-decoding worker processes; "
+                                           "0: decoding threads of the scoring process "
                                            "(default: by folder size and cores)")
     top_k: PositiveInt = Field(5, description="best classes kept per image")
     incremental: bool = Field(False, description="skip files an earlier partition scored with "
