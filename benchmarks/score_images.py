@@ -1,9 +1,11 @@
 """Image-folder scoring, side by side: lensflow end to end vs a naive eager loop vs the model alone.
 
-(a) ``score_image_folder``: walk, decode in DataLoader workers, the runtime, Parquet commit.
+(a) ``score_image_folder``: walk, decode (threads or processes, lensflow's default unless
+    ``--workers``), the runtime, Parquet commit.
 (b) the loop most tutorials write: a Dataset of PIL images with torchvision's ``Resize`` /
-    ``CenterCrop`` / ``ToTensor`` / ``Normalize``, a DataLoader with the same workers and batch
-    size, and the eager model under ``torch.no_grad``. The eager model is the bundle's own
+    ``CenterCrop`` / ``ToTensor`` / ``Normalize``, a DataLoader with worker processes (lensflow's
+    count, or one per spare core where lensflow decodes in threads) and the same batch size, and
+    the eager model under ``torch.no_grad``. The eager model is the bundle's own
     architecture rebuilt by ``training.models.backbones.create_model`` with the bundle's
     ``weights.safetensors`` loaded into it — the same weights the exports were made from (the
     bundle's TorchScript is frozen, so it cannot give eager modules back).
@@ -49,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.bundle import load_bundle, resolve_bundle  # noqa: E402
+from export.loader_workers import available_cores  # noqa: E402
 from export.manifest import TTA_VIEWS  # noqa: E402
 from export.pixels import Preprocessing, decode_for_model  # noqa: E402
 from export.runtime import open_bundle_graph  # noqa: E402
@@ -345,7 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         naive = None
         if not args.no_naive:
             files = walk_images(cases["0.2MP"])
-            workers = default_workers(len(files)) if args.workers is None else args.workers
+            # A tutorial's DataLoader decodes in processes: one per spare core, or lensflow's
+            # own count where that is processes too (lensflow may use threads instead).
+            workers = args.workers or default_workers(len(files)) or max(1, available_cores() - 1)
             b_s, b_labels = run_naive([f.path for f in files], load_bundle(bundle_path), args,
                                       workers)
             first = measured[decoders[0]]["0.2MP"][args.runtimes[0]]
