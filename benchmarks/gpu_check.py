@@ -239,7 +239,8 @@ def _gpu_decode_rate(folder: Path, batch: int = 256) -> float:
     import torch
 
     from export.pixels import Preprocessing
-    from scoring.image_folder import gpu_decoded_batches, walk_images
+    from scoring.image_batches import gpu_decoded_batches
+    from scoring.image_folder import walk_images
 
     files = walk_images(folder)
     for _ in gpu_decoded_batches(files[:batch], Preprocessing(), batch):

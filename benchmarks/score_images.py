@@ -55,7 +55,8 @@ from export.loader_workers import available_cores  # noqa: E402
 from export.manifest import TTA_VIEWS  # noqa: E402
 from export.pixels import Preprocessing, decode_for_model  # noqa: E402
 from export.runtime import open_bundle_graph  # noqa: E402
-from scoring.image_folder import default_workers, walk_images  # noqa: E402
+from scoring.image_batches import default_workers  # noqa: E402
+from scoring.image_folder import walk_images  # noqa: E402
 from scoring.image_scoring import score_image_folder  # noqa: E402
 from scoring.partition import read_partition  # noqa: E402
 

@@ -30,7 +30,8 @@ from export.manifest import point_frame, thresholds_for
 from export.pixels import from_model_frame, upright_size
 from export.storage import filesystem, is_url
 from scoring.errors import BundleRefError
-from scoring.image_folder import DecodedBatch, ImageFile
+from scoring.image_batches import DecodedBatch
+from scoring.image_folder import ImageFile
 from scoring.object_commit import arrow_filesystem
 from scoring.partition import committed_part_files, open_input
 

@@ -31,14 +31,8 @@ from export.runtime import Runtime, cuda_present
 from export.storage import absolute, is_url
 from scoring.bundle_cache import cached_bundle, keep, where
 from scoring.errors import BundleRefError, ImageFolderError
-from scoring.image_folder import (
-    DecodedBatch,
-    FolderWalk,
-    ImageFile,
-    decoded_batches,
-    gpu_decoded_batches,
-    walk_folder,
-)
+from scoring.image_batches import DecodedBatch, decoded_batches, gpu_decoded_batches
+from scoring.image_folder import FolderWalk, ImageFile, walk_folder
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
 from scoring.options import ImageScoreOptions, resolve_options
 from scoring.partition import PendingPartition, new_run_id, open_partition

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import scoring.image_folder as image_folder
+import scoring.image_batches as image_batches
 from export.pixels import Preprocessing
-from scoring.image_folder import decoded_batches, default_workers, walk_images
+from scoring.image_batches import decoded_batches, default_workers
+from scoring.image_folder import walk_images
 
 ROOT = Path(__file__).parents[2]
 PRE = Preprocessing(input_size=16, resize_size=18)
@@ -35,13 +36,13 @@ def _folder(tmp_path: Path, n: int) -> Path:
 def test_workers_0_decodes_in_threads_ahead_of_the_consumer_in_file_order(tmp_path, monkeypatch):
     files = list(walk_images(_folder(tmp_path, 9)))
     seen: list[str] = []
-    real = image_folder.decode_for_model
+    real = image_batches.decode_for_model
 
     def recording(path, spec):
         seen.append(threading.current_thread().name)
         return real(path, spec)
 
-    monkeypatch.setattr(image_folder, "decode_for_model", recording)
+    monkeypatch.setattr(image_batches, "decode_for_model", recording)
     batches = list(decoded_batches(files, PRE, batch_size=4, workers=0, threads=2))
 
     assert seen and all(name.startswith("lensflow-decode") for name in seen)
@@ -57,13 +58,13 @@ def test_workers_0_decodes_in_threads_ahead_of_the_consumer_in_file_order(tmp_pa
 def test_a_decoding_thread_failure_reaches_the_consumer(tmp_path, monkeypatch):
     # A decoder error is its row's (above); anything else stops the run where it happened.
     files = list(walk_images(_folder(tmp_path, 3)))
-    monkeypatch.setattr(image_folder, "DecodedImages", _OutOfMemory)
+    monkeypatch.setattr(image_batches, "DecodedImages", _OutOfMemory)
     batches = decoded_batches(files, PRE, batch_size=2, workers=0)
     with pytest.raises(MemoryError, match="image 2"):
         list(batches)
 
 
-class _OutOfMemory(image_folder.DecodedImages):
+class _OutOfMemory(image_batches.DecodedImages):
     def __getitem__(self, i):
         if i == 2:
             raise MemoryError(f"image {i}")
@@ -78,7 +79,7 @@ class _OutOfMemory(image_folder.DecodedImages):
     (16, 10, 0),      # a tiny folder never pays for a process start
 ])
 def test_default_decoding_by_host_and_folder(monkeypatch, cores, files, processes):
-    monkeypatch.setattr(image_folder, "available_cores", lambda: cores)
+    monkeypatch.setattr(image_batches, "available_cores", lambda: cores)
     assert default_workers(files) == processes
 
 
@@ -94,7 +95,8 @@ def test_decoding_processes_do_not_rerun_the_starters_main_script(tmp_path):
         with open({str(marker)!r}, "a") as f:
             f.write(f"{{__name__}} {{os.getpid()}}\\n")
         from export.pixels import Preprocessing
-        from scoring.image_folder import decoded_batches, walk_images
+        from scoring.image_batches import decoded_batches
+        from scoring.image_folder import walk_images
 
         if __name__ == "__main__":
             files = list(walk_images({str(folder)!r}))

@@ -22,7 +22,8 @@ from export.pixels import (
     decode_for_model,
 )
 from export.runtime import onnx_cuda_available, open_bundle_graph
-from scoring.image_folder import gpu_decoded_batches, prefetched, walk_images
+from scoring.image_batches import gpu_decoded_batches, prefetched
+from scoring.image_folder import walk_images
 from scoring.image_scoring import score_image_folder
 from scoring.partition import read_partition
 

@@ -196,7 +196,7 @@ def test_decoding_processes_adopt_the_planners_storage_settings(s3_bucket, tmp_p
     import sys
 
     from export.pixels import Preprocessing
-    from scoring.image_folder import DecodedImages
+    from scoring.image_batches import DecodedImages
 
     make_images(tmp_path / "photos", 2, size=40)
     fsspec.filesystem("s3").put(str(tmp_path / "photos"), f"{s3_bucket}/photos", recursive=True)
