@@ -8,7 +8,8 @@ is compared with a full-size decode (every pixel, then the manifest's resample):
 - ``k1.5``, ``k2``: the same, keeping 1.5× and 2× that side (``k2`` is ``dct-scaled-2x``);
 - ``k1+lanczos``, ``k1+box``: ``k1``'s reduced decode, then a Lanczos (sharper than lite0's
   bicubic) or a box resample instead of the manifest's filter, to undo or match the blur of the
-  reduced decode (an 8×8 block average at 1/8) at ``k1``'s cost; ``k2+lanczos`` both.
+  reduced decode (an 8×8 block average at 1/8) at ``k1``'s cost; ``k2+lanczos`` both;
+- ``k2+fastdct``: ``k2`` with libjpeg-turbo's fast (less exact) inverse DCT.
 
 For each candidate and case it reports top-1 agreement and the largest probability difference
 against the full decode for (1) a lite0 fine-tuned on ants/bees (``--trained DIR``, a training
@@ -63,11 +64,13 @@ CASES = {"0.2MP": None, "2732x2048": (2732, 2048), "4032x3024": (4032, 3024),
          "4096x3072": (4096, 3072)}
 
 
-def keep(k: float, resample: str | None = None) -> Rule:
-    """DCT-scaled decode keeping ``k`` × the side the resize needs, then the manifest's filter
-    (or ``resample`` when the decode was reduced)."""
+def keep(k: float, resample: str | None = None, fast_idct: bool = False) -> Rule:
+    """DCT-scaled decode keeping ``k`` × the side the resize needs (with libjpeg-turbo's fast
+    inverse DCT if ``fast_idct``), then the manifest's filter (or ``resample`` when the decode
+    was reduced)."""
     def decode(path: Path, pre: Preprocessing) -> np.ndarray:
-        im = open_rgb(path, min_side=math.ceil(k * max(pre.resize_size, pre.input_size)))
+        im = open_rgb(path, min_side=math.ceil(k * max(pre.resize_size, pre.input_size)),
+                      fast_idct=fast_idct)
         if resample and im.size != upright_size(path):
             pre = Preprocessing(**(pre.to_dict() | {"interpolation": resample}))
         return np.asarray(resize_and_crop(im, pre), dtype=np.uint8)
@@ -80,7 +83,7 @@ def full(path: Path, pre: Preprocessing) -> np.ndarray:
 
 RULES: dict[str, Rule] = {"full": full, "k1": keep(1), "k1.5": keep(1.5), "k2": keep(2),
                           "k1+lanczos": keep(1, "lanczos"), "k1+box": keep(1, "box"),
-                          "k2+lanczos": keep(2, "lanczos")}
+                          "k2+lanczos": keep(2, "lanczos"), "k2+fastdct": keep(2, fast_idct=True)}
 #: The manifest modes and the candidate each must equal, pixel for pixel.
 SHIPPED = {"dct-scaled": "k1", "dct-scaled-2x": "k2", "full": "full"}
 

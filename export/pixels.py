@@ -177,11 +177,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_rgb(path: str | Path, *, min_side: int | None = None) -> Image.Image:
+def open_rgb(path: str | Path, *, min_side: int | None = None,
+             fast_idct: bool = False) -> Image.Image:
     """Decode an image file to an upright RGB image (first frame of an animation).
 
     min_side: shortest side the caller needs; JPEGs are decoded at the smallest DCT scale that
-    keeps it, which is several times faster for camera-sized photos. Raises what Pillow raises
+    keeps it, which is several times faster for camera-sized photos; ``fast_idct``: with
+    libjpeg-turbo's faster, less exact inverse DCT (simplejpeg only). Raises what Pillow raises
     for a file that is not a sound image, and refuses decompression bombs instead of warning.
     """
     with warnings.catch_warnings():
@@ -189,7 +191,7 @@ def open_rgb(path: str | Path, *, min_side: int | None = None) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             if min_side and im.format == "JPEG":
-                fast = _scaled_jpeg(im, min_side)
+                fast = _scaled_jpeg(im, min_side, fast_idct)
                 if fast is not None:
                     return fast
                 im.draft("RGB", (min_side, min_side))
@@ -212,7 +214,7 @@ def _dct_scale(size: tuple[int, int], min_side: int) -> int:
     return next((a for a in (8, 4, 2) if scale >= a), 1)
 
 
-def _scaled_jpeg(im: Image.Image, min_side: int) -> Image.Image | None:
+def _scaled_jpeg(im: Image.Image, min_side: int, fast_idct: bool = False) -> Image.Image | None:
     """The upright RGB pixels Pillow's ``draft`` + ``load`` would give, decoded by simplejpeg;
     None when it is not installed or not asked for, or for a JPEG it does not take (CMYK,
     grayscale, a decoder error): the caller then decodes with Pillow."""
@@ -227,7 +229,7 @@ def _scaled_jpeg(im: Image.Image, min_side: int) -> Image.Image | None:
         # this big. At 1/8 the IDCT reads DC coefficients only, so the fast IDCT and chroma
         # upsampling give the same pixels for less work (tests/export/test_pixels_decode.py).
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height,
-                                        min_width=width, fastdct=scale == 8,
+                                        min_width=width, fastdct=fast_idct or scale == 8,
                                         fastupsample=scale == 8)
     except (ValueError, OSError, RuntimeError):
         return None
