@@ -27,12 +27,11 @@ def test_points_and_regression_train_longer_and_hotter_than_classification():
         image.lr_rule_mult * image.unfrozen_lr_factor
 
 
-def test_multilabel_takes_the_fastai_head_at_a_hotter_rule_and_single_label_keeps_linear():
+def test_multilabel_trains_hotter_than_single_label():
     multi, image = MultiLabelOptions(), ImageTrainOptions()
-    assert multi.head == "fastai"
-    assert image.head == "linear" and RegressionOptions().head == "linear"
     assert multi.lr_rule_mult > image.lr_rule_mult
-    assert MultiLabelOptions(head="linear", lr_rule_mult=1).head == "linear"
+    assert multi.head == image.head == "linear"
+    assert MultiLabelOptions(lr_rule_mult=1).lr_rule_mult == image.lr_rule_mult
 
 
 @pytest.mark.parametrize("command, model", [("regression", RegressionOptions),
