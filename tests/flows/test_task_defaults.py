@@ -13,11 +13,11 @@ import flows.train_csv_flows as csv_flows
 from flows.train_csv_flows import train_multilabel_model_flow, train_regression_model_flow
 from training.recipes.options import ImageTrainOptions, MultiLabelOptions, RegressionOptions
 
-LR_DEFAULTS = ("epochs", "lr_rule", "lr_rule_mult", "unfrozen_lr_factor", "patience")
+TASK_DEFAULTS = ("epochs", "lr_rule", "lr_rule_mult", "unfrozen_lr_factor", "patience", "head")
 
 
 def defaults(model) -> dict:
-    return {name: model.model_fields[name].get_default() for name in LR_DEFAULTS}
+    return {name: model.model_fields[name].get_default() for name in TASK_DEFAULTS}
 
 
 def test_points_and_regression_train_longer_and_hotter_than_classification():
@@ -25,6 +25,13 @@ def test_points_and_regression_train_longer_and_hotter_than_classification():
     assert regression.epochs > image.epochs
     assert regression.lr_rule_mult * regression.unfrozen_lr_factor > \
         image.lr_rule_mult * image.unfrozen_lr_factor
+
+
+def test_multilabel_trains_hotter_than_single_label():
+    multi, image = MultiLabelOptions(), ImageTrainOptions()
+    assert multi.lr_rule_mult > image.lr_rule_mult
+    assert multi.head == image.head == "linear"
+    assert MultiLabelOptions(lr_rule_mult=1).lr_rule_mult == image.lr_rule_mult
 
 
 @pytest.mark.parametrize("command, model", [("regression", RegressionOptions),
@@ -45,7 +52,7 @@ def test_the_cli_hands_the_recipe_its_tasks_defaults(command, model, monkeypatch
         cli.main()
     assert done.value.code in (0, None)
     assert type(seen["options"]) is model
-    assert {k: getattr(seen["options"], k) for k in LR_DEFAULTS} == defaults(model)
+    assert {k: getattr(seen["options"], k) for k in TASK_DEFAULTS} == defaults(model)
 
 
 @pytest.mark.parametrize("flow, model", [(train_regression_model_flow, RegressionOptions),
@@ -63,4 +70,4 @@ def test_the_flow_hands_the_recipe_its_tasks_defaults(flow, model, monkeypatch):
     monkeypatch.setattr(csv_flows, "fine_tune_and_publish", fine_tune_and_publish)
     flow.fn(data="d", csv="c.csv", registry="r", name="m")
     assert type(seen["options"]) is model
-    assert {k: getattr(seen["options"], k) for k in LR_DEFAULTS} == defaults(model)
+    assert {k: getattr(seen["options"], k) for k in TASK_DEFAULTS} == defaults(model)

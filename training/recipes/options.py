@@ -120,6 +120,11 @@ class MultiLabelOptions(ImageTrainOptions):
     threshold_metric: Literal["accuracy_multi", "f1_macro", "f1_micro"] = Field(
         "accuracy_multi", description="metric the threshold is chosen for")
     per_label_thresholds: bool = Field(False, description="one threshold per label")
+    # Multi-label's own default (docs/training.md#defaults-per-task), measured at 1 + 1 epochs
+    # on the quality suite's ants/bees + pets set: the head sweep's valley is too cold there, and
+    # x 3 lifted mAP from 0.9419 to 0.9866 (seed 42; 0.9836 at seed 1), past fastai's defaults
+    # (0.9708). The fastai head at x 3 ended level (0.9877, 0.9838), so the head stays linear.
+    lr_rule_mult: PositiveFloat = task_default("lr_rule_mult", 3.0)
 
 
 class RegressionOptions(ImageTrainOptions):
