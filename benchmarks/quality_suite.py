@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quality_suite.py [--tasks ants,pets,multilabel,points,ratings]
         [--freeze-epochs N] [--epochs N] [--fastai-python /path/to/python]
-        [--size PX] [--sgdr] [--variant NAME:key=value,...] [--typed-tasks ants]
+        [--size PX] [--sgdr] [--variant NAME:key=value,...] [--variants-only] [--typed-tasks ants]
         [--fastai-tasks ants,multilabel] [--threads 2] [--json FILE]
 
 Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
@@ -190,6 +190,9 @@ def image_row(task: ImageSuiteTask, data, options, tool: str) -> tuple[Row, dict
     choice = history.get("lr_choice", {})
     schedule = history.get("schedule") or {}
     note = f"best epoch {result.best_epoch}"
+    per_epoch = [r["metrics"].get(task.key_metrics[0]) for r in history.get("history", [])]
+    if all(isinstance(v, float) for v in per_epoch):
+        note += "; per epoch " + " ".join(f"{v:.4f}" for v in per_epoch)
     if schedule.get("schedule") == "sgdr":
         note += f"; sgdr cycle_len {schedule['cycle_len']}, cycle_mult {schedule['cycle_mult']}"
     return Row(task.name, tool, key_metrics(task, result.metrics), seconds, lr_text(choice),
@@ -247,9 +250,11 @@ def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
                                 ("epochs", args.epochs), ("size", args.size)) if v is not None}
     options = task.options_cls(device="cpu", **epochs)
     rows = []
-    row, choice = image_row(task, data, options, "lensflow")
-    rows.append(row)
-    print_row(row)
+    choice = {}
+    if not args.variants_only:
+        row, choice = image_row(task, data, options, "lensflow")
+        rows.append(row)
+        print_row(row)
     frozen = choice.get("frozen") or choice.get("unfrozen")
     if name in args.typed and options.lr == "auto" and frozen:
         typed, _ = image_row(task, data, options.updated(lr=frozen["lr"]), "lensflow typed")
@@ -389,6 +394,9 @@ def main() -> None:
                         help="add a `lensflow sgdr` row per task: the defaults under SGDR")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[],
                         help="extra lensflow row: NAME:option=value,... (repeatable)")
+    parser.add_argument("--variants-only", action="store_true",
+                        help="image tasks: skip the defaults row (and its typed rerun), run only "
+                        "the --variant rows")
     parser.add_argument("--fastai-python", default=None,
                         help="an interpreter that imports fastai 2.8, for the fastai rows")
     parser.add_argument("--typed-tasks", default=",".join(TASKS),
