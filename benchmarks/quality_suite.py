@@ -18,7 +18,8 @@ Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
 Rows per task: ``lensflow`` (no tuning flags: each task's option defaults, ``--lr auto``),
 ``lensflow typed`` (the LRs ``auto`` chose typed as a number: the ratio of the two wall times is
 what automatic LR costs), one row per ``--variant`` (option overrides, e.g.
-``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``),
+``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``;
+``--variants-only`` skips the defaults row and its typed rerun),
 ``lensflow sgdr`` with ``--sgdr`` (every task's defaults under ``schedule=sgdr``, ratings too:
 cycles of 1, 2, 4, ... epochs where both stages end a cycle that way, else one-epoch cycles), and
 ``fastai`` when ``--fastai-python`` names an interpreter that imports fastai 2.8
@@ -28,10 +29,13 @@ augmentations; ``collab_learner`` with fastbook's settings for ratings). Images,
 input size, batch size and epochs are the same for both tools; ``--freeze-epochs`` /
 ``--epochs`` / ``--size`` override every row's epochs and input side for a quick run.
 
-Every image row shows its metrics without and with test-time augmentation (``metrics.json``'s
-``tta`` block: the centre crop and its mirror, what a ``--tta`` bundle averages; the fastai peer
-reports none), and the summary gives per task SGDR ÷ one-cycle and TTA ÷ plain of the first key
-metric. Figures only: nothing is asserted.
+Every image row notes the first key metric after every epoch (frozen epochs first; the best
+epoch restored is the early-stopping winner, lowest ``valid_loss``, else the last) and shows
+its metrics
+without and with test-time augmentation (``metrics.json``'s ``tta`` block: the centre crop and
+its mirror, what a ``--tta`` bundle averages; the fastai peer reports none), and the summary
+gives per task SGDR ÷ one-cycle and TTA ÷ plain of the first key metric. Figures only: nothing
+is asserted.
 """
 
 from __future__ import annotations
