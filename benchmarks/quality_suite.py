@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quality_suite.py [--tasks ants,pets,multilabel,points,ratings]
         [--freeze-epochs N] [--epochs N] [--fastai-python /path/to/python]
-        [--size PX] [--sgdr] [--variant NAME:key=value,...] [--typed-tasks ants]
+        [--size PX] [--sgdr] [--variant NAME:key=value,...] [--variants-only] [--typed-tasks ants]
         [--fastai-tasks ants,multilabel] [--threads 2] [--json FILE]
 
 Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
@@ -18,7 +18,8 @@ Tasks (data from ``../shared/data`` or ``$LENSFLOW_SHARED_DATA``):
 Rows per task: ``lensflow`` (no tuning flags: each task's option defaults, ``--lr auto``),
 ``lensflow typed`` (the LRs ``auto`` chose typed as a number: the ratio of the two wall times is
 what automatic LR costs), one row per ``--variant`` (option overrides, e.g.
-``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``),
+``--variant x2:lr_rule_mult=2`` or ``--variant long:epochs=8,unfrozen_lr_factor=1``;
+``--variants-only`` skips the defaults row and its typed rerun),
 ``lensflow sgdr`` with ``--sgdr`` (every task's defaults under ``schedule=sgdr``, ratings too:
 cycles of 1, 2, 4, ... epochs where both stages end a cycle that way, else one-epoch cycles), and
 ``fastai`` when ``--fastai-python`` names an interpreter that imports fastai 2.8
@@ -28,10 +29,13 @@ augmentations; ``collab_learner`` with fastbook's settings for ratings). Images,
 input size, batch size and epochs are the same for both tools; ``--freeze-epochs`` /
 ``--epochs`` / ``--size`` override every row's epochs and input side for a quick run.
 
-Every image row shows its metrics without and with test-time augmentation (``metrics.json``'s
-``tta`` block: the centre crop and its mirror, what a ``--tta`` bundle averages; the fastai peer
-reports none), and the summary gives per task SGDR ÷ one-cycle and TTA ÷ plain of the first key
-metric. Figures only: nothing is asserted.
+Every image row notes the first key metric after every epoch (frozen epochs first; the best
+epoch restored is the early-stopping winner, lowest ``valid_loss``, else the last) and shows
+its metrics
+without and with test-time augmentation (``metrics.json``'s ``tta`` block: the centre crop and
+its mirror, what a ``--tta`` bundle averages; the fastai peer reports none), and the summary
+gives per task SGDR ÷ one-cycle and TTA ÷ plain of the first key metric. Figures only: nothing
+is asserted.
 """
 
 from __future__ import annotations
@@ -190,6 +194,9 @@ def image_row(task: ImageSuiteTask, data, options, tool: str) -> tuple[Row, dict
     choice = history.get("lr_choice", {})
     schedule = history.get("schedule") or {}
     note = f"best epoch {result.best_epoch}"
+    per_epoch = [r["metrics"].get(task.key_metrics[0]) for r in history.get("history", [])]
+    if all(isinstance(v, float) for v in per_epoch):
+        note += "; per epoch " + " ".join(f"{v:.4f}" for v in per_epoch)
     if schedule.get("schedule") == "sgdr":
         note += f"; sgdr cycle_len {schedule['cycle_len']}, cycle_mult {schedule['cycle_mult']}"
     return Row(task.name, tool, key_metrics(task, result.metrics), seconds, lr_text(choice),
@@ -247,9 +254,11 @@ def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
                                 ("epochs", args.epochs), ("size", args.size)) if v is not None}
     options = task.options_cls(device="cpu", **epochs)
     rows = []
-    row, choice = image_row(task, data, options, "lensflow")
-    rows.append(row)
-    print_row(row)
+    choice = {}
+    if not args.variants_only:
+        row, choice = image_row(task, data, options, "lensflow")
+        rows.append(row)
+        print_row(row)
     frozen = choice.get("frozen") or choice.get("unfrozen")
     if name in args.typed and options.lr == "auto" and frozen:
         typed, _ = image_row(task, data, options.updated(lr=frozen["lr"]), "lensflow typed")
@@ -389,6 +398,9 @@ def main() -> None:
                         help="add a `lensflow sgdr` row per task: the defaults under SGDR")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[],
                         help="extra lensflow row: NAME:option=value,... (repeatable)")
+    parser.add_argument("--variants-only", action="store_true",
+                        help="image tasks: skip the defaults row (and its typed rerun), run only "
+                        "the --variant rows")
     parser.add_argument("--fastai-python", default=None,
                         help="an interpreter that imports fastai 2.8, for the fastai rows")
     parser.add_argument("--typed-tasks", default=",".join(TASKS),

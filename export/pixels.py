@@ -19,10 +19,11 @@ without it Pillow's ``draft`` does it. ``LENSFLOW_JPEG_DECODER=pil`` forces Pill
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,11 @@ class Preprocessing:
         ratio = self.resize_size / self.input_size
         return Preprocessing(input_size, round(input_size * ratio), self.mean, self.std,
                              self.interpolation, self.jpeg_decode)
+
+    def with_crop_pct(self, crop_pct: float) -> Preprocessing:
+        """The same recipe whose centre crop keeps ``crop_pct`` of the resized shorter side:
+        ``resize_size = floor(input_size / crop_pct)``, as timm's eval transform computes it."""
+        return replace(self, resize_size=math.floor(self.input_size / crop_pct + 1e-6))
 
     def decode_side(self, need: int | None = None) -> int | None:
         """Shortest side a JPEG is decoded to (at reduced DCT scale) for a transform that needs

@@ -152,6 +152,8 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     model, prep = create_model(options.arch, len(task.classes), options.weights,
                                input_size=options.size, y_range=task.y_range, dropout=dropout,
                                head=options.head)
+    if options.crop_pct is not None:
+        prep = prep.with_crop_pct(options.crop_pct)
     learner, train_plain = _image_learner(model, task, data, prep, options, progress)
     stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
                if options.patience else None)

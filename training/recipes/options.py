@@ -81,6 +81,10 @@ class ImageTrainOptions(ScheduleOptions):
         "linear", description="classifier head: linear (pool, dropout, linear) | fastai (concat "
         "pool, BN, dropout, linear, ReLU, BN, dropout, linear)")
     size: PositiveInt = Field(224, description="side of the square input in pixels")
+    crop_pct: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="validation and scoring: resize the shorter side to size / crop_pct, "
+        "then centre-crop size (1.0: the whole shorter side); default: the architecture's "
+        "(timm's crop_pct, 0.875 for most)")
     bs: PositiveInt = Field(32, description="batch size")
     freeze_epochs: NonNegativeInt = Field(1, description="epochs of the head on a frozen body")
     epochs: NonNegativeInt = Field(3, description="epochs after unfreezing, discriminative LRs")
