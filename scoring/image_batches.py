@@ -38,11 +38,11 @@ _FETCHERS = 16
 #: imports torch, seconds once per process) costs more than the whole folder's decoding.
 TINY_FOLDER = 128
 #: Hosts with at most this many cores decode in threads of the scoring process, whatever the
-#: folder's size. On 2 cores (benchmarks/score_images.py --workers, one run on a shared machine)
-#: a thread beat a process end to end: lite0 0.84 against 0.70 of the model-only rate on
-#: ants/bees, 0.51 against 0.45 on 12 MP copies; no IPC, no process start, and the JPEG decoders,
-#: Pillow's resize and ONNX Runtime all release the GIL. 16-core hosts keep processes (8 fed the
-#: GPU best, see MAX_DECODE_WORKERS); hosts in between are not measured.
+#: folder's size. On 2 quiet cores two threads fed lite0 at 0.67 of the model-only rate on
+#: ants/bees where one process managed 0.64, and at 0.43 against 0.25 on 12 MP copies
+#: (docs/scoring.md): no IPC, no process start, and the JPEG decoders, Pillow's resize and ONNX
+#: Runtime all release the GIL. 16-core hosts keep processes (8 fed the GPU best, see
+#: MAX_DECODE_WORKERS); hosts in between are not measured.
 THREADED_HOST_CORES = 4
 #: Decoding processes at most. On a 16-core H200 host (benchmarks/gpu_check.py, one run) 8
 #: processes fed resnet50 1,646 images/s and 15 only 1,354: past 8 the processes starve the
