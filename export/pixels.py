@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -192,18 +191,32 @@ def open_rgb(path: str | Path, *, min_side: int | None = None,
     libjpeg-turbo's faster, less exact inverse DCT (simplejpeg only). Raises what Pillow raises
     for a file that is not a sound image, and refuses decompression bombs instead of warning.
     """
-    with warnings.catch_warnings():
-        # Over MAX_IMAGE_PIXELS Pillow only warns; a nightly job should refuse, not swap.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            if min_side and im.format == "JPEG":
-                fast = _scaled_jpeg(im, min_side, fast_idct)
-                if fast is not None:
-                    return fast
-                im.draft("RGB", (min_side, min_side))
-            im.seek(0)
-            im.load()
-            return to_rgb(upright(im))
+    with Image.open(path) as im:
+        _refuse_bomb(im)
+        if min_side and im.format == "JPEG":
+            fast = _scaled_jpeg(im, min_side, fast_idct)
+            if fast is not None:
+                return fast
+            im.draft("RGB", (min_side, min_side))
+        im.seek(0)
+        im.load()
+        return to_rgb(upright(im))
+
+
+def _refuse_bomb(im: Image.Image) -> None:
+    """Over ``MAX_IMAGE_PIXELS`` Pillow only warns; a nightly job should refuse, not swap.
+
+    Checked here rather than by turning the warning into an error: ``warnings.catch_warnings``
+    swaps process-wide filters, so decoding threads that enter and leave it at once restore each
+    other's filters and let a bomb through (CI caught one). Pillow itself still raises
+    DecompressionBombError above twice the limit, before this runs.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = im.width * im.height
+    if limit is not None and pixels > limit:
+        raise Image.DecompressionBombWarning(
+            f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be "
+            "decompression bomb DOS attack.")
 
 
 def jpeg_library() -> str:

@@ -109,3 +109,36 @@ def test_decoding_processes_do_not_rerun_the_starters_main_script(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "4"
     assert marker.read_text().split()[0::2] == ["__main__"]  # no "__mp_main__" from a worker
+
+
+def test_concurrent_decoding_threads_refuse_every_oversized_image(tmp_path, monkeypatch):
+    # Pillow only warns above MAX_IMAGE_PIXELS; turning that warning into an error with
+    # warnings.catch_warnings races between threads (each restores the filters it saw on entry),
+    # and CI once scored an oversized image. A pause before each open lets the threads' entries
+    # and exits interleave the way a loaded CI machine did.
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from export.pixels import open_rgb
+
+    pillow_open = Image.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.0005)
+        return pillow_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2100)
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "small.png")  # 900 px
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "big.png")  # 2500 px
+
+    def outcome(i: int) -> str:
+        try:
+            open_rgb(tmp_path / ("big.png" if i % 2 else "small.png"))
+        except Image.DecompressionBombWarning:
+            return "refused"
+        return "decoded"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(outcome, range(400)))
+    assert outcomes == ["refused" if i % 2 else "decoded" for i in range(400)]
