@@ -11,25 +11,43 @@ cache ``$LENSFLOW_BUNDLE_CACHE`` (default ``~/.cache/lensflow/bundles``) under i
 sha256 of the manifest bytes it downloaded, verifies every file against that manifest before the
 copy is renamed into place, and from then on serves the copy: a worker downloads a bundle once,
 and every process of a machine shares it.
+
+An upload that dies before its manifest leaves objects no reader looks at; the next publish of
+the same model deletes them once they are :data:`~export.storage.ORPHAN_GRACE_S` old
+(:func:`clear_dead_uploads`), as scoring runs delete the parts of dead runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError
 from export.pins import CURRENT, RECORD_SUFFIX, parse_pointer
-from export.storage import basename, filesystem, join, parent, read_bytes
+from export.storage import (
+    ORPHAN_GRACE_S,
+    basename,
+    filesystem,
+    full_url,
+    join,
+    modified_time,
+    parent,
+    read_bytes,
+    remove_tree,
+)
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "LENSFLOW_BUNDLE_CACHE"
+
+_log = logging.getLogger(__name__)
 
 #: Bundles this process downloaded, by URL (a test checks a worker downloads once).
 downloads: Counter[str] = Counter()
@@ -53,6 +71,44 @@ def publish_bundle(local: Path, url: str) -> None:
     record = local.with_name(local.name + RECORD_SUFFIX)
     fs.pipe_file(root + RECORD_SUFFIX, record.read_bytes())
     fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
+    try:
+        clear_dead_uploads(parent(url), grace_s=ORPHAN_GRACE_S)
+    except (OSError, ExportError) as err:  # a role that may not delete, a bad `current`: the
+        # export itself stands
+        _log.warning("%s: dead uploads not cleared (%s)", parent(url), err)
+
+
+def clear_dead_uploads(model_url: str, *, grace_s: float = ORPHAN_GRACE_S) -> list[str]:
+    """Delete the versions of a model whose upload died before its manifest (their files and
+    digest record), once their newest object is ``grace_s`` old; returns the versions removed.
+
+    A version with a manifest, and the one ``current`` names, are never touched; an upload
+    younger than ``grace_s`` may still be running elsewhere.
+    """
+    fs, root = filesystem(model_url)
+    newest: dict[str, float] = {}
+    whole: set[str] = set()
+    for path, info in fs.find(root, detail=True).items():
+        rel = PurePosixPath(path).relative_to(root).parts
+        if len(rel) == 1 and rel[0].endswith(RECORD_SUFFIX):
+            version = rel[0][: -len(RECORD_SUFFIX)]
+        elif len(rel) >= 2:
+            version = rel[0]
+            if rel[1:] == (MANIFEST,):
+                whole.add(version)
+        else:  # current, or anything else at the model's top
+            continue
+        newest[version] = max(newest.get(version, 0.0), modified_time(info))
+    pin = read_remote_pointer(model_url)
+    keep = whole | ({pin[0]} if pin else set())
+    now, removed = time.time(), []
+    for version in sorted(set(newest) - keep):
+        if now - newest[version] < grace_s:
+            continue
+        remove_tree(f"{full_url(fs, root)}/{version}")
+        remove_tree(f"{full_url(fs, root)}/{version}{RECORD_SUFFIX}")
+        removed.append(version)
+    return removed
 
 
 def read_remote_pointer(model_url: str) -> tuple[str, str | None] | None:

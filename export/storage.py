@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 
 from export.errors import ExportError
+
+#: Objects a writer left without the object that makes them visible (a commit record, a bundle's
+#: manifest), once the newest is this old (seconds), belong to a dead writer and may be deleted:
+#: no live run or upload takes that long.
+ORPHAN_GRACE_S = 6 * 3600
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _LOCAL_SCHEMES = {"file", "local"}
@@ -154,3 +160,22 @@ def full_url(fs, path: str) -> str:
     """The URL of a path a listing of ``fs`` returned."""
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return f"{protocol}://{path}"
+
+
+def modified_time(info: dict) -> float:
+    """POSIX time an entry of a detailed listing was last written (S3, GCS, local, memory)."""
+    stamp = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if isinstance(stamp, datetime):
+        return stamp.timestamp()
+    if isinstance(stamp, str):
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return float(stamp or 0)
+
+
+def remove_tree(url: str) -> None:
+    """Delete every object under a prefix (or one object); nothing there is not an error."""
+    fs, root = filesystem(url)
+    try:
+        fs.rm(root, recursive=True)
+    except FileNotFoundError:
+        pass

@@ -35,14 +35,20 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from export.storage import filesystem, full_url, is_url, join
+from export.storage import (
+    ORPHAN_GRACE_S,
+    filesystem,
+    full_url,
+    is_url,
+    join,
+    modified_time,
+    remove_tree,
+)
 from scoring.errors import PartitionError
 from scoring.fault_hook import fault_point
 
 PARTS_DIR = "_parts"
 COMMITS_DIR = "_commits"
-#: Uncommitted parts older than this (seconds) belong to a dead run and are deleted.
-ORPHAN_GRACE_S = 6 * 3600
 _READERS = 16  # concurrent footer reads at commit
 
 
@@ -112,7 +118,7 @@ def commit_record(out: str, table: str, run_date: date, run_id: str, parts: dict
     fs.pipe_file(path, (json.dumps(body, indent=1) + "\n").encode())
     fault_point("after-swap")
     if previous and previous.get("run_id") != run_id:
-        _remove(parts_prefix(out, table, run_date, previous["run_id"]))
+        remove_tree(parts_prefix(out, table, run_date, previous["run_id"]))
     return url, rows
 
 
@@ -121,7 +127,7 @@ def discard_run(out: str, table: str, run_date: date, run_id: str) -> None:
     record = read_commit(record_url(out, table, run_date))
     if record and record.get("run_id") == run_id:
         return
-    _remove(parts_prefix(out, table, run_date, run_id))
+    remove_tree(parts_prefix(out, table, run_date, run_id))
 
 
 def clear_dead_runs(out: str, table: str, *, grace_s: float = ORPHAN_GRACE_S) -> list[str]:
@@ -134,7 +140,7 @@ def clear_dead_runs(out: str, table: str, *, grace_s: float = ORPHAN_GRACE_S) ->
         if len(rel) < 3:
             continue
         run = f"{rel[0]}/{rel[1]}"
-        newest[run] = max(newest.get(run, 0.0), _modified(info))
+        newest[run] = max(newest.get(run, 0.0), modified_time(info))
     commits_fs, commits_root = filesystem(join(out, table, COMMITS_DIR))
     committed_days = {PurePosixPath(p).stem for p in commits_fs.glob(f"{commits_root}/*.json")}
     runs_per_day = Counter(run.split("/")[0] for run in newest)
@@ -148,26 +154,9 @@ def clear_dead_runs(out: str, table: str, *, grace_s: float = ORPHAN_GRACE_S) ->
         if day in committed_days and (runs_per_day[day] == 1 or (read_commit(
                 join(out, table, COMMITS_DIR, f"{day}.json")) or {}).get("run_id") == run_id):
             continue
-        _remove(f"{full_url(fs, root)}/{run}")
+        remove_tree(f"{full_url(fs, root)}/{run}")
         removed.append(run)
     return removed
-
-
-def _modified(info: dict) -> float:
-    stamp = info.get("LastModified") or info.get("mtime") or info.get("updated")
-    if isinstance(stamp, datetime):
-        return stamp.timestamp()
-    if isinstance(stamp, str):
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    return float(stamp or 0)
-
-
-def _remove(prefix: str) -> None:
-    fs, root = filesystem(prefix)
-    try:
-        fs.rm(root, recursive=True)
-    except FileNotFoundError:
-        pass
 
 
 # --- readers ---------------------------------------------------------------------------------

@@ -66,3 +66,29 @@ def test_an_upload_without_its_manifest_is_not_a_version(s3_bucket, cache):
         resolve_bundle(f"{registry}/tiny")
     with pytest.raises(BundleNotFoundError, match="no manifest.json"):
         load_bundle(f"{registry}/tiny/20990101T000000.000000Z-dead")
+
+
+def test_the_next_export_deletes_uploads_that_died_before_their_manifest(
+        s3_bucket, cache, monkeypatch):
+    registry = f"{s3_bucket}/registry"
+    fs = fsspec.filesystem("s3")
+    first = make_image_bundle(registry)
+    dead = f"{registry}/tiny/20990101T000000.000000Z-dead"
+    fs.pipe(f"{dead}/model.onnx", b"half an export")
+    fs.pipe(f"{dead}/plots/lr_find.png", b"half an export")
+    fs.pipe(f"{dead}.digest.json", b"{}")  # killed between the record and the manifest
+    fs.invalidate_cache()
+
+    second = make_image_bundle(registry, promoted=False)  # young: may be a live upload elsewhere
+    assert fs.exists(f"{dead}/model.onnx") and fs.exists(f"{dead}.digest.json")
+
+    monkeypatch.setattr(bundle_remote, "ORPHAN_GRACE_S", 0)
+    third = make_image_bundle(registry, promoted=False)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{dead}/model.onnx") and not fs.exists(f"{dead}/plots/lr_find.png")
+    assert not fs.exists(f"{dead}.digest.json")
+    versions = [u.rsplit("/", 1)[1] for u in (first, second, third)]
+    assert list_versions(registry, "tiny") == versions
+    assert current_version(registry, "tiny") == versions[0]
+    for url in (first, second, third):  # every whole version, files and record, untouched
+        assert load_bundle(url).version == url.rsplit("/", 1)[1]
