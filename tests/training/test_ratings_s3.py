@@ -33,3 +33,26 @@ def test_a_movielens_folder_and_a_csv_on_s3_read_as_on_disk(s3_bucket, tmp_path)
 def test_a_missing_ratings_url_is_one_line(s3_bucket):
     with pytest.raises(RatingsFormatError, match=f"{s3_bucket}/nope.csv: no such file"):
         load_ratings(f"{s3_bucket}/nope.csv")
+
+
+def test_a_recommender_trained_from_a_url_names_it_and_fingerprints_its_contents(
+        s3_bucket, tmp_path):
+    import json
+
+    from training.recipes.collab import train_recommender
+
+    fs = fsspec.filesystem("s3")
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text(U_DATA)
+    (tmp_path / "ml" / "u.item").write_text(U_ITEM)
+    fs.put(str(tmp_path / "ml"), f"{s3_bucket}/ml-100k", recursive=True)
+
+    def lineage_data(run: str) -> dict:
+        train_recommender(f"{s3_bucket}/ml-100k", tmp_path / run, factors=2, epochs=1, lr=1e-2)
+        return json.loads((tmp_path / run / "lineage.json").read_text())["data"]
+
+    first, second = lineage_data("a"), lineage_data("b")  # two downloads, two mtimes
+    assert first["path"] == f"{s3_bucket}/ml-100k" and first["basis"] == "paths, contents"
+    assert first == second and first["files"] == 2
+    fs.pipe(f"{s3_bucket}/ml-100k/u.data", U_DATA.replace("\t5\t", "\t4\t", 1).encode())
+    assert lineage_data("c")["sha256"] != first["sha256"]

@@ -122,8 +122,9 @@ def train_recommender(
     options = with_overrides(RecommenderOptions, options, overrides)
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if is_url(data_path):  # read whole anyway: one download, then fingerprinted and read here
-        data_path = local_copy(ref_text(data_path))
+    source = ref_text(data_path) if is_url(data_path) else None
+    if source:  # read whole anyway: one download, then fingerprinted and read here
+        data_path = local_copy(source)
     columns = {"user_col": options.user_col, "item_col": options.item_col,
                "rating_col": options.rating_col}
     bounds = parse_y_range(options.y_range)
@@ -146,7 +147,7 @@ def train_recommender(
     save_collab_output(out_dir, model, data, metrics=metrics, history=list(history),
                        params=params, interpretation=interpretation, lr_find=finder,
                        cycles=cycles)
-    write_lineage(out_dir, "collab", options, fingerprint_path(data_path))
+    write_lineage(out_dir, "collab", options, fingerprint_path(data_path, source=source))
     return CollabTrainResult(out_dir, metrics, history, float(lr_max), finder.suggestions,
                              interpretation, data.to_dict(), time.perf_counter() - start, plots)
 

@@ -21,6 +21,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from export.pins import file_sha256
+
 LINEAGE_FILE = "lineage.json"
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
@@ -54,18 +56,25 @@ def write_lineage(out_dir: Path, task: str, options: BaseModel, data: dict, **ch
     return lineage
 
 
-def fingerprint_path(path: str | Path) -> dict:
-    """sha256 of a file's contents, or of a folder's sorted relative paths, sizes and mtimes."""
+def fingerprint_path(path: str | Path, *, source: str | None = None) -> dict:
+    """sha256 of a file's contents, or of a folder's sorted relative paths, sizes and mtimes.
+
+    source: the URL ``path`` was downloaded from, which the fingerprint names instead; a
+    downloaded folder is fingerprinted by its files' contents, since its copy's mtimes are the
+    download's.
+    """
     path = Path(path)
     if path.is_file():
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return {"sha256": digest.hexdigest(), "files": 1, "basis": "contents",
-                "path": str(path)}
+        return {"sha256": file_sha256(path), "files": 1, "basis": "contents",
+                "path": source or str(path)}
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return _stat_fingerprint(path, ((p, "") for p in files))
+    if source is None:
+        return _stat_fingerprint(path, ((p, "") for p in files))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}\t{file_sha256(file)}\n".encode())
+    return {"sha256": digest.hexdigest(), "files": len(files), "basis": "paths, contents",
+            "path": source}
 
 
 def fingerprint_items(root: Path, items: Iterable[tuple[Path, object]]) -> dict:
