@@ -94,7 +94,7 @@ class OnnxRuntime(Runtime):
     kind = "onnx"
 
     def __init__(self, path: Path, device: str = "auto", threads: int | None = None, *,
-                 tf32: bool = True):
+                 tf32: bool = True, sha256: str | None = None):
         import onnxruntime as ort
 
         cuda = use_cuda(device, CUDA in ort.get_available_providers())
@@ -107,8 +107,9 @@ class OnnxRuntime(Runtime):
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # reuse the CUDA/cuDNN libraries the torch wheel installed
             providers = [(CUDA, {"use_tf32": "1" if tf32 else "0"}), CPU]
-        self.session = ort.InferenceSession(str(path), session_options(threads),
-                                            providers=providers)
+        # With sha256 the session is built from the very bytes that hashed to it.
+        model = str(path) if sha256 is None else verified_bytes(path, sha256)
+        self.session = ort.InferenceSession(model, session_options(threads), providers=providers)
         self.providers = self.session.get_providers()
         if cuda and CUDA not in self.providers:
             raise RuntimeUnavailableError(
@@ -164,6 +165,15 @@ def session_options(threads: int | None = None):
     return options
 
 
+def verified_bytes(path: Path, sha256: str | None) -> bytes:
+    """A graph file's bytes, read once; with ``sha256`` (the digest the bundle's verified manifest
+    lists) only when they hash to it, so a file swapped after verification is never loaded."""
+    data = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BundleIntegrityError(f"{path}: sha256 differs from the manifest's; not loaded")
+    return data
+
+
 class TorchScriptRuntime(Runtime):
     """``torch.jit.load`` of a ``.ts`` file, run under ``torch.inference_mode``.
 
@@ -181,9 +191,7 @@ class TorchScriptRuntime(Runtime):
         import torch
 
         self.device = "cuda" if use_cuda(device) else "cpu"
-        data = Path(path).read_bytes()
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise BundleIntegrityError(f"{path}: sha256 differs from the manifest's; not loaded")
+        data = verified_bytes(path, sha256)
         with quiet_torchscript():
             self.module = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
         self.input_name = input_name
@@ -230,9 +238,7 @@ class AotiRuntime(Runtime):
             raise RuntimeUnavailableError(
                 f"{path}: this AOTInductor package was compiled for the CPU, not CUDA")
         self.device = "cpu"
-        data = Path(path).read_bytes()
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise BundleIntegrityError(f"{path}: sha256 differs from the manifest's; not loaded")
+        data = verified_bytes(path, sha256)
         torch.set_num_threads(threads or available_cores())
         with tempfile.TemporaryDirectory(prefix="lensflow-aoti-") as private:
             copy = Path(private) / "model.pt2"
@@ -259,8 +265,10 @@ def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
     """Load ``<graph>.onnx``, ``<graph>.ts`` or ``<graph>.aoti.pt2`` of a bundle (files as its
     manifest names them).
 
-    TorchScript and AOTInductor (code) are loaded only when ``kind`` asks for them, and only
-    bytes that hash to what the bundle's pinned manifest lists. An image graph whose input size
+    TorchScript and AOTInductor (code) are loaded only when ``kind`` asks for them. Every graph
+    is loaded from bytes that hash to what the bundle's pinned manifest lists, so a caller that
+    loaded the bundle without hashing every file (scoring) still runs only exported bytes. An
+    image graph whose input size
     differs from the manifest's ``preprocessing.input_size`` is refused in one line.
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU).
     threads: ONNX Runtime (or torch, for AOTInductor) intra-op threads; default the cores
@@ -272,15 +280,15 @@ def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
     relpath = (declared.get("files") or {}).get(kind) or f"{graph}{_SUFFIX[kind]}"
     if not bundle.has_file(relpath):
         raise RuntimeUnavailableError(f"bundle {bundle.path}: has no {relpath} for runtime {kind}")
+    sha256 = bundle.manifest["files"][relpath].get("sha256")
     if kind == "onnx":
-        runtime = OnnxRuntime(bundle.file(relpath), device, threads)
+        runtime = OnnxRuntime(bundle.file(relpath), device, threads, sha256=sha256)
         check_graph_input(bundle, graph, runtime.input_shape, relpath)
         return runtime
     onnx_file = (declared.get("files") or {}).get("onnx") or f"{graph}.onnx"
     if bundle.has_file(onnx_file):
         check_graph_input(bundle, graph, onnx_input_shape(bundle.file(onnx_file)), onnx_file)
     input_name, output_names = _graph_io(bundle, graph, declared)
-    sha256 = bundle.manifest["files"][relpath].get("sha256")
     if kind == "aoti":
         return AotiRuntime(bundle.file(relpath), device, output_names, input_name,
                            sha256=sha256, threads=threads)

@@ -1,8 +1,9 @@
 """Verified bundles and loaded runtimes kept per process, so a worker loads a model once per run.
 
 A Dask worker process runs many shards of one run (and many runs over its life). Verifying a
-bundle reads and hashes every file, and an ONNX Runtime session plans its graph when it opens:
-both are paid once per process and bundle here, keyed by the bundle's directory and its digest
+bundle reads and hashes files (the graph a run loads; every file for recommendations), and an
+ONNX Runtime session plans its graph when it opens: both are paid once per process and bundle
+here, keyed by the bundle's directory and its digest
 (``Bundle.sha256``: the sha256 of ``manifest.json``, which ``load_bundle`` has checked against the
 digest record beside the bundle, ``current``'s pin and any signature; the flow pins it when it
 plans the run and every output row carries it). A worker that
@@ -46,7 +47,7 @@ def where() -> str:
 def cached_bundle(path: str | Path, sha256: str, opener: Callable[[str], Bundle]) -> Bundle:
     """The bundle at ``path`` whose manifest hashes to ``sha256``, verified once per process.
 
-    opener: the scorer's own ``open_*_bundle`` (verifies every file, checks the task).
+    opener: the scorer's own ``open_*_bundle`` (verifies the bundle, checks the task).
     """
     key = (str(path), sha256)
     with _lock:

@@ -42,12 +42,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from export.bundle import Bundle
+from export.errors import BundleIntegrityError
 from export.runtime import Runtime, open_bundle_graph
 from export.runtime import RuntimeUnavailableError as ExportRuntimeError
 from export.storage import filesystem, is_url, join, ref_text
 from scoring import object_commit
 from scoring.bundle_cache import cached_for, where
-from scoring.errors import PartitionError, RuntimeUnavailableError, ScoringError
+from scoring.errors import BundleRefError, PartitionError, RuntimeUnavailableError, ScoringError
 from scoring.fault_hook import fault_point
 from scoring.image_folder import ImageFile
 from scoring.partition import (
@@ -325,6 +326,8 @@ def shard_runtime(bundle: Bundle, kind: str, device: str, threads: int | None) -
             return open_bundle_graph(bundle, kind, device, "model", threads=threads)
         except ExportRuntimeError as err:
             raise RuntimeUnavailableError(str(err)) from None
+        except BundleIntegrityError as err:  # the graph's bytes are not the exported ones
+            raise BundleRefError(str(err)) from None
 
     return cached_for(bundle, ("runtime", kind, device, "model", threads), load)
 

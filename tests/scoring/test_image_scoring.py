@@ -22,6 +22,7 @@ from export.errors import ManifestError
 from export.pixels import Preprocessing as DecodeSpec
 from export.pixels import decode_for_model as decode_image
 from export.pixels import resize_and_crop
+from scoring import bundle_cache
 from scoring.errors import BundleRefError, ImageFolderError, ScoringError
 from scoring.image_folder import walk_images
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, already_scored
@@ -396,3 +397,35 @@ def _collab_bundle(registry: Path) -> Path:
     with BundleWriter(registry, "recs") as writer:
         (writer.dir / "model.onnx").write_bytes(b"placeholder")
         return writer.commit({"task": "collab", "users": ["u"], "items": ["i"]})
+
+
+def test_scoring_hashes_the_graph_it_loads_not_the_rest_of_the_bundle(tmp_path):
+    bundle = Path(make_image_bundle(tmp_path / "reg", promoted=False))
+    _good_images(tmp_path / "in")
+    clean = score_image_folder(tmp_path / "in", bundle, tmp_path / "clean", run_date=DAY,
+                               workers=0)
+    expected = read_partition(tmp_path / "clean", "image_predictions", DAY).to_pylist()
+
+    # A changed file no image row depends on: scoring runs on the verified graph
+    # (`lensflow verify` and `promote` still refuse the bundle).
+    with open(bundle / "parity.json", "a") as f:
+        f.write(" ")
+    bundle_cache.clear()  # as in the next night's process: nothing loaded yet
+    summary = score_image_folder(tmp_path / "in", bundle, tmp_path / "out", run_date=DAY,
+                                 workers=0)
+    assert summary.scored == clean.scored == summary.files
+    rows = read_partition(tmp_path / "out", "image_predictions", DAY).to_pylist()
+    assert [(r["path"], r["probabilities"]) for r in rows] == \
+        [(r["path"], r["probabilities"]) for r in expected]
+
+    # The graph itself, for each runtime: refused in one line naming it, no partition written.
+    for runtime, graph in (("onnx", "model.onnx"), ("torchscript", "model.ts")):
+        original = (bundle / graph).read_bytes()
+        (bundle / graph).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        bundle_cache.clear()
+        with pytest.raises(ScoringError, match=rf"{graph}: sha256 differs") as caught:
+            score_image_folder(tmp_path / "in", bundle, tmp_path / runtime, run_date=DAY,
+                               workers=0, runtime=runtime)
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / runtime / "image_predictions" / f"run_date={DAY}").exists()
+        (bundle / graph).write_bytes(original)
