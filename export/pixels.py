@@ -129,8 +129,9 @@ class Preprocessing:
 
     def with_crop_pct(self, crop_pct: float) -> Preprocessing:
         """The same recipe whose centre crop keeps ``crop_pct`` of the resized shorter side:
-        ``resize_size = floor(input_size / crop_pct)``, as timm's eval transform computes it."""
-        return replace(self, resize_size=math.floor(self.input_size / crop_pct + 1e-6))
+        ``resize_size = floor(input_size / crop_pct)``, exactly as timm's eval transform computes
+        it (``110 / 0.55`` is 199.99… in floating point: 199, as there)."""
+        return replace(self, resize_size=math.floor(self.input_size / crop_pct))
 
     def decode_side(self, need: int | None = None) -> int | None:
         """Shortest side a JPEG is decoded to (at reduced DCT scale) for a transform that needs

@@ -219,3 +219,16 @@ def test_bad_head_arguments_name_the_parameter():
         create_model("resnet18", 0, "none")
     with pytest.raises(TrainingError, match="input_size"):
         create_model("vit_b_16", 2, "none", input_size=64)
+
+
+@pytest.mark.parametrize(("size", "crop_pct"), [(224, 0.875), (224, 0.95), (110, 0.55),
+                                                (288, 1.0), (33, 0.55)])
+def test_crop_pct_resizes_as_timms_eval_transform(size, crop_pct):
+    # 110 / 0.55 and 33 / 0.55 are a hair under an integer in floating point.
+    from timm.data import create_transform
+
+    from export.pixels import Preprocessing
+
+    resize = create_transform(input_size=size, crop_pct=crop_pct).transforms[0]
+    ours = Preprocessing(input_size=size, resize_size=size).with_crop_pct(crop_pct)
+    assert ours.resize_size == resize.size

@@ -15,7 +15,6 @@ Ruder, "Universal Language Model Fine-tuning", ACL 2018).
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -323,11 +322,11 @@ def _timm_preprocessing(body: nn.Module) -> Preprocessing:
     input_size = int(cfg["input_size"][-1])
     return Preprocessing(
         input_size=input_size,
-        resize_size=math.floor(input_size / cfg["crop_pct"]),  # as timm's eval transform does
+        resize_size=input_size,
         mean=tuple(float(v) for v in cfg["mean"]),
         std=tuple(float(v) for v in cfg["std"]),
         interpolation=str(cfg["interpolation"]),
-    )
+    ).with_crop_pct(cfg["crop_pct"])
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

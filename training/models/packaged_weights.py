@@ -140,8 +140,8 @@ def packaged_preprocessing() -> Preprocessing:
     input_size = int(cfg["input_size"][-1])
     return Preprocessing(
         input_size=input_size,
-        resize_size=int(input_size / cfg["crop_pct"]),
+        resize_size=input_size,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         interpolation=str(cfg["interpolation"]),
-    )
+    ).with_crop_pct(cfg["crop_pct"])
