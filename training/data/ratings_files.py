@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,21 +198,33 @@ def _read_delimited(path: Path, first_line: int, **options) -> pd.DataFrame:
     Every column is read (``usecols`` would drop extra fields without a word); first_line: the
     editor line of the first data row, which pandas' warning about it does not name.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pd.errors.ParserWarning)
-        try:
-            return pd.read_csv(path, index_col=False, **options)
-        except pd.errors.ParserWarning:  # the first data row is the long one
-            expected = len(options.get("names") or _header(path))
-            raise RatingsFormatError(f"{path.name} line {first_line}: more fields than "
-                                     f"expected ({expected})") from None
-        except pd.errors.ParserError as e:
-            found = _FIELDS_ERROR.search(str(e))
-            if found is None:
-                raise
-            expected, line, seen = found.groups()
-            raise RatingsFormatError(f"{path.name} line {line}: {seen} fields, expected "
-                                     f"{expected}") from None
+    # pandas names a long row in an error, except the first data row: that one it cuts to the
+    # header's width with only a warning, so it is counted here. (Not by turning the warning into
+    # an error: warnings.catch_warnings swaps process-wide filters, which races with any other
+    # thread doing the same.)
+    expected = len(options.get("names") or _header(path))
+    seen = _first_data_row_fields(path, options.get("sep", ","), first_line - 1)
+    if seen > expected:
+        raise RatingsFormatError(f"{path.name} line {first_line}: {seen} fields, expected "
+                                 f"{expected}")
+    try:
+        return pd.read_csv(path, index_col=False, **options)
+    except pd.errors.ParserError as e:
+        found = _FIELDS_ERROR.search(str(e))
+        if found is None:
+            raise
+        expected, line, seen = found.groups()
+        raise RatingsFormatError(f"{path.name} line {line}: {seen} fields, expected "
+                                 f"{expected}") from None
+
+
+def _first_data_row_fields(path: Path, sep: str, header_rows: int) -> int:
+    """Fields of the row after ``header_rows`` rows, split as pandas splits them (0 at the end)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        rows = csv.reader(f, delimiter=sep)
+        for _ in range(header_rows):
+            next(rows, None)
+        return len(next(rows, []))
 
 
 def _ids_as_text(frame: pd.DataFrame, source: RatingsSource) -> pd.DataFrame:
