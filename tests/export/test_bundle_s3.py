@@ -92,3 +92,19 @@ def test_the_next_export_deletes_uploads_that_died_before_their_manifest(
     assert current_version(registry, "tiny") == versions[0]
     for url in (first, second, third):  # every whole version, files and record, untouched
         assert load_bundle(url).version == url.rsplit("/", 1)[1]
+
+
+def test_an_export_stands_when_its_role_may_not_delete_dead_uploads(
+        s3_bucket, cache, monkeypatch, caplog):
+    registry = f"{s3_bucket}/registry"
+    fsspec.filesystem("s3").pipe(f"{registry}/tiny/20990101T000000.000000Z-dead/model.onnx",
+                                 b"half an export")
+
+    def refuse(url):
+        raise PermissionError(f"{url}: AccessDenied")
+
+    monkeypatch.setattr(bundle_remote, "remove_tree", refuse)
+    monkeypatch.setattr(bundle_remote, "ORPHAN_GRACE_S", 0)
+    url = make_image_bundle(registry, promoted=False)
+    assert load_bundle(url).version == url.rsplit("/", 1)[1]
+    assert "dead uploads not cleared" in caplog.text and "AccessDenied" in caplog.text
