@@ -71,10 +71,11 @@ def publish_bundle(local: Path, url: str) -> None:
     record = local.with_name(local.name + RECORD_SUFFIX)
     fs.pipe_file(root + RECORD_SUFFIX, record.read_bytes())
     fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
+    # Best effort: a role that may upload but not delete, or an unreadable `current`, leaves
+    # the dead uploads where they are, and this export stands.
     try:
         clear_dead_uploads(parent(url), grace_s=ORPHAN_GRACE_S)
-    except (OSError, ExportError) as err:  # a role that may not delete, a bad `current`: the
-        # export itself stands
+    except (OSError, ExportError) as err:
         _log.warning("%s: dead uploads not cleared (%s)", parent(url), err)
 
 

@@ -268,8 +268,8 @@ def open_bundle_graph(bundle: Bundle, kind: str = "onnx", device: str = "auto",
     TorchScript and AOTInductor (code) are loaded only when ``kind`` asks for them. Every graph
     is loaded from bytes that hash to what the bundle's pinned manifest lists, so a caller that
     loaded the bundle without hashing every file (scoring) still runs only exported bytes. An
-    image graph whose input size
-    differs from the manifest's ``preprocessing.input_size`` is refused in one line.
+    image graph whose input size differs from the manifest's ``preprocessing.input_size`` is
+    refused in one line.
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU).
     threads: ONNX Runtime (or torch, for AOTInductor) intra-op threads; default the cores
         available to this process.
