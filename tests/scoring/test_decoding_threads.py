@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 from PIL import Image
 
 import scoring.image_batches as image_batches
-from export.pixels import Preprocessing
+from export.pixels import Preprocessing, open_rgb
 from scoring.image_batches import decoded_batches, default_workers
 from scoring.image_folder import walk_images
 
@@ -116,11 +118,6 @@ def test_concurrent_decoding_threads_refuse_every_oversized_image(tmp_path, monk
     # warnings.catch_warnings races between threads (each restores the filters it saw on entry),
     # and CI once scored an oversized image. A pause before each open lets the threads' entries
     # and exits interleave the way a loaded CI machine did.
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from export.pixels import open_rgb
-
     pillow_open = Image.open
 
     def slow_open(*args, **kwargs):

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from timm.data import create_transform
 from torch import nn
 
-from export.pixels import IMAGENET_MEAN
+from export.pixels import IMAGENET_MEAN, Preprocessing
 from training.errors import TrainingError
 from training.models.backbones import (
     Backbone,
@@ -225,10 +226,6 @@ def test_bad_head_arguments_name_the_parameter():
                                                 (288, 1.0), (33, 0.55)])
 def test_crop_pct_resizes_as_timms_eval_transform(size, crop_pct):
     # 110 / 0.55 and 33 / 0.55 are a hair under an integer in floating point.
-    from timm.data import create_transform
-
-    from export.pixels import Preprocessing
-
     resize = create_transform(input_size=size, crop_pct=crop_pct).transforms[0]
     ours = Preprocessing(input_size=size, resize_size=size).with_crop_pct(crop_pct)
     assert ours.resize_size == resize.size

@@ -3,11 +3,14 @@ reads like the same files on disk; a missing one is one line naming the URL."""
 
 from __future__ import annotations
 
+import json
+
 import fsspec
 import pytest
 
 from training.data.ratings import load_ratings
 from training.data.ratings_ids import RatingsFormatError
+from training.recipes.collab import train_recommender
 
 U_DATA = "".join(f"{u}\t{i}\t{(u + i) % 5 + 1}\t{880000000 + u * 10 + i}\n"
                  for u in range(1, 6) for i in range(1, 5))
@@ -37,10 +40,6 @@ def test_a_missing_ratings_url_is_one_line(s3_bucket):
 
 def test_a_recommender_trained_from_a_url_names_it_and_fingerprints_its_contents(
         s3_bucket, tmp_path):
-    import json
-
-    from training.recipes.collab import train_recommender
-
     fs = fsspec.filesystem("s3")
     (tmp_path / "ml").mkdir()
     (tmp_path / "ml" / "u.data").write_text(U_DATA)
