@@ -193,6 +193,8 @@ def image_row(task: ImageSuiteTask, data, options, tool: str) -> tuple[Row, dict
     choice = history.get("lr_choice", {})
     schedule = history.get("schedule") or {}
     note = f"best epoch {result.best_epoch}"
+    if (history.get("head_init") or {}).get("kind") == "classifier":
+        note += "; head from the classifier"
     per_epoch = [r["metrics"].get(task.key_metrics[0]) for r in history.get("history", [])]
     if all(isinstance(v, float) for v in per_epoch):
         note += "; per epoch " + " ".join(f"{v:.4f}" for v in per_epoch)

@@ -148,6 +148,8 @@ class TrainingProgress(ProgressArtifact):
                           _cell(record.get("train_loss")), _cell(record.get("valid_loss")),
                           metrics, record.get("seconds", 0.0))
             self._send(force=True)
+        elif kind == "head_init":
+            self.log.info("head: %s", event.get("why"))
         elif kind == "lr_found":
             self.log.info("LR finder (%s stage): lr %s, suggestions %s", event.get("stage"),
                           _cell(event.get("lr")), event.get("suggestions"))

@@ -59,6 +59,9 @@ class TrainingProgress:
                 self._start(f"{event.get('stage', '')} epoch {event.get('epoch')}",
                             event.get("batches"))
             self._update(event.get("batch", 0) + 1)
+        elif kind == "head_init":
+            self._stop()
+            self.console.print(f"head: {event.get('why')}")
         elif kind == "lr_found":
             self._stop()
             self.console.print(f"{event.get('stage', '')} LR finder: {event.get('suggestions')}")

@@ -23,6 +23,7 @@ Each stage's ``LRChoice`` says where its LR came from.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,11 +136,11 @@ class _Run:
         return self.early_stopping is not None and self.early_stopping.stopped_early
 
     def find_lr(self, stage: str, rule: str, *, head_only: bool = False,
-                train_plain=None, rule_mult: float = 1.0) -> float:
+                train_plain=None, rule_mult: float = 1.0, features=None) -> float:
         """``rule``'s suggestion × ``rule_mult`` from a sweep of the module being fitted, or with
         ``head_only`` of the head on cached body features."""
         if head_only:
-            result = lr_find_head(self.learner, train_plain, suggestion=rule)
+            result = lr_find_head(self.learner, train_plain, suggestion=rule, features=features)
         else:
             result = lr_find(self.learner, suggestion=rule)
         self.lr_finds[stage] = result
@@ -221,6 +222,8 @@ def fine_tune(
     auto_rule: str = AUTO_RULE,
     auto_mult: float = 1.0,
     unfrozen_factor: float = UNFROZEN_FACTOR,
+    head_features: tuple | None = None,
+    start_head: Callable[[], object] | None = None,
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
@@ -237,7 +240,13 @@ def fine_tune(
     one-cycle; each stage's epochs must end a cycle (checked before any training).
     auto_rule, auto_mult: the rule ``"auto"`` applies and the multiple of its suggestion
     (each task's options hold its own). unfrozen_factor: the unfrozen stage's top LR as a
-    multiple of the frozen stage's.
+    multiple of the frozen stage's. head_features: the training samples' body features and
+    targets (``head_sweep.train_features``) when the caller has them already: the auto head
+    sweep reuses them instead of another body pass. start_head: sets the head's starting
+    weights (``training.models.head_init``); called once the frozen stage's LR is chosen, just
+    before it trains (before the unfrozen stage when there is no frozen one), because the finder
+    rules were chosen on sweeps of a fresh head: a head that starts near its optimum has no
+    descent for a sweep to find.
     """
     auto = base_lr == "auto"
     if auto and auto_rule not in SUGGESTERS:
@@ -264,11 +273,16 @@ def fine_tune(
         learner.freeze()
         with precomputed_body(learner, train_plain) if precompute else contextlib.nullcontext():
             lr = run.find_lr(FROZEN, rule, head_only=head_only, train_plain=train_plain,
-                             rule_mult=auto_mult if auto else 1.0) \
+                             rule_mult=auto_mult if auto else 1.0, features=head_features) \
                 if rule else run.given(FROZEN, lr)
+            if start_head is not None:
+                start_head()
+                start_head = None
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
             run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
 
+    if start_head is not None:
+        start_head()
     learner.unfreeze()
     if epochs and not run.stopped:
         if lr is None or (auto and find_lr_again):

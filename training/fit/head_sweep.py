@@ -84,8 +84,9 @@ def _cache_loader(like, features: torch.Tensor, targets: torch.Tensor):
                           drop_last=drop_last and len(targets) > batch_size)
 
 
-def _cached_features(learner: Learner, train_loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train features and targets: ``precompute``'s cache when active, else computed now."""
+def train_features(learner: Learner, train_loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Body features and targets of (at most ``MAX_CACHED``) training samples, body in eval
+    mode: ``precompute``'s cache when active, else one body pass over ``train_loader`` now."""
     if isinstance(learner.train_module, HeadOnFeatures):
         data = learner.train_loader.dataset
         indices = cached_subset(len(data.targets))
@@ -103,21 +104,24 @@ def lr_find_head(
     *,
     num_it: int | None = None,
     suggestion: str = "valley",
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
     **finder_kwargs,
 ) -> LRFinderResult:
     """The LR finder over the head alone, on cached body features; leaves everything as it was.
 
     train_loader: an un-augmented loader over the training set (default: the learner's own);
     while ``precompute`` is active its cache is used instead. num_it: default ``sweep_length``
-    of the cached batches.
+    of the cached batches. features: ``train_features``' result when the caller already has it
+    (the head's initialisation from the pretrained classifier reads the same cache).
     """
     model = learner.model
     require_body_and_head(model)
     like = learner.train_loader
     state = TrainingState(learner)  # caching puts the body in eval mode: undo that too
     try:
-        features, targets = _cached_features(learner, train_loader or learner.train_loader)
-        loader = _cache_loader(like, features, targets)
+        if features is None or isinstance(learner.train_module, HeadOnFeatures):
+            features = train_features(learner, train_loader or learner.train_loader)
+        loader = _cache_loader(like, *features)
         head = learner.train_module if isinstance(learner.train_module, HeadOnFeatures) \
             else HeadOnFeatures(model.head, len(layer_groups_of(model)))
         with learner.substitute(head, loader, None):

@@ -32,6 +32,7 @@ from training.models._layer_groups import (
     split_groups,
     timm_units,
 )
+from training.models.head_init import SourceClassifier
 from training.models.heads import check_head, create_head, head_dropout, takes_feature_map
 
 _LIBRARIES = ("torchvision", "timm")
@@ -51,6 +52,9 @@ class Backbone:
     groups: tuple[nn.Module, nn.Module]
     preprocessing: Preprocessing
     pooled: bool = True
+    #: The pretrained classifier the body came with, when it reads the body's pooled features
+    #: (a new linear head can start from it: ``training.models.head_init``).
+    source_classifier: SourceClassifier | None = None
 
 
 class ImageModel(nn.Module):
@@ -66,6 +70,8 @@ class ImageModel(nn.Module):
         self.num_features = backbone.num_features
         self.body = backbone.body
         self.head = head
+        # A plain attribute, not a submodule: it is not part of the model that trains or exports.
+        self.source_classifier = backbone.source_classifier if backbone.pooled else None
         # Names, not module references, so that the groups survive deepcopy and device moves.
         self._group_names = tuple(param_names_of(backbone.body, g) for g in backbone.groups)
 
@@ -114,18 +120,24 @@ def create_backbone(name: str, weights: str | Path = "imagenet", *, pool: bool =
             "use imagenet, none or a weights file"
         )
     build = _build_torchvision if library == "torchvision" else _build_timm
-    full_keys, body, num_features = build(model_name, pretrained=choice == "imagenet")
+    full_keys, body, num_features, classifier = build(model_name, pretrained=choice == "imagenet")
     if choice == "packaged":
         from training.models.packaged_weights import (
             packaged_lite0_state_dict,
             packaged_preprocessing,
         )
 
-        _apply_weights(body, full_keys, packaged_lite0_state_dict(), origin="packaged")
+        state = packaged_lite0_state_dict()
+        _apply_weights(body, full_keys, state, origin="packaged")
+        classifier = _classifier_in(state, classifier)
         preprocessing = packaged_preprocessing()
     else:
         if path is not None:
-            _apply_weights(body, full_keys, path, origin=str(path))
+            state = _read_state_dict(path)
+            _apply_weights(body, full_keys, state, origin=str(path))
+            classifier = _classifier_in(state, classifier)
+        elif choice == "none":
+            classifier = None
         preprocessing = (_torchvision_preprocessing(model_name) if library == "torchvision"
                          else _timm_preprocessing(body))
     units = timm_units(body) if library == "timm" else None
@@ -136,7 +148,11 @@ def create_backbone(name: str, weights: str | Path = "imagenet", *, pool: bool =
     else:  # timm groups the full model; parameters after the cut (a conv_head) are gone
         kept = {n for n, _ in body.named_parameters()}
         units = [unit for u in units if (unit := [n for n in u if n in kept])]
-    return Backbone(body, num_features, split_groups(name, body, units), preprocessing, pool)
+    source = None
+    if isinstance(classifier, tuple):
+        source = SourceClassifier.from_tensors(*classifier, num_features=num_features)
+    return Backbone(body, num_features, split_groups(name, body, units), preprocessing, pool,
+                    source)
 
 
 def create_model(
@@ -200,8 +216,17 @@ _NO_NETWORK_HINT = ("no network and no cached copy? use --weights packaged "
                     "(tf_efficientnet_lite0) or --weights <file>")
 
 
-def _build_torchvision(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int]:
-    """Full-model keys, the body (classifier and aux heads made Identity) and its width."""
+def _classifier_in(state: dict[str, torch.Tensor], classifier) -> tuple | None:
+    """The classifier's (weight, bias) in a full-model ``state``, found by its module name."""
+    name = classifier if isinstance(classifier, str) else None
+    if name is None or f"{name}.weight" not in state:
+        return None
+    return state[f"{name}.weight"], state.get(f"{name}.bias")
+
+
+def _build_torchvision(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int, object]:
+    """Full-model keys, the body (classifier and aux heads made Identity), its width, and the
+    classifier: its (weight, bias) when ``pretrained``, else its module name."""
     import torchvision
 
     default = torchvision.models.get_model_weights(name).DEFAULT
@@ -214,15 +239,17 @@ def _build_torchvision(name: str, pretrained: bool) -> tuple[set[str], nn.Module
     else:
         kwargs = _torchvision_kwargs(name, default)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
-    full_keys = set(model.state_dict())
+    full_state = model.state_dict()
+    full_keys = set(full_state)
     if getattr(model, "aux_logits", False):
         # Auxiliary classifiers only run in training mode and return a tuple: not features.
         model.aux_logits = False
         for aux in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, aux):
                 setattr(model, aux, None)
-    num_features = _drop_classifier(model, len(default.meta["categories"]), name)
-    return full_keys, model, num_features
+    num_features, qual = _drop_classifier(model, len(default.meta["categories"]), name)
+    classifier = _classifier_in(full_state, qual) if pretrained else qual
+    return full_keys, model, num_features, classifier
 
 
 def _torchvision_kwargs(name: str, default) -> dict:
@@ -234,8 +261,9 @@ def _torchvision_kwargs(name: str, default) -> dict:
     return {}
 
 
-def _drop_classifier(model: nn.Module, n_classes: int, name: str) -> int:
-    """Replace the last layer producing class scores (and a Dropout just before it) by Identity."""
+def _drop_classifier(model: nn.Module, n_classes: int, name: str) -> tuple[int, str]:
+    """Replace the last layer producing class scores (and a Dropout just before it) by Identity;
+    its input width and module name."""
     classifier = None
     for qual, module in model.named_modules():
         if isinstance(module, nn.Linear) and module.out_features == n_classes:
@@ -251,19 +279,23 @@ def _drop_classifier(model: nn.Module, n_classes: int, name: str) -> int:
         before = str(int(child) - 1)
         if isinstance(parent.get_submodule(before), nn.Dropout):
             setattr(parent, before, nn.Identity())  # the new head brings its own dropout
-    return width
+    return width, classifier
 
 
-def _build_timm(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int]:
+def _build_timm(name: str, pretrained: bool) -> tuple[set[str], nn.Module, int, object]:
+    """As ``_build_torchvision``, from timm."""
     import timm
 
     try:
         model = timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError) as e:  # hub errors subclass OSError
         raise TrainingError(f"cannot get ImageNet weights for {name}: {_NO_NETWORK_HINT}") from e
-    full_keys = set(model.state_dict())
+    full_state = model.state_dict()
+    qual = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    classifier = _classifier_in(full_state, qual) if pretrained else qual
     model.reset_classifier(0)
-    return full_keys, model, int(getattr(model, "head_hidden_size", None) or model.num_features)
+    width = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return set(full_state), model, width, classifier
 
 
 _GLOBAL_POOL = re.compile(r"Adaptive\w*Pool2d$")  # torch's adaptive pools, timm's SelectAdaptive

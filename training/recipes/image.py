@@ -32,9 +32,11 @@ from training.evaluation.plots import plot_confusion_matrix
 from training.evaluation.tta import tta_predict, with_and_without_tta
 from training.fit.early_stopping import EarlyStopping
 from training.fit.fine_tune import fine_tune
+from training.fit.head_sweep import train_features
 from training.fit.learner import Learner
 from training.models.backbones import create_model
 from training.models.checkpoint import ImageModelSpec, load_image_model, save_image_model
+from training.models.head_init import classifier_init, random_init
 from training.models.heads import head_dropout
 from training.recipes.options import ImageTrainOptions
 from training.recipes.training_output import (
@@ -102,6 +104,8 @@ class ImageTask:
     task trains without flips.
     dataset_cls, train_scale, flip: how items become tensors and how training augments them.
     points: the outputs are (x, y) points, which a mirrored view mirrors.
+    classifier_init: a linear head can start from the pretrained classifier
+    (``training.models.head_init``): one softmax over ``classes``, targets class indices.
     """
 
     name: str
@@ -115,6 +119,7 @@ class ImageTask:
     train_scale: tuple[float, float] = TRAIN_SCALE
     flip: bool = True
     points: bool = False
+    classifier_init: bool = False
 
 
 def train_image_model(
@@ -134,7 +139,7 @@ def train_image_model(
         "single_label", tuple(data.classes), nn.CrossEntropyLoss(),
         {"accuracy": metrics.accuracy, "error_rate": metrics.error_rate},
         lambda preds, targets, prep, plots_dir: (
-            _evaluate(preds, targets, data.classes, plots_dir), {}))
+            _evaluate(preds, targets, data.classes, plots_dir), {}), classifier_init=True)
     return train_image_task(task, data, out_dir, options, progress=progress)
 
 
@@ -155,6 +160,7 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     if options.crop_pct is not None:
         prep = prep.with_crop_pct(options.crop_pct)
     learner, train_plain = _image_learner(model, task, data, prep, options, progress)
+    head_init, features, start_head = _head_start(task, model, learner, train_plain, options)
     stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
                if options.patience else None)
     result = fine_tune(learner, options.epochs, base_lr=options.lr,
@@ -162,7 +168,8 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
                        precompute=options.precompute, plots_dir=plots_dir,
                        train_plain=train_plain, schedule=options.sgdr(),
                        auto_rule=options.lr_rule, auto_mult=options.lr_rule_mult,
-                       unfrozen_factor=options.unfrozen_lr_factor)
+                       unfrozen_factor=options.unfrozen_lr_factor, head_features=features,
+                       start_head=start_head)
 
     final, outputs = _evaluate_with_tta(task, learner, prep, plots_dir)
     spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),
@@ -171,16 +178,47 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     save_image_model(out_dir, learner.model.cpu(), spec)
     _write_valid_sample(out_dir / VALID_SAMPLE_FILE, data, prep)
     write_json(out_dir / "metrics.json", final)
-    write_json(out_dir / "history.json", result.to_dict())
+    write_json(out_dir / "history.json", result.to_dict() | {"head_init": head_init})
     write_json(out_dir / OUTPUTS_FILE, outputs)
     write_json(out_dir / "data.json", {"root": str(data.root), "source": data.source,
                                        "summary": data.summary()})
     write_lineage(out_dir, task.name, options, image_data_fingerprint(data),
-                  lr_choice={stage: c.to_dict() for stage, c in result.lr_choice.items()})
+                  lr_choice={stage: c.to_dict() for stage, c in result.lr_choice.items()},
+                  head_init=head_init)
     plots = {p.stem: p for p in sorted(plots_dir.glob("*.png"))}
     seconds = sum(r.seconds for r in result.history)
     return ImageTrainResult(out_dir, final, result.best_epoch, result.stopped_early, seconds,
                             plots)
+
+
+def _head_start(task: ImageTask, model, learner: Learner, train_plain,
+                options: ImageTrainOptions) -> tuple[dict, tuple | None, Callable | None]:
+    """Where the head starts: from the pretrained classifier when ``options.head_init`` asks for
+    it (or ``auto`` allows it), else as initialised. What ``history.json`` records of the start,
+    the training features it read (the auto LR's head sweep reuses them), and the call that sets
+    the head's weights, which ``fine_tune`` makes once the frozen stage's LR is chosen."""
+    if options.head_init == "random":
+        return random_init("head_init random"), None, None
+    why_not = None
+    if not task.classifier_init:
+        why_not = f"a {task.name} head does not start from a classifier"
+    elif options.head != "linear":
+        why_not = f"the {options.head} head does not start from a classifier"
+    elif model.source_classifier is None:
+        why_not = (f"weights {options.weights!r} of {options.arch} bring no classifier that "
+                   "reads the body's pooled features")
+    if why_not is not None:
+        if options.head_init == "classifier":
+            raise TrainingError(f"head_init classifier: {why_not}; use head_init random or auto")
+        return random_init(f"head_init auto: {why_not}"), None, None
+    features = train_features(learner, train_plain)
+    start = classifier_init(model.source_classifier, *features, task.classes)
+
+    def apply() -> None:
+        start.apply(model.head)
+        learner.emit(event="head_init", **start.to_dict())
+
+    return start.to_dict(), features, apply
 
 
 def _evaluate_with_tta(task: ImageTask, learner: Learner, prep: Preprocessing,

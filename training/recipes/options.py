@@ -16,6 +16,7 @@ from export.declared_options import Device, NonNegativeInt, Options, PositiveInt
 from training.errors import TrainingError
 from training.fit.lr_finder import SUGGESTERS
 from training.fit.schedule import SCHEDULES, Sgdr, sgdr_epochs
+from training.models.head_init import HEAD_INITS
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -80,6 +81,10 @@ class ImageTrainOptions(ScheduleOptions):
     head: Literal["linear", "fastai"] = Field(
         "linear", description="classifier head: linear (pool, dropout, linear) | fastai (concat "
         "pool, BN, dropout, linear, ReLU, BN, dropout, linear)")
+    head_init: Literal[HEAD_INITS] = Field(  # type: ignore[valid-type]
+        "auto", description="where a linear head starts: classifier (from the pretrained "
+        "classifier's classes its training images resemble) | random | auto (classifier where "
+        "the task is single-label and the backbone has one, else random)")
     size: PositiveInt = Field(224, description="side of the square input in pixels")
     crop_pct: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="validation and scoring: resize the shorter side to size / crop_pct, "

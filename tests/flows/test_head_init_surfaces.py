@@ -1,0 +1,72 @@
+"""``--head-init``: a single-label head starts from the pretrained classifier by default, says
+so on the console and in ``history.json`` / ``lineage.json``, and still exports with parity."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import torchvision
+from colour_images import colour_folder
+from prefect.utilities.callables import parameter_schema
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from export.bundle import load_bundle, resolve_bundle
+from flows.cli import app, main
+
+TINY = ["--arch", "resnet18", "--size", "32", "--bs", "4", "--freeze-epochs", "1",
+        "--epochs", "1", "--workers", "0", "--patience", "0"]
+
+
+def test_head_init_is_a_flow_parameter_and_an_impossible_start_is_one_line(tmp_path,
+                                                                           monkeypatch, capsys):
+    from flows.train_flows import train_image_model_flow
+
+    schema = parameter_schema(train_image_model_flow).model_dump()
+    assert schema["properties"]["head_init"]["default"] == "auto"
+    folder = colour_folder(tmp_path / "images")
+    monkeypatch.setattr(sys, "argv", ["lensflow", "train", "images", str(folder), *TINY,
+                                      "--weights", "none", "--head-init", "classifier",
+                                      "--out", str(tmp_path / "train")])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the data summary
+    assert last.startswith("error: head_init classifier: weights 'none' of resnet18 bring no "
+                           "classifier")
+
+
+@pytest.mark.slow
+def test_the_head_starts_from_the_weights_files_classifier_and_the_bundle_keeps_parity(
+        tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(torchvision.models.resnet18().state_dict(), weights)  # 1000-class classifier
+    folder = colour_folder(tmp_path / "images")
+    result = CliRunner().invoke(app, [
+        "train", "images", str(folder), *TINY, "--weights", str(weights), "--lr", "auto",
+        "--out", str(tmp_path / "train"), "--registry", str(tmp_path / "reg"),
+        "--name", "colours"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "head: started from the pretrained 1000-class classifier" in result.output
+    history = json.loads((tmp_path / "train" / "history.json").read_text())
+    start = history["head_init"]
+    assert start["kind"] == "classifier" and start["source_classes"] == 1000
+    assert set(start["top_source_classes"]) == {"blue", "red"}
+    assert start["train_loss"] <= start["uniform_loss"] + 1e-6
+    assert history["lr_choice"]["frozen"]["source"] == "finder"  # sweep on the shared features
+    lineage = json.loads((tmp_path / "train" / "lineage.json").read_text())
+    assert lineage["head_init"] == start and lineage["options"]["head_init"] == "auto"
+    bundle = load_bundle(resolve_bundle(str(tmp_path / "reg" / "colours")))
+    assert bundle.manifest["lineage"]["head_init"]["kind"] == "classifier"
+
+    again = CliRunner().invoke(app, [
+        "train", "images", str(folder), *TINY, "--weights", str(weights), "--lr", "1e-3",
+        "--head-init", "random", "--out", str(tmp_path / "random")], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert "head:" not in again.output
+    kept = json.loads((tmp_path / "random" / "history.json").read_text())["head_init"]
+    assert kept == {"kind": "random", "why": "head_init random"}

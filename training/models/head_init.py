@@ -1,0 +1,122 @@
+"""A new classifier head that starts from what the pretrained classifier already knows.
+
+The pretrained model's classifier scores K source classes (ImageNet's 1000) from the same pooled
+features the new linear head reads. For each new class c, the mean of the source softmax over
+c's training images, ``m_c``, says which source classes its images look like (Co-Tuning's
+``p(source | target)``: You et al., "Co-Tuning for Transfer Learning", NeurIPS 2020). The head
+starts at ``W_c = t · m_c W_src`` and ``b_c = t · m_c b_src``: class c's logit is the
+``m_c``-weighted mean of the source logits. One temperature ``t`` for all classes is fitted to
+the cross-entropy on the training features (a 1-D search), so the start's training loss is at
+most the uniform head's. A map that says little (source classes unrelated to the task) gives
+every class nearly the same logit: the head starts near uniform, not confidently wrong.
+
+Measured on ants/bees (docs/benchmarks.md, "The head starts from the ImageNet classifier"): this
+start scores 148 of 153 validation images before any training step, where a linear probe
+trained on the same features tops out at 144-146.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.errors import TrainingError
+
+HEAD_INITS = ("auto", "classifier", "random")
+#: Temperatures the fit tries (log-spaced): from a near-uniform start to 100x sharper logits.
+TEMPERATURES = torch.logspace(-3, 2, 251)
+#: Source classes per new class that ``history.json`` lists, most likely first.
+TOP_SOURCES = 3
+
+
+@dataclass(frozen=True, eq=False)
+class SourceClassifier:
+    """The pretrained classifier the body came with: ``logits = features @ weight.T + bias``."""
+
+    weight: torch.Tensor  # (K, F)
+    bias: torch.Tensor  # (K,)
+
+    @classmethod
+    def from_tensors(cls, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     num_features: int) -> SourceClassifier | None:
+        """A copy of a linear classifier's parameters, or None when they do not read
+        ``num_features`` pooled features (another layout: the new head cannot start from it)."""
+        if weight is None or weight.dim() != 2 or weight.shape[1] != num_features \
+                or weight.shape[0] < 2:
+            return None
+        if bias is None:
+            bias = torch.zeros(weight.shape[0])
+        if bias.shape != (weight.shape[0],):
+            return None
+        return cls(weight.detach().float().cpu().clone(), bias.detach().float().cpu().clone())
+
+
+@dataclass(frozen=True, eq=False)
+class HeadInit:
+    """Where the new head starts: its weight and bias, and what the fit found."""
+
+    weight: torch.Tensor  # (C, F)
+    bias: torch.Tensor  # (C,)
+    temperature: float
+    train_loss: float
+    uniform_loss: float
+    top_sources: dict[str, list[list[float]]]
+    source_classes: int
+    samples: int
+
+    def apply(self, head: nn.Module) -> None:
+        """Copy the start into ``head``'s last Linear layer (on whatever device it is)."""
+        linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+        if linear.weight.shape != self.weight.shape:
+            raise TrainingError(f"head_init: the head's last layer is {tuple(linear.weight.shape)}"
+                                f", the start is {tuple(self.weight.shape)}")
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if linear.bias is not None:
+                linear.bias.copy_(self.bias)
+
+    def to_dict(self) -> dict:
+        return {"kind": "classifier", "source_classes": self.source_classes,
+                "samples": self.samples, "temperature": self.temperature,
+                "train_loss": self.train_loss, "uniform_loss": self.uniform_loss,
+                "top_source_classes": self.top_sources,
+                "why": (f"started from the pretrained {self.source_classes}-class classifier: "
+                        f"train loss {self.train_loss:.3g} against the uniform head's "
+                        f"{self.uniform_loss:.3g}")}
+
+
+def random_init(why: str) -> dict:
+    """What ``history.json`` says of a head that keeps its random initialisation."""
+    return {"kind": "random", "why": why}
+
+
+@torch.no_grad()
+def classifier_init(source: SourceClassifier, features: torch.Tensor, targets: torch.Tensor,
+                    classes: list[str] | tuple[str, ...]) -> HeadInit:
+    """The start of a single-label head over ``classes`` from ``source`` and the training
+    samples' pooled ``features`` (N, F) with class indices ``targets`` (N,)."""
+    features = features.float().flatten(1)
+    targets = targets.long()
+    if features.shape[1] != source.weight.shape[1]:
+        raise TrainingError(f"head_init: features have {features.shape[1]} channels, the "
+                            f"pretrained classifier reads {source.weight.shape[1]}")
+    probs = torch.softmax(features @ source.weight.T + source.bias, dim=1)  # (N, K)
+    overall = probs.mean(0)
+    # A class with no sample in the cache starts at the mean image: no preference.
+    rows = [probs[targets == c].mean(0) if bool((targets == c).any()) else overall
+            for c in range(len(classes))]
+    mapping = torch.stack(rows)  # (C, K), each row a distribution over source classes
+    weight, bias = mapping @ source.weight, mapping @ source.bias
+    logits = features @ weight.T + bias
+    losses = torch.stack([nn.functional.cross_entropy(logits * t, targets)
+                          for t in TEMPERATURES])
+    best = int(losses.argmin())
+    t = float(TEMPERATURES[best])
+    top = mapping.topk(min(TOP_SOURCES, mapping.shape[1]), dim=1)
+    tops = {name: [[int(i), round(float(p), 4)] for p, i in zip(values, indices, strict=True)]
+            for name, values, indices in zip(classes, top.values, top.indices, strict=True)}
+    return HeadInit(weight * t, bias * t, t, float(losses[best]), math.log(len(classes)), tops,
+                    int(source.weight.shape[0]), int(len(targets)))
