@@ -276,8 +276,8 @@ def test_bad_arguments_are_training_errors(kwargs, message):
 
 @pytest.mark.parametrize("freeze_epochs", [1, 0])
 def test_the_head_starts_after_the_sweep_and_before_any_training(monkeypatch, freeze_epochs):
-    """The finder rules describe a fresh head, so the start comes once the frozen LR is chosen;
-    with no frozen stage, before the unfrozen one. The sweep reuses the features it is given."""
+    """The finder rules describe a fresh head, so the start comes once the first stage's LR is
+    chosen, before it trains. The head sweep reuses the features it is given."""
     import training.fit.fine_tune as fine_tune_module
 
     learner = make_learner()
@@ -288,16 +288,23 @@ def test_the_head_starts_after_the_sweep_and_before_any_training(monkeypatch, fr
         calls.append(("sweep", features is given))
         return sweep(*args, features=features, **kwargs)
 
+    whole_model_sweep = fine_tune_module.lr_find
+
+    def recording_whole_model_sweep(*args, **kwargs):
+        calls.append(("whole-model sweep", None))
+        return whole_model_sweep(*args, **kwargs)
+
     def start_head():
         calls.append(("start", len(learner.history)))
 
     monkeypatch.setattr(fine_tune_module, "lr_find_head", recording_sweep)
+    monkeypatch.setattr(fine_tune_module, "lr_find", recording_whole_model_sweep)
     x, y = learner.train_loader.dataset.tensors
     with torch.no_grad():
         given = (learner.model.eval().body(x), y)
-    fine_tune(learner, epochs=1, freeze_epochs=freeze_epochs,
-              base_lr="auto" if freeze_epochs else 1e-3, head_features=given,
-              start_head=start_head)
-    expected = [("sweep", True), ("start", 0)] if freeze_epochs else [("start", 0)]
+    fine_tune(learner, epochs=1, freeze_epochs=freeze_epochs, base_lr="auto",
+              head_features=given, start_head=start_head)
+    expected = [("sweep", True), ("start", 0)] if freeze_epochs else \
+        [("whole-model sweep", None), ("start", 0)]
     assert calls == expected
     assert len(learner.history) == freeze_epochs + 1

@@ -243,10 +243,9 @@ def fine_tune(
     multiple of the frozen stage's. head_features: the training samples' body features and
     targets (``head_sweep.train_features``) when the caller has them already: the auto head
     sweep reuses them instead of another body pass. start_head: sets the head's starting
-    weights (``training.models.head_init``); called once the frozen stage's LR is chosen, just
-    before it trains (before the unfrozen stage when there is no frozen one), because the finder
-    rules were chosen on sweeps of a fresh head: a head that starts near its optimum has no
-    descent for a sweep to find.
+    weights (``training.models.head_init``); called once the first stage's LR is chosen, just
+    before that stage trains, because the finder rules were chosen on sweeps of a fresh head: a
+    head that starts near its optimum has no descent for a sweep to find.
     """
     auto = base_lr == "auto"
     if auto and auto_rule not in SUGGESTERS:
@@ -281,14 +280,14 @@ def fine_tune(
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
             run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
 
-    if start_head is not None:
-        start_head()
     learner.unfreeze()
     if epochs and not run.stopped:
         if lr is None or (auto and find_lr_again):
             lr = run.find_lr(UNFROZEN, rule, rule_mult=auto_mult if auto else 1.0)
         else:
             lr = run.from_frozen(UNFROZEN, lr, unfrozen_factor)
+        if start_head is not None:  # no frozen stage: the start comes after this stage's sweep
+            start_head()
         run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
     return run.result()
 

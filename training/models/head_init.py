@@ -10,7 +10,7 @@ the cross-entropy on the training features (a 1-D search), so the start's traini
 most the uniform head's. A map that says little (source classes unrelated to the task) gives
 every class nearly the same logit: the head starts near uniform, not confidently wrong.
 
-Measured on ants/bees (docs/benchmarks.md, "The head starts from the ImageNet classifier"): this
+Measured on ants/bees (docs/benchmarks.md, "The head starts from the pretrained classifier"): this
 start scores 148 of 153 validation images before any training step, where a linear probe
 trained on the same features tops out at 144-146.
 """
