@@ -59,6 +59,10 @@ class TrainingProgress:
                 self._start(f"{event.get('stage', '')} epoch {event.get('epoch')}",
                             event.get("batches"))
             self._update(event.get("batch", 0) + 1)
+        elif kind == "features_start":
+            self._start(f"body features ({event.get('batches')} batches)", event.get("batches"))
+        elif kind == "features":
+            self._update(event.get("batch", 0) + 1)
         elif kind == "head_init":
             self._stop()
             self.console.print(f"head: {event.get('why')}")

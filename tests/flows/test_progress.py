@@ -73,3 +73,31 @@ def test_a_failed_run_leaves_no_live_bar():
     except RuntimeError:
         pass
     assert progress.bar is None
+
+
+class _BodyAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_the_body_pass_a_head_start_reads_has_a_bar_and_the_start_a_line():
+    from training.fit.precompute import compute_features
+
+    progress = Recorded(live=True)
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,))),
+                        batch_size=8, shuffle=True)
+    learner = Learner(_BodyAndHead(), loader, loader, nn.CrossEntropyLoss(), {}, device="cpu",
+                      progress=progress)
+    with progress:
+        features, _ = compute_features(learner, loader)
+        progress({"event": "head_init", "why": "started from the pretrained 5-class classifier"})
+    assert features.shape == (40, 3)
+    assert progress.bars == [["body features (5 batches)", 5, 5]]
+    assert progress.bar is None
+    text = progress.console.file.getvalue()
+    assert "head: started from the pretrained 5-class classifier" in text

@@ -73,13 +73,20 @@ def compute_features(learner: Learner, loader) -> tuple[torch.Tensor, torch.Tens
     """``model.body`` outputs (CPU) and targets for every batch of ``loader``, body in eval mode.
 
     On the first batch it checks that ``model(x) == model.head(model.body(x))``, because the
-    cache is only valid for models that compose that way.
+    cache is only valid for models that compose that way. Emits ``features_start`` and one
+    ``features`` event per batch, so a progress bar can follow the body pass.
     """
     model = learner.model
     model.eval()
     features, targets = [], []
+    ordered = _in_dataset_order(loader)
+    try:
+        batches = len(ordered)
+    except TypeError:
+        batches = None
+    learner.emit(event="features_start", batches=batches)
     with _rng_preserved():
-        for i, (x, y) in enumerate(_in_dataset_order(loader)):
+        for i, (x, y) in enumerate(ordered):
             x = learner.to_device(x)
             with learner.autocast():
                 body_out = model.body(x)
@@ -87,6 +94,7 @@ def compute_features(learner: Learner, loader) -> tuple[torch.Tensor, torch.Tens
                     _check_composition(model, x, body_out)
             features.append(body_out.detach().cpu())
             targets.append(y.cpu() if isinstance(y, torch.Tensor) else torch.as_tensor(y))
+            learner.emit(event="features", batch=i)
     if not features:
         raise TrainingError("precompute: a loader to cache yielded no batches")
     return torch.cat(features), torch.cat(targets)
