@@ -196,7 +196,7 @@ def _head_start(task: ImageTask, model, learner: Learner, train_plain,
     """Where the head starts: from the pretrained classifier when ``options.head_init`` asks for
     it (or ``auto`` allows it), else as initialised. What ``history.json`` records of the start,
     the training features it read (the auto LR's head sweep reuses them), and the call that sets
-    the head's weights, which ``fine_tune`` makes once the frozen stage's LR is chosen."""
+    the head's weights, which ``fine_tune`` makes once the first stage's LR is chosen."""
     if options.head_init == "random":
         return random_init("head_init random"), None, None
     why_not = None
