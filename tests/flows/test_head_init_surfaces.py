@@ -34,6 +34,7 @@ def test_head_init_is_a_flow_parameter_and_an_impossible_start_is_one_line(tmp_p
     with pytest.raises(SystemExit) as stopped:
         main()
     assert stopped.value.code == 2
+    assert not (tmp_path / "train").exists()  # refused before writing anything
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the data summary
     assert last.startswith("error: head_init classifier: weights 'none' of resnet18 bring no "
                            "classifier")

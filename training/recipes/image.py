@@ -150,7 +150,6 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     write the training output that ``export_image_model`` reads."""
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
 
     dropout = head_dropout(options.head)
@@ -161,6 +160,7 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
         prep = prep.with_crop_pct(options.crop_pct)
     learner, train_plain = _image_learner(model, task, data, prep, options, progress)
     head_init, features, start_head = _head_start(task, model, learner, train_plain, options)
+    plots_dir.mkdir(parents=True, exist_ok=True)  # after the last refusal: no empty output
     stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
                if options.patience else None)
     result = fine_tune(learner, options.epochs, base_lr=options.lr,
