@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from export.errors import ManifestError
 
@@ -44,15 +42,17 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 #: EXIF orientations that turn the image a quarter (width and height swap when made upright).
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
+#: Resize filters by torchvision's ``InterpolationMode`` value. Keyed by name so that scoring,
+#: which resamples with Pillow, never imports torchvision (seconds of start-up per process).
 _PIL_FILTERS = {
-    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
-    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
-    InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
-    InterpolationMode.BOX: Image.Resampling.BOX,
-    InterpolationMode.HAMMING: Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
-RESIZE_FILTERS = tuple(m.value for m in _PIL_FILTERS)
+RESIZE_FILTERS = tuple(_PIL_FILTERS)
 #: How a JPEG is decoded before the resize → how many times the side the transform needs the
 #: decode keeps: libjpeg-turbo's scaled IDCT at the smallest power-of-two scale that keeps twice
 #: the side (``dct-scaled-2x``) or the side itself (``dct-scaled``: bundles written before
@@ -98,8 +98,10 @@ class Preprocessing:
                                 f"{self.resize_size} must be positive")
 
     @property
-    def mode(self) -> InterpolationMode:
-        """The torchvision interpolation mode of ``interpolation``."""
+    def mode(self):
+        """The torchvision ``InterpolationMode`` of ``interpolation`` (training's transforms)."""
+        from torchvision.transforms.v2 import InterpolationMode
+
         return InterpolationMode(self.interpolation.lower())
 
     def to_dict(self) -> dict:
@@ -271,16 +273,18 @@ def resize_and_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
     """
     width, height = im.size
     new_w, new_h = _resized(width, height, pre.resize_size)
-    crop, mode = pre.input_size, pre.mode
-    if mode == InterpolationMode.NEAREST or crop > min(new_w, new_h):
+    crop, name = pre.input_size, pre.interpolation.lower()
+    if name == "nearest" or crop > min(new_w, new_h):
         # Nearest picks pixels by rounding, which the box form shifts; a crop larger than the
         # resized image needs torchvision's padding. Both take the two-step path.
-        resized = F.resize(im, [pre.resize_size], interpolation=mode, antialias=True)
+        from torchvision.transforms.v2 import functional as F
+
+        resized = F.resize(im, [pre.resize_size], interpolation=pre.mode, antialias=True)
         return F.center_crop(resized, [crop, crop])
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
-    return im.resize((crop, crop), _PIL_FILTERS[mode], box=box)
+    return im.resize((crop, crop), _PIL_FILTERS[name], box=box)
 
 
 def decode_for_model(path: str | Path, pre: Preprocessing) -> np.ndarray:
@@ -389,5 +393,7 @@ def _upright_tensor(image, orientation: int):
 def _resize_and_crop_tensor(image, pre: Preprocessing):
     """torchvision v2 ``Resize(resize_size)`` + ``CenterCrop(input_size)`` of a uint8 CHW tensor
     (antialiased, on whatever device it lives)."""
+    from torchvision.transforms.v2 import functional as F
+
     resized = F.resize(image, [pre.resize_size], interpolation=pre.mode, antialias=True)
     return F.center_crop(resized, [pre.input_size, pre.input_size])

@@ -189,9 +189,6 @@ def one_cycle(
     )
 
 
-SCHEDULES = ("one_cycle", "sgdr")
-
-
 def sgdr_epochs(cycles: int, cycle_len: int, cycle_mult: int) -> int:
     """Epochs of ``cycles`` SGDR cycles: ``cycle_len * (1 + mult + mult² + ...)``."""
     return cycle_len * sum(cycle_mult**i for i in range(cycles))

@@ -25,7 +25,6 @@ from torch import nn
 
 from training.errors import TrainingError
 
-HEAD_INITS = ("auto", "classifier", "random")
 #: Temperatures the fit tries (log-spaced): from a near-uniform start to 100x sharper logits.
 TEMPERATURES = torch.logspace(-3, 2, 251)
 #: Source classes per new class that ``history.json`` lists, most likely first.

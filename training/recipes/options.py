@@ -8,23 +8,24 @@ not an option of the recipe and stays with each surface.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from export.declared_options import Device, NonNegativeInt, Options, PositiveInt
+from training.choices import FINDER_RULES, HEAD_INITS, SCHEDULES
 from training.errors import TrainingError
-from training.fit.lr_finder import SUGGESTERS
-from training.fit.schedule import SCHEDULES, Sgdr, sgdr_epochs
-from training.models.head_init import HEAD_INITS
+
+if TYPE_CHECKING:
+    from training.fit.schedule import Sgdr
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 ValidFraction = Annotated[float, Field(gt=0, lt=1)]
 #: Words an image LR takes besides a number: "auto" (each stage's finder) or one finder rule.
-IMAGE_LR_WORDS = ("auto", *SUGGESTERS)
+IMAGE_LR_WORDS = ("auto", *FINDER_RULES)
 ImageLearningRate = Literal[IMAGE_LR_WORDS] | PositiveFloat  # type: ignore[valid-type]
-FinderRule = Literal[tuple(SUGGESTERS)]  # type: ignore[valid-type]
+FinderRule = Literal[FINDER_RULES]  # type: ignore[valid-type]
 LearningRate = Literal["auto"] | PositiveFloat
 
 
@@ -56,6 +57,8 @@ class ScheduleOptions(Options):
                     sgdr.cycle_lengths(n)
         except TrainingError as err:
             raise ValueError(f"schedule=sgdr: {err}") from None
+        from training.fit.schedule import sgdr_epochs
+
         wanted = sgdr_epochs(self.cycles or 0, self.cycle_len, self.cycle_mult)
         if self.cycles is not None and wanted != epochs:
             raise ValueError(
@@ -68,6 +71,8 @@ class ScheduleOptions(Options):
         """The SGDR schedule, or None under one-cycle."""
         if self.schedule != "sgdr":
             return None
+        from training.fit.schedule import Sgdr  # torch: imported when a run asks for SGDR
+
         return Sgdr(self.cycle_len, self.cycle_mult)
 
 

@@ -1,0 +1,15 @@
+"""The words training options accept for choices the fit implements: LR-finder rules, LR
+schedules and where a new head starts.
+
+They live here, apart from the torch code that implements them, so the option declarations (and
+with them ``lensflow --help`` and every one-line refusal of a bad option) load without importing
+torch, which costs seconds per process. Each implementing module keys its table by these names;
+tests check the two agree.
+"""
+
+#: LR-finder suggestion rules (``training.fit.lr_finder.SUGGESTERS``).
+FINDER_RULES = ("valley", "steep", "minimum", "slide")
+#: LR schedules of a fit (``training.fit.schedule``).
+SCHEDULES = ("one_cycle", "sgdr")
+#: Where a linear head starts (``training.models.head_init``).
+HEAD_INITS = ("auto", "classifier", "random")
