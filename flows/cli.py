@@ -66,9 +66,12 @@ def train_images(
     export: ExportOptions,
 ) -> None:
     """Fine-tune a pretrained image classifier (staged unfreezing, one-cycle, early stopping)."""
-    from training.recipes.image import prepare_image_data, train_image_model
+    from training.data.images import prepare_image_data
 
+    # Data first, torch after: a wrong path or a bad CSV row is told before seconds of imports.
     prepared = prepare_image_data(data, csv=csv, valid_pct=options.valid_pct, seed=options.seed)
+    from training.recipes.image import train_image_model
+
     _train_and_publish(train_image_model, prepared, out_dir, options, registry, name,
                        export)
 
@@ -87,11 +90,12 @@ def train_multilabel(
 ) -> None:
     """Fine-tune a multi-label image model (sigmoid per label), then tune its threshold."""
     from training.data.multilabel import from_multilabel_csv
-    from training.recipes.multilabel import train_multilabel_model
 
     prepared = from_multilabel_csv(csv, images, label_delim=options.label_delim,
                                    valid_pct=options.valid_pct, seed=options.seed,
                                    split_by=options.split_by)
+    from training.recipes.multilabel import train_multilabel_model
+
     _train_and_publish(train_multilabel_model, prepared, out_dir, options, registry, name,
                        export)
 
@@ -210,10 +214,11 @@ def verify_cmd(
     """Check the bundle's digest, signature and every file hash, then re-run the parity gate
     on ONNX Runtime (and TorchScript with --torchscript) from the bundle alone."""
     from export.bundle import load_bundle, resolve_bundle
-    from export.parity import check_bundle
 
     path = resolve_bundle(bundle)
     loaded = load_bundle(path, verify=False)  # digest and signature; check_bundle hashes files
+    from export.parity import check_bundle  # torch: after the cheap checks
+
     report = check_bundle(path, torchscript=torchscript)
     out.print(report.to_markdown())
     out.print(f"{loaded.name} {loaded.version}: hashes ok, parity "

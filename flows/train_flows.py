@@ -73,7 +73,7 @@ def check_training_inputs(data: str, registry: str, csv: str | None = None) -> s
 @task(name="prepare-image-data", cache_policy=NO_CACHE, persist_result=False)
 def prepare_image_data_task(data: str, csv: str | None, valid_pct: float, seed: int):
     """Find, validate and split the images (cached as JSON: an unchanged dataset is not re-read)."""
-    from training.recipes.image import prepare_image_data
+    from training.data.images import prepare_image_data
 
     return prepared_or_cached(
         {"kind": "image", "data": data, "csv": csv, "valid_pct": valid_pct, "seed": seed},

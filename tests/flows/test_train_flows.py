@@ -60,7 +60,7 @@ def _fake_training(monkeypatch, tmp_path, export):
                                        False, 1.0, {"learning_curve": plots / "learning_curve.png"})
 
     promoted, trained_with = [], []
-    monkeypatch.setattr(recipe, "prepare_image_data",
+    monkeypatch.setattr("training.data.images.prepare_image_data",
                         lambda data, **kw: SimpleNamespace(summary=lambda: f"prepared {data}"))
     monkeypatch.setattr(recipe, "train_image_model", train)
     monkeypatch.setattr(recipe, "export_image_model", export)

@@ -331,3 +331,19 @@ def from_csv(
     split = _Split(train, valid, {}, {c: f"{csv_path} (rows labelled '{c}')" for c in train})
     return _assemble(split, images_root, "csv", None if has_valid else valid_pct, seed,
                      sort_names=sort_class_names)
+
+
+def prepare_image_data(
+    data: str | Path,
+    *,
+    csv: str | Path | None = None,
+    valid_pct: float = 0.2,
+    seed: int = 42,
+) -> ImageData:
+    """Validate and split an image folder, or a CSV of ``fname,label[,is_valid]`` under ``data``."""
+    data = Path(data)
+    if not data.exists():
+        raise TrainingError(f"image data not found: {data}")
+    if csv is not None:
+        return from_csv(csv, data, valid_pct=valid_pct, seed=seed)
+    return from_folder(data, valid_pct=valid_pct, seed=seed)

@@ -25,6 +25,7 @@ from export.options import ExportOptions
 from export.pixels import Preprocessing, decode_for_model
 from training.data import images as image_data
 from training.data.image_loaders import ImageItemsDataset, build_image_loaders
+from training.data.images import prepare_image_data  # noqa: F401 (the recipe's first step)
 from training.data.transforms import TRAIN_SCALE
 from training.errors import TrainingError
 from training.evaluation import metrics
@@ -74,22 +75,6 @@ class ImageTrainResult:
             "seconds": self.seconds,
             "plots": {k: str(v) for k, v in self.plots.items()},
         }
-
-
-def prepare_image_data(
-    data: str | Path,
-    *,
-    csv: str | Path | None = None,
-    valid_pct: float = 0.2,
-    seed: int = 42,
-) -> image_data.ImageData:
-    """Validate and split an image folder, or a CSV of ``fname,label[,is_valid]`` under ``data``."""
-    data = Path(data)
-    if not data.exists():
-        raise TrainingError(f"image data not found: {data}")
-    if csv is not None:
-        return image_data.from_csv(csv, data, valid_pct=valid_pct, seed=seed)
-    return image_data.from_folder(data, valid_pct=valid_pct, seed=seed)
 
 
 @dataclass(frozen=True)
