@@ -3,8 +3,8 @@ schedules and where a new head starts.
 
 They live here, apart from the torch code that implements them, so the option declarations (and
 with them ``lensflow --help`` and every one-line refusal of a bad option) load without importing
-torch, which costs seconds per process. Each implementing module keys its table by these names;
-tests check the two agree.
+torch, which costs seconds per process. The modules that implement the choices dispatch on these
+words; tests/training/test_fine_tune.py checks the finder rules against ``SUGGESTERS``.
 """
 
 #: LR-finder suggestion rules (``training.fit.lr_finder.SUGGESTERS``).
