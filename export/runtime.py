@@ -25,7 +25,6 @@ import numpy as np
 
 from export.bundle import Bundle
 from export.errors import BundleIntegrityError, ExportError, GraphMismatchError
-from export.formats import quiet_torchscript
 from export.loader_workers import available_cores
 from export.manifest import IMAGE_OUTPUTS
 
@@ -189,6 +188,8 @@ class TorchScriptRuntime(Runtime):
                  output_names: list[str] | tuple[str, ...] = IMAGE_OUTPUTS,
                  input_name: str = "images", *, sha256: str | None = None):
         import torch
+
+        from export.formats import quiet_torchscript
 
         self.device = "cuda" if use_cuda(device) else "cpu"
         data = verified_bytes(path, sha256)

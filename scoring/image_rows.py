@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +31,12 @@ from export.manifest import point_frame, thresholds_for
 from export.pixels import from_model_frame, upright_size
 from export.storage import filesystem, is_url
 from scoring.errors import BundleRefError
-from scoring.image_batches import DecodedBatch
 from scoring.image_folder import ImageFile
 from scoring.object_commit import arrow_filesystem
 from scoring.partition import committed_part_files, open_input
+
+if TYPE_CHECKING:  # torch: imported when a shard decodes
+    from scoring.image_batches import DecodedBatch
 
 _TS = pa.timestamp("us", tz="UTC")
 IMAGE_PREDICTIONS_SCHEMA = pa.schema([

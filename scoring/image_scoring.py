@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from export.bundle import Bundle, load_bundle, resolve_bundle
 from export.errors import ExportError
@@ -31,7 +32,6 @@ from export.runtime import Runtime, cuda_present
 from export.storage import absolute, is_url
 from scoring.bundle_cache import cached_bundle, keep, where
 from scoring.errors import BundleRefError, ImageFolderError
-from scoring.image_batches import DecodedBatch, decoded_batches, gpu_decoded_batches
 from scoring.image_folder import FolderWalk, ImageFile, walk_folder
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
 from scoring.options import ImageScoreOptions, resolve_options
@@ -51,6 +51,9 @@ from scoring.shards import (
     shard_runtime,
     with_runtime,
 )
+
+if TYPE_CHECKING:  # torch: imported when a shard decodes
+    from scoring.image_batches import DecodedBatch
 
 TABLE = "image_predictions"
 _log = logging.getLogger(__name__)
@@ -171,6 +174,9 @@ def score_image_shard(job: ImageShardJob, progress: Progress | None = None) -> S
     files, options = list(job.files), job.options
     workers = 0 if multiprocessing.current_process().daemon else options.workers
     spec = Preprocessing.from_dict(bundle.manifest["preprocessing"])
+    # torch: imported by a shard, so that planning (and its one-line refusals) runs without it.
+    from scoring.image_batches import decoded_batches, gpu_decoded_batches
+
     if options.gpu_decode and options.device != "cpu" and cuda_present():
         batches = gpu_decoded_batches(files, spec, options.batch_size)
     else:  # decoding workers start now, while the runtime loads (a no-op when it is cached)

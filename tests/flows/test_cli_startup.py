@@ -33,7 +33,8 @@ answers = []
 for argv in (["--help"], ["train", "images", "--help"], ["score", "images", "--help"],
              ["train", "images", "photos", "--epochs", "-1"],
              ["train", "images", "no/such/folder"], ["train", "images", "photos"],
-             ["verify", "no/such/bundle"]):
+             ["verify", "no/such/bundle"],
+             ["score", "images", "photos", "--model", "no/such/reg/m", "--out", "out"]):
     sys.argv = ["lensflow", *argv]
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -50,7 +51,8 @@ print(json.dumps({{"answers": answers, "loaded": [m for m in {HEAVY!r} if m in s
     assert "--head-init" in train_help and "--lr-rule" in train_help
     assert "--run-date" in score_help
     assert bad_code == 2 and "--epochs" in bad_text and "Traceback" not in bad_text
-    for (code, text), needle in zip(wrong, ["no/such/folder", "photos", "no/such/bundle"],
+    for (code, text), needle in zip(wrong, ["no/such/folder", "photos", "no/such/bundle",
+                                                  "no/such/reg/m"],
                                     strict=True):
         assert code == 2 and text.startswith("error: ") and needle in text, text
         assert len(text.strip().splitlines()) == 1, text
