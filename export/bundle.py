@@ -230,8 +230,11 @@ class BundleWriter:
 
 
 def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
-    """Verify a bundle, then sign its digest (replacing its record); returns the record path."""
-    bundle = load_bundle(bundle_path, verify=True)
+    """Verify a bundle, then sign its digest (replacing its record); returns the record path.
+
+    The bundle's current signature is not checked: this replaces it (an unsigned bundle must be
+    signable where a verify key refuses unsigned bundles)."""
+    bundle = load_bundle(bundle_path, verify=True, signature=False)
     record = digest_record(bundle.name, bundle.version, bundle.sha256, signing_key)
     if bundle.source is not None:
         url = bundle.source + RECORD_SUFFIX
@@ -275,28 +278,29 @@ class Bundle:
                 "sha256": self.sha256, "task": self.task}
 
 
-def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, *, verify: bool = True, signature: bool = True) -> Bundle:
     """Read a bundle directory, refusing a manifest its digest record, ``current`` or signature
     does not vouch for; with ``verify`` also every listed file's sha256, and no unlisted file.
 
     A URL is fetched into the local bundle cache (verified there before first use) and loaded
     from it."""
     if is_url(path):
-        local, fresh = fetch_bundle(ref_text(path), lambda copy: load_bundle(copy, verify=True))
-        bundle = load_bundle(local, verify=verify and not fresh)
+        local, fresh = fetch_bundle(ref_text(path), lambda copy: load_bundle(
+            copy, verify=True, signature=signature))
+        bundle = load_bundle(local, verify=verify and not fresh, signature=signature)
         return replace(bundle, source=ref_text(path))
     path = Path(path)
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
     manifest, raw = read_manifest(path)
     digest = hashlib.sha256(raw).hexdigest()
-    signature = check_digest(path, manifest, digest)
+    standing = check_digest(path, manifest, digest, signature=signature)
     if verify:
         verify_files(path, manifest["files"])
         refuse_unlisted(path, manifest["files"])
     return Bundle(path=path, manifest=manifest, name=manifest["name"],
                   version=manifest["version"], sha256=digest, task=manifest["task"],
-                  signature=signature)
+                  signature=standing)
 
 
 def list_versions(registry: str | Path, name: str) -> list[str]:

@@ -45,5 +45,9 @@ class SigningKeyError(ExportError):
     """A signing or verify key file is missing, unreadable or not an Ed25519 PEM key."""
 
 
+class SigningSettingError(ExportError):
+    """A signing setting (``LENSFLOW_REQUIRE_SIGNED``) holds a value it does not define."""
+
+
 class GraphMismatchError(ManifestError):
     """The manifest describes a graph input the exported graph does not take (e.g. its size)."""

@@ -8,8 +8,13 @@ made for something else can never pass for a bundle's. Keys are PEM files as ``o
 
 - ``LENSFLOW_SIGNING_KEY``: private key PEM an export signs with (export, train ``--registry``,
   the training flows).
-- ``LENSFLOW_VERIFY_KEY``: public key PEM every load checks a signature against.
-- ``LENSFLOW_REQUIRE_SIGNED=1``: an unsigned bundle is refused (needs ``LENSFLOW_VERIFY_KEY``).
+- ``LENSFLOW_VERIFY_KEY``: public key PEM every load checks a signature against; with it set, an
+  unsigned bundle is refused unless ``LENSFLOW_REQUIRE_SIGNED`` says ``0`` (then each load of
+  one logs a warning line).
+- ``LENSFLOW_REQUIRE_SIGNED``: ``1``, ``true``, ``yes`` or ``on`` refuses unsigned bundles (and
+  needs ``LENSFLOW_VERIFY_KEY``); ``0``, ``false``, ``no`` or ``off`` lets unsigned bundles
+  through; unset, signatures are required exactly when a verify key is set. Any other value,
+  the empty string included, is refused: a typo must never turn the check off.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 from pathlib import Path
 
-from export.errors import BundleSignatureError, SigningKeyError
+from export.errors import BundleSignatureError, SigningKeyError, SigningSettingError
 
 SIGNING_KEY_ENV = "LENSFLOW_SIGNING_KEY"
 VERIFY_KEY_ENV = "LENSFLOW_VERIFY_KEY"
@@ -28,7 +34,10 @@ REQUIRE_SIGNED_ENV = "LENSFLOW_REQUIRE_SIGNED"
 ALGORITHM = "ed25519"
 PRIVATE_KEY_FILE = "lensflow-signing.pem"
 PUBLIC_KEY_FILE = "lensflow-verify.pem"
-_TRUE = {"1", "true", "yes", "on"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+_log = logging.getLogger(__name__)
 
 
 def signed_message(digest: str) -> bytes:
@@ -94,26 +103,47 @@ def sign_digest(private_key, digest: str) -> dict:
             "value": base64.b64encode(value).decode("ascii")}
 
 
-def require_signed() -> bool:
-    """Whether ``$LENSFLOW_REQUIRE_SIGNED`` says unsigned bundles are refused."""
-    return os.environ.get(REQUIRE_SIGNED_ENV, "").strip().lower() in _TRUE
+def require_signed() -> bool | None:
+    """What ``$LENSFLOW_REQUIRE_SIGNED`` says: True (refuse unsigned bundles), False (let them
+    through) or None (unset); any other value is a :class:`SigningSettingError`."""
+    value = os.environ.get(REQUIRE_SIGNED_ENV)
+    if value is None:
+        return None
+    word = value.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise SigningSettingError(
+        f"{REQUIRE_SIGNED_ENV}={value!r}: not one of {', '.join(_TRUE)} (unsigned bundles "
+        f"refused) or {', '.join(_FALSE)} (allowed); unset it to require signatures exactly "
+        f"when {VERIFY_KEY_ENV} is set")
 
 
 def check_signature(where: str, signature: object, digest: str) -> str:
     """Check a bundle's signature record against ``$LENSFLOW_VERIFY_KEY``; returns how it stands
     (``verified``, ``unchecked`` (signed, no verify key set) or ``unsigned``).
 
+    With a verify key set an unsigned bundle is refused, unless ``$LENSFLOW_REQUIRE_SIGNED`` is
+    explicitly off, which logs a warning line on every such load.
     where: what to name in the one-line error (the bundle directory).
     """
     key_path = os.environ.get(VERIFY_KEY_ENV)
     required = require_signed()
     if required and not key_path:
         raise BundleSignatureError(
-            f"bundle {where}: {REQUIRE_SIGNED_ENV}=1 but {VERIFY_KEY_ENV} names no public key")
+            f"bundle {where}: {REQUIRE_SIGNED_ENV} is on but {VERIFY_KEY_ENV} names no public "
+            "key")
     if signature is None:
         if required:
             raise BundleSignatureError(
                 f"bundle {where}: unsigned, and {REQUIRE_SIGNED_ENV}=1 refuses unsigned bundles")
+        if key_path and required is None:
+            raise BundleSignatureError(
+                f"bundle {where}: unsigned, and {VERIFY_KEY_ENV} is set, so a signature is "
+                f"required (set {REQUIRE_SIGNED_ENV}=0 to allow unsigned bundles)")
+        if key_path:
+            _log.warning("warning: bundle %s: unsigned, loaded only because %s=%s with %s set",
+                         where, REQUIRE_SIGNED_ENV, os.environ[REQUIRE_SIGNED_ENV],
+                         VERIFY_KEY_ENV)
         return "unsigned"
     if not key_path:
         return "unchecked"

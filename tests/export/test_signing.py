@@ -11,7 +11,7 @@ import pytest
 from bundle_tampering import edited_manifest, record_of, reseal
 
 from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
-from export.errors import BundleSignatureError, SigningKeyError
+from export.errors import BundleSignatureError, SigningKeyError, SigningSettingError
 from export.signing import (
     REQUIRE_SIGNED_ENV,
     SIGNING_KEY_ENV,
@@ -133,3 +133,51 @@ def test_export_signs_with_the_key_from_the_environment(tmp_path, keys, monkeypa
     monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
     assert load_bundle(result.bundle_path).signature == "verified"
     assert os.path.exists(result.bundle_path.parent / f"{result.version}.digest.json")
+
+
+@pytest.mark.parametrize("value", ["required", "enabled", "y", "", "2"])
+def test_require_signed_refuses_a_value_it_does_not_define(tmp_path, keys, monkeypatch, value):
+    """A typo must never turn the check off: before, any such value silently meant 'off'."""
+    _, public = keys
+    bundle = write_bundle(tmp_path / "reg")
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, value)
+    with pytest.raises(SigningSettingError) as refused:
+        load_bundle(bundle)
+    message = str(refused.value)
+    assert message.startswith(f"{REQUIRE_SIGNED_ENV}={value!r}: not one of 1, true, yes, on")
+    assert "0, false, no, off" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["1", "TRUE", " yes ", "on", "0", "false", "No", "off"])
+def test_require_signed_accepts_its_documented_values(tmp_path, keys, monkeypatch, value):
+    private, public = keys
+    bundle = write_bundle(tmp_path / "reg", load_signing_key(private))
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, value)
+    assert load_bundle(bundle).signature == "verified"
+
+
+def test_with_a_verify_key_an_unsigned_bundle_is_refused(tmp_path, keys, monkeypatch):
+    """The downgrade: a verify key alone used to let an unsigned record pass as 'unsigned'."""
+    _, public = keys
+    bundle = write_bundle(tmp_path / "reg")
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    with pytest.raises(BundleSignatureError,
+                       match=f"bundle {bundle}: unsigned, and {VERIFY_KEY_ENV} is set"):
+        load_bundle(bundle)
+    with pytest.raises(BundleSignatureError, match="unsigned"):
+        promote(bundle)
+
+
+def test_the_explicit_opt_out_lets_unsigned_bundles_through_with_a_warning(
+        tmp_path, keys, monkeypatch, caplog):
+    _, public = keys
+    bundle = write_bundle(tmp_path / "reg")
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, "0")
+    with caplog.at_level("WARNING", logger="export.signing"):
+        assert load_bundle(bundle).signature == "unsigned"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: bundle {bundle}: unsigned, loaded only because {REQUIRE_SIGNED_ENV}=0 with "
+        f"{VERIFY_KEY_ENV} set"]
