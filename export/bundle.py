@@ -199,6 +199,10 @@ class BundleWriter:
         (or upload it, manifest last, to a registry URL)."""
         if self.dir is None or self.committed is not None:
             raise ExportError(f"bundle {self.path}: commit outside an open BundleWriter")
+        if signing_key is not None and not _staged_parity_passed(self.dir):
+            # A signature vouches for the gate's verdict too: a failed bundle stays unsigned.
+            raise ExportError(f"bundle {self.path}: {PARITY} does not record a passed parity "
+                              "gate; not signed")
         full = {
             **manifest,
             "name": self.name,
@@ -229,12 +233,23 @@ class BundleWriter:
         return self.committed
 
 
+def _staged_parity_passed(staging: Path) -> bool:
+    try:
+        report = json.loads((staging / PARITY).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(report, dict) and report.get("passed") is True
+
+
 def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
     """Verify a bundle, then sign its digest (replacing its record); returns the record path.
 
     The bundle's current signature is not checked: this replaces it (an unsigned bundle must be
     signable where a verify key refuses unsigned bundles)."""
     bundle = load_bundle(bundle_path, verify=True, signature=False)
+    if not read_parity_passed(bundle):
+        raise ExportError(f"bundle {bundle_path}: {PARITY} does not record a passed parity "
+                          "gate; not signed")
     record = digest_record(bundle.name, bundle.version, bundle.sha256, signing_key)
     if bundle.source is not None:
         url = bundle.source + RECORD_SUFFIX

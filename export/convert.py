@@ -4,9 +4,10 @@ The per-format conversions live in ``export.formats``; this module is the recipe
 
 The recipe reads top to bottom: check the manifest, convert every graph (TorchScript, ONNX,
 optional ``.pt2``), save the eager weights as safetensors, run the parity gate, write its report,
-commit. A bundle whose parity failed is still committed so it can be inspected, then
-``ParityError`` is raised with its path; ``promote`` refuses it. The commit records the bundle
-digest beside it, signed when a signing key is given or ``$LENSFLOW_SIGNING_KEY`` is set.
+commit. A bundle whose parity failed is still committed, unsigned, so it can be inspected, then
+``ParityError`` is raised with its path; ``promote`` refuses it and scoring refuses it unless
+told otherwise. The commit records the bundle digest beside it, signed when a signing key is
+given or ``$LENSFLOW_SIGNING_KEY`` is set and the gate passed.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
     aoti: also compile an AOTInductor package of each graph for this machine's CPU (minutes;
         a failed compile is recorded as the graph's ``aoti_error`` and the bundle goes on).
     signing_key: Ed25519 private key PEM that signs the bundle digest (default
-        ``$LENSFLOW_SIGNING_KEY``; unsigned when neither is set).
-    Raises ``ParityError`` (after committing the bundle) when an export diverges.
+        ``$LENSFLOW_SIGNING_KEY``; unsigned when neither is set or the gate failed).
+    Raises ``ParityError`` (after committing the bundle, unsigned) when an export diverges.
     """
     # A bad key fails here, before minutes of conversion.
     key = load_signing_key(signing_key) if signing_key else signing_key_from_env()
@@ -165,12 +166,11 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
             "weights": WEIGHTS if weights else None,
             "parity": {"passed": report.passed, "tolerances": tolerances.to_dict(),
                        "inputs": PARITY_INPUTS},
-        }, signing_key=key)
-    bundle = load_bundle(path)
-    result = ExportResult(path, bundle.name, bundle.version, bundle.sha256, report)
+        }, signing_key=key if report.passed else None)  # a failed gate is never signed
     if not report.passed:
         failures = report.failures()
         more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-        raise ParityError(f"bundle {path}: parity failed — {'; '.join(failures[:3])}{more}",
-                          bundle_path=path, report=report)
-    return result
+        raise ParityError(f"bundle {path}: parity failed — {'; '.join(failures[:3])}{more} "
+                          "(kept unsigned for inspection)", bundle_path=path, report=report)
+    bundle = load_bundle(path)
+    return ExportResult(path, bundle.name, bundle.version, bundle.sha256, report)

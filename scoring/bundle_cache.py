@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from export.bundle import Bundle
+from export.bundle import Bundle, read_parity_passed
 from scoring.errors import BundleRefError
 
 T = TypeVar("T")
@@ -81,6 +81,18 @@ def keep(bundle: Bundle) -> Bundle:
             while len(_bundles) > MAX_BUNDLES:
                 _bundles.popitem(last=False)
     return bundle
+
+
+def parity_metadata(bundle: Bundle, model_ref: object, allow_failed: bool) -> dict[str, str]:
+    """Refuse a bundle whose parity gate failed unless ``allow_failed``; the partition metadata
+    that records both, so a row scored with such a bundle never looks like any other."""
+    passed = read_parity_passed(bundle)
+    if not passed and not allow_failed:
+        raise BundleRefError(
+            f"model {model_ref}: {bundle.name}/{bundle.version}: its parity gate failed (or it "
+            "has no parity.json) — not scored; --allow-failed-parity (allow_failed_parity) "
+            "scores with it anyway")
+    return {"parity_passed": str(passed).lower(), "allow_failed_parity": str(allow_failed).lower()}
 
 
 def cached_for(bundle: Bundle, what: tuple, factory: Callable[[], T]) -> T:

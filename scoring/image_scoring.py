@@ -30,7 +30,7 @@ from export.manifest import IMAGE_TASKS
 from export.pixels import IMAGE_SUFFIXES, Preprocessing
 from export.runtime import Runtime, cuda_present
 from export.storage import absolute, is_url
-from scoring.bundle_cache import cached_bundle, keep, where
+from scoring.bundle_cache import cached_bundle, keep, parity_metadata, where
 from scoring.errors import BundleRefError, ImageFolderError
 from scoring.image_folder import FolderWalk, ImageFile, walk_folder
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
@@ -143,12 +143,14 @@ def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
     # Absolute paths: a worker's working directory is not the planner's.
     folder, out = absolute(folder), absolute(out)
     bundle = keep(open_image_bundle(model))
+    parity = parity_metadata(bundle, model, options.allow_failed_parity)
     walk, to_score = files_to_score(folder, out, bundle, run_date,
                                     incremental=options.incremental)
     files = walk.files
     # The parts of each shard overwrite "runtime" with the runtime and device that really ran.
     pending = open_partition(out, TABLE, run_date, IMAGE_PREDICTIONS_SCHEMA,
-                             partition_metadata(bundle, f"{options.runtime}/{options.device}"),
+                             partition_metadata(bundle, f"{options.runtime}/{options.device}")
+                             | parity,
                              run_id=run_id or new_run_id())
     jobs = tuple(
         ImageShardJob(shard=shard, folder=str(folder), files=tuple(part),

@@ -30,6 +30,8 @@ class ScoreOptions(RuntimeOptions):
 
     shards: PositiveInt | None = Field(None, description="pieces the run is split into "
                                        "(default 1 here, 16 on a Dask cluster)")
+    allow_failed_parity: bool = Field(False, description="score with a bundle whose parity "
+                                      "gate failed (recorded in every output file's metadata)")
 
 
 class ImageScoreOptions(ScoreOptions):

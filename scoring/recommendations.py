@@ -25,7 +25,7 @@ from export.bundle import Bundle, load_bundle, resolve_bundle
 from export.errors import ExportError
 from export.runtime import Runtime
 from export.storage import absolute
-from scoring.bundle_cache import cached_bundle, cached_for, keep, where
+from scoring.bundle_cache import cached_bundle, cached_for, keep, parity_metadata, where
 from scoring.errors import BundleRefError, ScoringError
 from scoring.options import RecScoreOptions, resolve_options
 from scoring.partition import PendingPartition, abort_partition, new_run_id, open_partition
@@ -147,10 +147,11 @@ def plan_rec_run(model: str | Path, out: str | Path, options: RecScoreOptions | 
     run_id = run_id or new_run_id()
     out = absolute(out)
     bundle = keep(open_collab_bundle(model))
+    parity = parity_metadata(bundle, model, options.allow_failed_parity)
     vocab = CollabVocab.from_manifest(bundle.manifest)
     chosen, unknown = select_users(vocab, options.users, strict=options.strict)
     meta = partition_metadata(bundle, f"{options.runtime}/{options.device}", vocab.id_type,
-                              options.top_k)
+                              options.top_k) | parity
     topk = open_partition(out, TOPK_TABLE, run_date, topk_schema(vocab.id_type), meta,
                           run_id=run_id) if options.top_k else None
     try:

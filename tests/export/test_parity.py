@@ -25,6 +25,7 @@ from export.bundle import BundleWriter, load_bundle, promote
 from export.convert import export_bundle
 from export.errors import BundleIntegrityError, ExportError, ParityError, PromotionError
 from export.manifest import thresholds_for
+from export.signing import SIGNING_KEY_ENV, write_key_pair
 from export.parity import (
     ParityReport,
     ParityTolerances,
@@ -121,7 +122,11 @@ def test_tolerances_are_configurable(good_bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_with_a_broken_converter_is_written_but_never_promoted(tmp_path, monkeypatch):
+def test_export_with_a_broken_converter_is_written_unsigned_and_never_promoted(tmp_path,
+                                                                             monkeypatch):
+    """A failed gate keeps the bundle for inspection, but never signs it, key or not."""
+    private, _ = write_key_pair(tmp_path / "keys")
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(private))
     real_to_onnx = export.formats.to_onnx
 
     def buggy_to_onnx(spec, path, program=None):
@@ -135,6 +140,7 @@ def test_export_with_a_broken_converter_is_written_but_never_promoted(tmp_path, 
     path = err.value.bundle_path
     assert str(path) in str(err.value)
     assert load_bundle(path).manifest["parity"]["passed"] is False
+    assert "signature" not in json.loads((path.parent / f"{path.name}.digest.json").read_text())
     assert err.value.report.failures()
     with pytest.raises(PromotionError, match="failed parity"):
         promote(path)

@@ -11,7 +11,7 @@ import pytest
 from bundle_tampering import edited_manifest, record_of, reseal
 
 from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
-from export.errors import BundleSignatureError, SigningKeyError, SigningSettingError
+from export.errors import BundleSignatureError, ExportError, SigningKeyError, SigningSettingError
 from export.signing import (
     REQUIRE_SIGNED_ENV,
     SIGNING_KEY_ENV,
@@ -181,3 +181,20 @@ def test_the_explicit_opt_out_lets_unsigned_bundles_through_with_a_warning(
     assert [r.getMessage() for r in caplog.records] == [
         f"warning: bundle {bundle}: unsigned, loaded only because {REQUIRE_SIGNED_ENV}=0 with "
         f"{VERIFY_KEY_ENV} set"]
+
+
+def test_a_bundle_whose_parity_failed_is_never_signed(tmp_path, keys):
+    private, _ = keys
+    with BundleWriter(tmp_path / "reg", "ants") as writer:
+        (writer.dir / "model.onnx").write_bytes(b"onnx-bytes")
+        (writer.dir / "parity.json").write_text(json.dumps({"passed": False}))
+        with pytest.raises(ExportError, match="parity.json does not record a passed parity gate; not signed"):
+            writer.commit({"task": "single_label"}, signing_key=load_signing_key(private))
+    assert not list((tmp_path / "reg" / "ants").iterdir()), "nothing committed"
+    with BundleWriter(tmp_path / "reg2", "failed") as writer:
+        (writer.dir / "parity.json").write_text(json.dumps({"passed": False}))
+        failed = writer.commit({"task": "single_label"})
+    with pytest.raises(ExportError, match=f"bundle {failed}: parity.json does not record a "
+                                          "passed parity gate; not signed"):
+        sign_bundle(failed, load_signing_key(private))
+    assert "signature" not in json.loads(record_of(failed).read_text())

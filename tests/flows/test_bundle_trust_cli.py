@@ -54,3 +54,47 @@ def test_downgrade_an_unsigned_bundle_is_refused_where_a_verify_key_is_set(monke
     monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
     refused_everywhere(monkeypatch, capsys, bundle, images, tmp_path / "out",
                        f"bundle {bundle}: unsigned, and {VERIFY_KEY_ENV} is set")
+
+
+def _metadata(out) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    part = next((out / "image_predictions").rglob("part-*.parquet"))
+    return {k.decode(): v.decode() for k, v in pq.read_schema(part).metadata.items()}
+
+
+def test_a_bundle_whose_parity_failed_is_scored_only_when_the_flag_says_so(monkeypatch, capsys,
+                                                                          tmp_path, images):
+    """Failed parity: by REG/NAME/VERSION or through a hand-written ``current``, scoring refuses
+    it; ``--allow-failed-parity`` scores it and every output file says so."""
+    import hashlib
+
+    bundle = make_image_bundle(tmp_path / "reg", promoted=False, parity_passed=False)
+    digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    (bundle.parent / "current").write_text(f"{bundle.name} sha256:{digest}\n")
+    out = tmp_path / "out"
+    for ref in (bundle, bundle.parent):
+        code, _, err = lensflow(monkeypatch, capsys, "score", "images", images, "--model", ref,
+                                "--out", out)
+        assert code == 2
+        assert_one_line(err, f"tiny/{bundle.name}: its parity gate failed",
+                        "--allow-failed-parity")
+    assert not out.exists()
+    code, _, err = lensflow(monkeypatch, capsys, "score", "images", images, "--model",
+                            bundle.parent, "--out", out, "--allow-failed-parity")
+    assert code == 0, err
+    meta = _metadata(out)
+    assert meta["lensflow.parity_passed"] == "false"
+    assert meta["lensflow.allow_failed_parity"] == "true"
+
+
+def test_a_run_records_that_parity_passed_and_no_flag_was_given(monkeypatch, capsys, tmp_path,
+                                                                images):
+    bundle = make_image_bundle(tmp_path / "reg")
+    out = tmp_path / "out"
+    code, _, err = lensflow(monkeypatch, capsys, "score", "images", images, "--model",
+                            bundle.parent, "--out", out)
+    assert code == 0, err
+    meta = _metadata(out)
+    assert (meta["lensflow.parity_passed"], meta["lensflow.allow_failed_parity"]) == \
+        ("true", "false")

@@ -194,3 +194,18 @@ def test_bad_requests_are_scoring_errors(bundle, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ScoringError, match="no user ids"):
         score_recommendations(path, tmp_path, users=empty, run_date=DAY)
+
+
+def test_a_recommender_whose_parity_failed_is_scored_only_when_allowed(bundle, tmp_path,
+                                                                       monkeypatch):
+    import scoring.bundle_cache
+
+    path, _, _ = bundle
+    monkeypatch.setattr(scoring.bundle_cache, "read_parity_passed", lambda b: False)
+    with pytest.raises(ScoringError, match="its parity gate failed .*--allow-failed-parity"):
+        score_recommendations(path, tmp_path, top_k=2, run_date=DAY)
+    assert not (tmp_path / TOPK_TABLE).exists()
+    score_recommendations(path, tmp_path, top_k=2, run_date=DAY, allow_failed_parity=True)
+    schema = pq.read_schema(next((tmp_path / TOPK_TABLE).rglob("part-*.parquet")))
+    assert schema.metadata[b"lensflow.parity_passed"] == b"false"
+    assert schema.metadata[b"lensflow.allow_failed_parity"] == b"true"

@@ -51,8 +51,12 @@ def make_image_bundle(
     name: str = "tiny",
     seed: int = 0,
     promoted: bool = True,
+    parity_passed: bool = True,
 ) -> Path:
-    """Write and (by default) promote a bundle; returns its directory."""
+    """Write and (by default) promote a bundle; returns its directory.
+
+    parity_passed: what its ``parity.json`` records (a failed gate cannot be promoted).
+    """
     torch.manual_seed(seed)
     n_out = 2 if task == "regression" else len(classes)
     model = TinyImageModel(n_out, task).eval()
@@ -72,7 +76,7 @@ def make_image_bundle(
             output_names=["scores", "logits"], dynamic_axes={"images": {0: "batch"}},
             dynamo=False,
         )
-        (writer.dir / "parity.json").write_text(json.dumps({"passed": True}))
+        (writer.dir / "parity.json").write_text(json.dumps({"passed": parity_passed}))
         path = writer.commit(manifest)
     if promoted:
         promote(path)
