@@ -246,7 +246,7 @@ def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
 
     The bundle's current signature is not checked: this replaces it (an unsigned bundle must be
     signable where a verify key refuses unsigned bundles)."""
-    bundle = load_bundle(bundle_path, verify=True, signature=False)
+    bundle = load_bundle(bundle_path, signature=False)
     if not read_parity_passed(bundle):
         raise ExportError(f"bundle {bundle_path}: {PARITY} does not record a passed parity "
                           "gate; not signed")
@@ -293,24 +293,29 @@ class Bundle:
                 "sha256": self.sha256, "task": self.task}
 
 
-def load_bundle(path: str | Path, *, verify: bool = True, signature: bool = True) -> Bundle:
-    """Read a bundle directory, refusing a manifest its digest record, ``current`` or signature
-    does not vouch for; with ``verify`` also every listed file's sha256, and no unlisted file.
+def load_bundle(path: str | Path, *, signature: bool = True) -> Bundle:
+    """Read a bundle, refusing anything its pins do not vouch for: the manifest against its
+    digest record, ``current``'s pin and the signature; every listed file inside the bundle (no
+    absolute path, no ``..``, no symlink) and hashing to its entry; no unlisted file.
 
-    A URL is fetched into the local bundle cache (verified there before first use) and loaded
-    from it."""
+    Every load goes through these checks (verify, promote, the parity gate, scoring). A URL is
+    fetched into the local bundle cache, or found there, and checked there before it is used.
+    signature: False only to re-sign a bundle (:func:`sign_bundle`), whose signature it replaces.
+    """
     if is_url(path):
-        local, fresh = fetch_bundle(ref_text(path), lambda copy: load_bundle(
-            copy, verify=True, signature=signature))
-        bundle = load_bundle(local, verify=verify and not fresh, signature=signature)
-        return replace(bundle, source=ref_text(path))
-    path = Path(path)
+        local = fetch_bundle(ref_text(path), lambda copy: _load_local(copy, signature, True))
+        # fetch_bundle has just run every check on that copy, hit or download.
+        return replace(_load_local(local, signature, hash_files=False), source=ref_text(path))
+    return _load_local(Path(path), signature, hash_files=True)
+
+
+def _load_local(path: Path, signature: bool, hash_files: bool) -> Bundle:
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
     manifest, raw = read_manifest(path)
     digest = hashlib.sha256(raw).hexdigest()
     standing = check_digest(path, manifest, digest, signature=signature)
-    if verify:
+    if hash_files:
         verify_files(path, manifest["files"])
         refuse_unlisted(path, manifest["files"])
     return Bundle(path=path, manifest=manifest, name=manifest["name"],
@@ -387,7 +392,7 @@ def read_parity_passed(bundle: Bundle) -> bool:
 def promote(bundle_path: str | Path) -> Path | str:
     """Make a verified bundle whose parity passed the current version, pinning its digest;
     returns the pointer path (one object written whole in a registry URL)."""
-    bundle = load_bundle(bundle_path, verify=True)
+    bundle = load_bundle(bundle_path)
     path = bundle_path if is_url(bundle_path) else Path(bundle_path)
     if basename(path) != bundle.version:
         raise PromotionError(

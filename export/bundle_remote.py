@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError
-from export.pins import CURRENT, RECORD_SUFFIX, parse_pointer
+from export.pins import CURRENT, RECORD_SUFFIX, check_listed_path, parse_pointer
 from export.storage import (
     ORPHAN_GRACE_S,
     basename,
@@ -160,11 +160,10 @@ def resolve_remote(url: str) -> str:
     return target
 
 
-def fetch_bundle(url: str, verify: Callable[[Path], object]) -> tuple[Path, bool]:
-    """The local copy of the bundle at ``url`` in the cache, keyed by its manifest's digest;
-    ``(path, downloaded now)``.
-
-    verify: checks a downloaded copy (every hash, no unlisted file) before it enters the cache.
+def fetch_bundle(url: str, verify: Callable[[Path], object]) -> Path:
+    """The local copy of the bundle at ``url`` in the cache, keyed by its manifest's digest,
+    checked by ``verify`` (every hash, no unlisted file) before it is returned: a download
+    before it enters the cache, a copy already there each time it is used.
     """
     try:
         raw = read_bytes(join(url, MANIFEST))
@@ -175,7 +174,8 @@ def fetch_bundle(url: str, verify: Callable[[Path], object]) -> tuple[Path, bool
     version = basename(url)
     cached = cache_dir() / digest
     if (cached / version / MANIFEST).is_file():
-        return cached / version, False
+        verify(cached / version)
+        return cached / version
     files = _listed(url, raw)
     cache_dir().mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=cache_dir()))
@@ -200,7 +200,7 @@ def fetch_bundle(url: str, verify: Callable[[Path], object]) -> tuple[Path, bool
         downloads[url] += 1
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return cached / version, True
+    return cached / version
 
 
 def _check_pin(url: str, digest: str) -> None:
@@ -224,8 +224,4 @@ def _listed(url: str, raw: bytes) -> list[str]:
             from None
     if not isinstance(files, dict):
         raise BundleIntegrityError(f"bundle {url}: manifest.json has no 'files' table")
-    for rel in files:
-        parts = PurePosixPath(rel).parts
-        if rel == MANIFEST or not parts or rel.startswith("/") or ".." in parts:
-            raise BundleIntegrityError(f"bundle {url}: manifest lists an invalid path {rel!r}")
-    return sorted(files)
+    return sorted(check_listed_path(url, rel) for rel in files)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from export.bundle import PARITY, load_bundle
+from export.bundle import PARITY, Bundle, load_bundle
 from export.errors import BundleIntegrityError
 from export.formats import GraphSpec
 from export.manifest import thresholds_for
@@ -260,12 +260,15 @@ def _stored_cases(tensors: dict[str, torch.Tensor], graph: str,
              [tensors[f"{graph}/{n}/output/{o}"].numpy() for o in output_names]) for n in names]
 
 
-def check_bundle(bundle_path: str | Path, tolerances: ParityTolerances | None = None, *,
-                 torchscript: bool = False) -> ParityReport:
+def check_bundle(bundle_path: str | Path | Bundle, tolerances: ParityTolerances | None = None,
+                 *, torchscript: bool = False) -> ParityReport:
     """Re-run the gate from a written bundle: digest and hashes, then ONNX Runtime (and
     TorchScript, which is code, only when ``torchscript``) against the eager outputs stored at
-    export (tolerances default to the ones the bundle passed with)."""
-    bundle = load_bundle(bundle_path, verify=True)
+    export (tolerances default to the ones the bundle passed with).
+
+    bundle_path: a bundle reference, or a :class:`Bundle` ``load_bundle`` has just checked.
+    """
+    bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
     manifest = bundle.manifest
     if tolerances is None:
         stored_tol = json.loads(bundle.file(PARITY).read_text()).get("tolerances") \

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from export import signing
 from export.errors import BundleIntegrityError, BundleNotFoundError
@@ -34,6 +34,20 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_listed_path(where: object, rel: object) -> str:
+    """A manifest ``files`` entry as a path inside the bundle: relative, in canonical form, no
+    ``..`` and not ``manifest.json`` itself; anything else is refused in one line.
+
+    where: the bundle, named in the error.
+    """
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) and rel else ()
+    if (not parts or PurePosixPath(rel).is_absolute() or ".." in parts
+            or PurePosixPath(*parts).as_posix() != rel or rel == "manifest.json"):
+        raise BundleIntegrityError(f"bundle {where}: manifest lists an invalid path {rel!r} "
+                                   "(absolute, with '..', not canonical, or the manifest)")
+    return rel
 
 
 def fsync_path(path: str | Path) -> None:

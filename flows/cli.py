@@ -215,11 +215,10 @@ def verify_cmd(
     on ONNX Runtime (and TorchScript with --torchscript) from the bundle alone."""
     from export.bundle import load_bundle, resolve_bundle
 
-    path = resolve_bundle(bundle)
-    loaded = load_bundle(path, verify=False)  # digest and signature; check_bundle hashes files
-    from export.parity import check_bundle  # torch: after the cheap checks
+    loaded = load_bundle(resolve_bundle(bundle))  # every check: digest, signature, files
+    from export.parity import check_bundle  # torch: after the checks
 
-    report = check_bundle(path, torchscript=torchscript)
+    report = check_bundle(loaded, torchscript=torchscript)
     out.print(report.to_markdown())
     out.print(f"{loaded.name} {loaded.version}: hashes ok, parity "
               f"{'passed' if report.passed else 'FAILED'} "

@@ -37,7 +37,7 @@ from scoring.recommendations import score_recommendations
 def resolve_model(model: str, *, want_collab: bool) -> str:
     """Fail fast on a model that is not there or is the wrong kind; pin its version."""
     path = resolve_bundle(model)
-    bundle = load_bundle(path, verify=False)  # the scorer hashes what it loads
+    bundle = load_bundle(path)
     if (bundle.task == "collab") != want_collab:
         wanted = "a recommender" if want_collab else "an image model"
         raise ScoringError(f"model {model}: bundle {bundle.name}/{bundle.version} is a "

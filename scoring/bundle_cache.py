@@ -1,7 +1,7 @@
 """Verified bundles and loaded runtimes kept per process, so a worker loads a model once per run.
 
 A Dask worker process runs many shards of one run (and many runs over its life). Verifying a
-bundle reads and hashes files (the graph a run loads; every file for recommendations), and an
+bundle reads and hashes every file it lists (:func:`export.bundle.load_bundle`), and an
 ONNX Runtime session plans its graph when it opens: both are paid once per process and bundle
 here, keyed by the bundle's directory and its digest
 (``Bundle.sha256``: the sha256 of ``manifest.json``, which ``load_bundle`` has checked against the

@@ -208,15 +208,15 @@ def finish_image_run(plan: ImageRunPlan, results: list[ShardResult]) -> ScoreSum
 
 
 def open_image_bundle(model_ref: str | Path) -> Bundle:
-    """Resolve an image bundle and verify its manifest (digest record, ``current``'s pin,
-    signature); any problem is one :class:`BundleRefError` line.
+    """Resolve an image bundle and run every check of :func:`export.bundle.load_bundle` on it
+    (digest record, ``current``'s pin, signature, every file inside the bundle and hashed);
+    any problem is one :class:`BundleRefError` line.
 
-    The files are not hashed here: the runtime hashes the one graph a run loads, from the very
-    bytes it loads (:func:`export.runtime.open_bundle_graph`), and nothing else in the bundle
-    reaches an image row. ``lensflow verify`` and ``promote`` hash every file.
+    The runtime hashes the graph it loads once more, from the very bytes it loads
+    (:func:`export.runtime.open_bundle_graph`), so a file swapped after this check is not run.
     """
     try:
-        bundle = load_bundle(resolve_bundle(model_ref), verify=False)
+        bundle = load_bundle(resolve_bundle(model_ref))
     except ExportError as err:
         message = str(err) if str(model_ref) in str(err) else f"model {model_ref}: {err}"
         raise BundleRefError(message) from None

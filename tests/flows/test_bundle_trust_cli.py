@@ -98,3 +98,34 @@ def test_a_run_records_that_parity_passed_and_no_flag_was_given(monkeypatch, cap
     meta = _metadata(out)
     assert (meta["lensflow.parity_passed"], meta["lensflow.allow_failed_parity"]) == \
         ("true", "false")
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
+def test_escape_a_graph_outside_the_bundle_is_refused_by_every_load(monkeypatch, capsys,
+                                                                    tmp_path, images, escape):
+    """Escape: the manifest names a graph outside the bundle (``..``, an absolute path) or the
+    graph is a symlink out of it, with the right sha256; scoring used to load and run it."""
+    import hashlib
+    import shutil
+
+    from bundle_tampering import edited_manifest, reseal
+
+    bundle = make_image_bundle(tmp_path / "reg", promoted=False)
+    outside = tmp_path / "reg" / "outside.onnx"
+    shutil.copy(bundle / "model.onnx", outside)
+    if escape == "symlink":
+        (bundle / "model.onnx").chmod(0o644)
+        bundle.chmod(0o755)
+        (bundle / "model.onnx").unlink()
+        (bundle / "model.onnx").symlink_to(outside)
+        needles = [f"bundle {bundle}: model.onnx is a symlink"]
+    else:
+        rel = "../../outside.onnx" if escape == "dotdot" else str(outside)
+        with edited_manifest(bundle) as manifest:
+            entry = manifest["files"].pop("model.onnx")
+            assert entry["sha256"] == hashlib.sha256(outside.read_bytes()).hexdigest()
+            manifest["files"][rel] = entry
+            manifest["graphs"]["model"]["files"] = {"onnx": rel}
+        reseal(bundle)
+        needles = [f"bundle {bundle}: manifest lists an invalid path {rel!r}"]
+    refused_everywhere(monkeypatch, capsys, bundle, images, tmp_path / "out", *needles)

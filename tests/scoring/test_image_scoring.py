@@ -399,33 +399,36 @@ def _collab_bundle(registry: Path) -> Path:
         return writer.commit({"task": "collab", "users": ["u"], "items": ["i"]})
 
 
-def test_scoring_hashes_the_graph_it_loads_not_the_rest_of_the_bundle(tmp_path):
+def test_scoring_hashes_every_file_first_and_the_graph_again_as_it_loads(tmp_path):
+    from scoring.image_scoring import finish_image_run, plan_image_run, score_image_shard
+    from scoring.shards import run_plan
+
     bundle = Path(make_image_bundle(tmp_path / "reg", promoted=False))
     _good_images(tmp_path / "in")
-    clean = score_image_folder(tmp_path / "in", bundle, tmp_path / "clean", run_date=DAY,
-                               workers=0)
-    expected = read_partition(tmp_path / "clean", "image_predictions", DAY).to_pylist()
 
-    # A changed file no image row depends on: scoring runs on the verified graph
-    # (`lensflow verify` and `promote` still refuse the bundle).
-    with open(bundle / "parity.json", "a") as f:
-        f.write(" ")
-    bundle_cache.clear()  # as in the next night's process: nothing loaded yet
-    summary = score_image_folder(tmp_path / "in", bundle, tmp_path / "out", run_date=DAY,
-                                 workers=0)
-    assert summary.scored == clean.scored == summary.files
-    rows = read_partition(tmp_path / "out", "image_predictions", DAY).to_pylist()
-    assert [(r["path"], r["probabilities"]) for r in rows] == \
-        [(r["path"], r["probabilities"]) for r in expected]
+    # A changed file no image row depends on is still refused before anything runs: every
+    # load hashes every file the manifest lists (issue 27, one load path).
+    parity = bundle / "parity.json"
+    original = parity.read_bytes()
+    parity.chmod(0o644)
+    parity.write_bytes(original + b" ")
+    with pytest.raises(ScoringError, match="parity.json sha256 mismatch") as caught:
+        score_image_folder(tmp_path / "in", bundle, tmp_path / "out", run_date=DAY, workers=0)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / "image_predictions").exists()
+    parity.write_bytes(original)
 
-    # The graph itself, for each runtime: refused in one line naming it, no partition written.
+    # The graph swapped after the plan checked the bundle, for each runtime: the runtime hashes
+    # the bytes it loads, refuses in one line naming the graph, and no partition is written.
     for runtime, graph in (("onnx", "model.onnx"), ("torchscript", "model.ts")):
+        bundle_cache.clear()  # as in the next night's process: nothing loaded yet
+        plan = plan_image_run(tmp_path / "in", bundle, tmp_path / runtime,
+                              ImageScoreOptions(workers=0, runtime=runtime), run_date=DAY)
         original = (bundle / graph).read_bytes()
+        (bundle / graph).chmod(0o644)
         (bundle / graph).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        bundle_cache.clear()
         with pytest.raises(ScoringError, match=rf"{graph}: sha256 differs") as caught:
-            score_image_folder(tmp_path / "in", bundle, tmp_path / runtime, run_date=DAY,
-                               workers=0, runtime=runtime)
+            run_plan(plan, score_image_shard, finish_image_run)
         assert "\n" not in str(caught.value)
         assert not (tmp_path / runtime / "image_predictions" / f"run_date={DAY}").exists()
         (bundle / graph).write_bytes(original)
