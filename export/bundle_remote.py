@@ -8,9 +8,11 @@ none. ``current`` is one small object replaced by one PUT, which readers see old
 
 Nothing is loaded from the store directly. :func:`fetch_bundle` copies a bundle into the local
 cache ``$LENSFLOW_BUNDLE_CACHE`` (default ``~/.cache/lensflow/bundles``) under its digest, the
-sha256 of the manifest bytes it downloaded, verifies every file against that manifest before the
-copy is renamed into place, and from then on serves the copy: a worker downloads a bundle once,
-and every process of a machine shares it.
+sha256 of the manifest bytes it read from the store, verifies every file against that manifest
+before the copy is renamed into place, and from then on serves the copy: a worker downloads a
+bundle once, and every process of a machine shares it. The cache is not trusted by its path:
+each use re-reads the store's manifest, checks that the cached manifest hashes to that digest and
+re-runs every check on the copy; a copy that fails is moved aside and fetched again.
 
 An upload that dies before its manifest leaves objects no reader looks at; the next publish of
 the same model deletes them once they are :data:`~export.storage.ORPHAN_GRACE_S` old
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError
-from export.pins import CURRENT, RECORD_SUFFIX, check_listed_path, parse_pointer
+from export.pins import CURRENT, RECORD_SUFFIX, check_listed_path, file_sha256, parse_pointer
 from export.storage import (
     ORPHAN_GRACE_S,
     basename,
@@ -174,8 +176,13 @@ def fetch_bundle(url: str, verify: Callable[[Path], object]) -> Path:
     version = basename(url)
     cached = cache_dir() / digest
     if (cached / version / MANIFEST).is_file():
-        verify(cached / version)
-        return cached / version
+        problem = _cached_copy_problem(cached / version, digest, verify)
+        if problem is None:
+            return cached / version
+        # Whoever can write the cache must not choose what runs: drop the copy, fetch again.
+        _log.warning("warning: bundle %s: the cached copy %s is not the bundle (%s); fetching "
+                     "it again", url, cached, problem)
+        _discard(url, cached, problem)
     files = _listed(url, raw)
     cache_dir().mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=cache_dir()))
@@ -195,12 +202,39 @@ def fetch_bundle(url: str, verify: Callable[[Path], object]) -> Path:
         verify(local)
         try:
             os.rename(staging, cached)
-        except OSError:  # another process of this machine fetched it first: use theirs
-            pass
+        except OSError:  # another process of this machine fetched it first: use theirs, checked
+            verify(cached / version)
         downloads[url] += 1
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return cached / version
+
+
+def _cached_copy_problem(copy: Path, digest: str, verify: Callable[[Path], object]) -> str | None:
+    """What is wrong with a cached copy of the bundle whose manifest hashes to ``digest``: its
+    manifest is another one, or ``verify`` refuses it (a file, the record); None when sound."""
+    got = file_sha256(copy / MANIFEST)
+    if got != digest:
+        return f"its manifest hashes to {got[:12]}…, the store's to {digest[:12]}…"
+    try:
+        verify(copy)
+    except BundleIntegrityError as err:
+        return str(err)
+    return None
+
+
+def _discard(url: str, cached: Path, problem: str) -> None:
+    """Move a bad cached copy out of its digest's place (one rename), then delete it."""
+    aside = cached.with_name(f".stale-{cached.name[:16]}-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(cached, aside)
+    except FileNotFoundError:
+        return  # another process of this machine discarded it first
+    except OSError as err:
+        raise BundleIntegrityError(
+            f"bundle {url}: the cached copy {cached} is not the bundle ({problem}) and cannot "
+            f"be removed ({err.strerror}); delete it") from None
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check_pin(url: str, digest: str) -> None:

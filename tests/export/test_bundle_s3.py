@@ -108,3 +108,39 @@ def test_an_export_stands_when_its_role_may_not_delete_dead_uploads(
     url = make_image_bundle(registry, promoted=False)
     assert load_bundle(url).version == url.rsplit("/", 1)[1]
     assert "dead uploads not cleared" in caplog.text and "AccessDenied" in caplog.text
+
+
+@pytest.mark.parametrize("planted", ["manifest", "graph"])
+def test_cache_substitution_a_changed_cached_copy_is_fetched_again(s3_bucket, cache, planted,
+                                                                   monkeypatch, capsys, tmp_path):
+    """Cache substitution: whoever can write the local cache plants another manifest (with a
+    record that agrees with it) or another graph under the digest's folder; the copy is checked
+    against the digest just read from the store on every use, and fetched again."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+    from bundle_tampering import edited_manifest, reseal
+    from cli_runs import lensflow
+    from colour_images import colour_folder
+
+    url = make_image_bundle(f"{s3_bucket}/registry", promoted=False)
+    first = load_bundle(url)
+    copy = first.path
+    graph = (copy / "model.onnx").read_bytes()
+    if planted == "manifest":
+        with edited_manifest(copy) as manifest:
+            manifest["classes"] = list(reversed(manifest["classes"]))
+        reseal(copy)
+    else:
+        (copy / "model.onnx").chmod(0o644)
+        (copy / "model.onnx").write_bytes(graph[:-1] + bytes([graph[-1] ^ 1]))
+    code, _, err = lensflow(monkeypatch, capsys, "score", "images",
+                            colour_folder(tmp_path / "images"), "--model", url, "--out",
+                            tmp_path / "out")
+    assert code == 0, err
+    part = next((tmp_path / "out" / "image_predictions").rglob("part-*.parquet"))
+    assert pq.read_schema(part).metadata[b"lensflow.bundle_sha256"] == first.sha256.encode()
+    assert bundle_remote.downloads[url] == 2
+    assert hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest() == first.sha256
+    assert (copy / "model.onnx").read_bytes() == graph
+    assert load_bundle(url).manifest["classes"] == first.manifest["classes"]
