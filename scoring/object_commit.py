@@ -49,6 +49,9 @@ from scoring.fault_hook import fault_point
 
 PARTS_DIR = "_parts"
 COMMITS_DIR = "_commits"
+#: Extra reads of a commit record whose read failed, before that is an error.
+READ_TRIES = 3
+_RETRY_WAIT_S = 0.2
 _READERS = 16  # concurrent footer reads at commit
 
 
@@ -162,22 +165,44 @@ def clear_dead_runs(out: str, table: str, *, grace_s: float = ORPHAN_GRACE_S) ->
 # --- readers ---------------------------------------------------------------------------------
 
 def committed_records(out: str, table: str) -> list[dict]:
-    """The commit record of every date of a table, oldest date first."""
+    """The commit record of every date of a table, oldest date first.
+
+    A record whose read fails is read again (:data:`READ_TRIES` more times, a short wait
+    between), then is one :class:`PartitionError`: a reader must never see a table with a
+    date silently missing.
+    """
     fs, root = filesystem(join(out, table, COMMITS_DIR))
     paths = sorted(fs.glob(f"{root}/run_date=*.json"))
     if not paths:
         return []
-    fetched = fs.cat(paths, on_error="omit")  # concurrent GETs
+    fetched = fs.cat(paths, on_error="return")  # concurrent GETs; a failed one is its error
     records = []
     for path in paths:
+        raw = fetched.get(path)
+        if not isinstance(raw, bytes):
+            raw = _read_again(fs, path, raw)
         try:
-            record = json.loads(fetched[path]) if path in fetched else None
+            record = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
             raise PartitionError(f"{full_url(fs, path)}: commit record is not JSON ({err})") \
                 from None
-        if isinstance(record, dict):
-            records.append(record)
+        if not isinstance(record, dict) or not isinstance(record.get("parts"), list):
+            raise PartitionError(f"{full_url(fs, path)}: not a commit record (no 'parts' list)")
+        records.append(record)
     return records
+
+
+def _read_again(fs, path: str, error: object) -> bytes:
+    """Read a commit record whose first read failed; after the retries, one error line."""
+    for attempt in range(READ_TRIES):
+        time.sleep(_RETRY_WAIT_S * (attempt + 1))
+        try:
+            return fs.cat_file(path)
+        except Exception as err:  # noqa: BLE001 — any failed GET is retried, then reported
+            error = err
+    raise PartitionError(
+        f"{full_url(fs, path)}: commit record unreadable after {READ_TRIES + 1} tries "
+        f"({type(error).__name__}: {error}); the date's rows cannot be listed") from None
 
 
 def record_parts(out: str, table: str, record: dict) -> list[str]:

@@ -211,3 +211,73 @@ def test_decoding_processes_adopt_the_planners_storage_settings(s3_bucket, tmp_p
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[None, None]"
+
+
+class _FlakyReads:
+    """An fsspec file system whose reads of ``victim`` fail ``failures`` times, as a GET that
+    times out or gets a 503 would; everything else is the real file system's."""
+
+    def __init__(self, fs, victim: str, failures: int) -> None:
+        self.fs, self.victim, self.failures = fs, victim, failures
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def _fail(self) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            return True
+        return False
+
+    def cat(self, paths, on_error="raise", **kw):
+        got = self.fs.cat(paths, on_error=on_error, **kw)
+        if self.victim in got and self._fail():
+            error = OSError(f"503 Slow Down: {self.victim}")
+            if on_error == "omit":
+                del got[self.victim]
+            elif on_error == "return":
+                got[self.victim] = error
+            else:
+                raise error
+        return got
+
+    def cat_file(self, path, *args, **kw):
+        if path == self.victim and self._fail():
+            raise OSError(f"503 Slow Down: {path}")
+        return self.fs.cat_file(path, *args, **kw)
+
+
+def _two_committed_dates(out: str) -> str:
+    """Two dates' commit records of table ``t``; returns the path of the second's record."""
+    days = [date(2026, 11, 21), DAY]
+    for day in days:
+        fs, path = fsspec.url_to_fs(object_commit.record_url(out, "t", day))
+        fs.pipe_file(path, json.dumps({"run_id": f"run-{day}", "parts": []}).encode())
+    return fsspec.url_to_fs(object_commit.record_url(out, "t", days[1]))[1]
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+def test_a_commit_record_read_that_fails_is_retried_never_a_dropped_date(monkeypatch, failures):
+    """on_error='omit' used to drop a whole date from open_table/table_parts on one failed GET."""
+    out = f"memory://lensflow-flaky-{failures}/out"
+    victim = _two_committed_dates(out)
+    real = object_commit.filesystem
+    monkeypatch.setattr(object_commit, "_RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(object_commit, "filesystem",
+                        lambda url: (_FlakyReads(real(url)[0], victim, failures), real(url)[1]))
+    records = object_commit.committed_records(out, "t")
+    assert [r["run_id"] for r in records] == ["run-2026-11-21", f"run-{DAY}"]
+
+
+def test_a_commit_record_that_stays_unreadable_is_one_clear_error(monkeypatch):
+    out = "memory://lensflow-flaky-forever/out"
+    victim = _two_committed_dates(out)
+    real = object_commit.filesystem
+    monkeypatch.setattr(object_commit, "_RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(object_commit, "filesystem",
+                        lambda url: (_FlakyReads(real(url)[0], victim, 99), real(url)[1]))
+    with pytest.raises(PartitionError) as refused:
+        table_parts(out, "t")
+    message = str(refused.value)
+    assert message.startswith(f"memory://{victim}: commit record unreadable after 4 tries")
+    assert "503 Slow Down" in message and "\n" not in message
