@@ -5,5 +5,5 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 #: Real data sets beside the repository, or ``$LENSFLOW_SHARED_DATA``; tests that need one skip
-#: cleanly when it is absent (the ``shared_data`` fixture in ``conftest.py``).
+#: cleanly when it is absent, except under ``CI=true``, where that fails (``conftest.py``).
 SHARED_DATA = Path(os.environ.get("LENSFLOW_SHARED_DATA") or REPO.parent / "shared" / "data")

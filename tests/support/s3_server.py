@@ -60,8 +60,11 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """The loopback S3 server of this test session; the AWS variables point every process at it."""
-    pytest.importorskip("s3fs")
+    """The loopback S3 server of this test session; the AWS variables point every process at it.
+
+    s3fs is a dev dependency: without it these tests fail (ImportError), they never skip.
+    """
+    import s3fs  # noqa: F401
     proc, endpoint = start_server()
     saved = {k: os.environ.get(k) for k in [*_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(_ENV | {"AWS_ENDPOINT_URL": endpoint})
