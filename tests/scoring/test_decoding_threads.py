@@ -7,8 +7,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,26 +114,40 @@ def test_decoding_processes_do_not_rerun_the_starters_main_script(tmp_path):
 def test_concurrent_decoding_threads_refuse_every_oversized_image(tmp_path, monkeypatch):
     # Pillow only warns above MAX_IMAGE_PIXELS; turning that warning into an error with
     # warnings.catch_warnings races between threads (each restores the filters it saw on entry),
-    # and CI once scored an oversized image. A pause before each open lets the threads' entries
-    # and exits interleave the way a loaded CI machine did.
+    # and CI once scored an oversized image. Barriers make the threads enter and leave every
+    # open together (half of them opening an oversized image), the interleaving a loaded CI
+    # machine produced by chance, on every round and on any machine.
+    threads, rounds = 8, 50
+    entered = threading.Barrier(threads, timeout=60)
+    leaving = threading.Barrier(threads, timeout=60)
     pillow_open = Image.open
 
-    def slow_open(*args, **kwargs):
-        time.sleep(0.0005)
-        return pillow_open(*args, **kwargs)
+    def open_together(*args, **kwargs):
+        entered.wait()
+        try:
+            return pillow_open(*args, **kwargs)
+        finally:
+            leaving.wait()
 
-    monkeypatch.setattr(Image, "open", slow_open)
+    monkeypatch.setattr(Image, "open", open_together)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2100)
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "small.png")  # 900 px
     Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "big.png")  # 2500 px
+    outcomes: dict[int, str] = {}
 
-    def outcome(i: int) -> str:
-        try:
-            open_rgb(tmp_path / ("big.png" if i % 2 else "small.png"))
-        except Image.DecompressionBombWarning:
-            return "refused"
-        return "decoded"
+    def decode(first: int) -> None:
+        for i in range(first, threads * rounds, threads):  # odd threads open the big image
+            try:
+                open_rgb(tmp_path / ("big.png" if i % 2 else "small.png"))
+                outcomes[i] = "decoded"
+            except Image.DecompressionBombWarning:
+                outcomes[i] = "refused"
 
-    with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(outcome, range(400)))
-    assert outcomes == ["refused" if i % 2 else "decoded" for i in range(400)]
+    workers = [threading.Thread(target=decode, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not entered.broken and not leaving.broken
+    assert [outcomes.get(i) for i in range(threads * rounds)] == \
+        ["refused" if i % 2 else "decoded" for i in range(threads * rounds)]

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from datetime import date
 from pathlib import Path
 
@@ -313,12 +312,26 @@ def test_sigkill_mid_write_leaves_previous_partition_and_frees_the_partition(tmp
     assert _staged_files(tmp_path) == []
 
 
-def test_a_run_waits_out_a_sweeper_clearing_its_date(tmp_path):
+def test_a_run_waits_out_a_sweeper_clearing_its_date(tmp_path, monkeypatch):
     import scoring.staging as staging
 
     lock = tmp_path / STAGING_DIR / "scores" / "run_date=2026-11-22.lock"
     lock.parent.mkdir(parents=True)
     fd = staging._try_lock(lock)
     staging._write_holder(fd, sweeping=True)  # as another run's sweep of dead staging does
-    threading.Timer(0.3, lambda: (lock.unlink(), os.close(fd))).start()
+    seen = []
+    real_holder = staging._holder
+
+    def sweep_ends_on_the_second_look(path):
+        # The sweeper finishes while the run waits, at a step of the run, not after a delay
+        # that a loaded machine may stretch past the run's patience.
+        holder = real_holder(path)
+        seen.append(holder)
+        if len(seen) == 2:
+            lock.unlink()
+            os.close(fd)
+        return holder
+
+    monkeypatch.setattr(staging, "_holder", sweep_ends_on_the_second_look)
     assert _write(tmp_path, 0, 3).rows == 3
+    assert [h["sweeping"] for h in seen] == [True, True]
