@@ -25,13 +25,13 @@ from export.bundle import BundleWriter, load_bundle, promote
 from export.convert import export_bundle
 from export.errors import BundleIntegrityError, ExportError, ParityError, PromotionError
 from export.manifest import thresholds_for
-from export.signing import SIGNING_KEY_ENV, write_key_pair
 from export.parity import (
     ParityReport,
     ParityTolerances,
     check_bundle,
     compare,
 )
+from export.signing import SIGNING_KEY_ENV, write_key_pair
 
 
 def perturb_largest_initializer(path, delta: float) -> None:

@@ -188,7 +188,8 @@ def test_a_bundle_whose_parity_failed_is_never_signed(tmp_path, keys):
     with BundleWriter(tmp_path / "reg", "ants") as writer:
         (writer.dir / "model.onnx").write_bytes(b"onnx-bytes")
         (writer.dir / "parity.json").write_text(json.dumps({"passed": False}))
-        with pytest.raises(ExportError, match="parity.json does not record a passed parity gate; not signed"):
+        with pytest.raises(ExportError, match="parity.json does not record a passed parity "
+                                              "gate; not signed"):
             writer.commit({"task": "single_label"}, signing_key=load_signing_key(private))
     assert not list((tmp_path / "reg" / "ants").iterdir()), "nothing committed"
     with BundleWriter(tmp_path / "reg2", "failed") as writer:
