@@ -35,9 +35,29 @@ def test_fingerprint_of_a_file_follows_its_contents_and_of_a_folder_its_files(tm
     assert fingerprint_path(tmp_path)["sha256"] != folder["sha256"]
 
 
-def test_code_version_names_the_package_version():
-    code = code_version()
-    assert code["lensflow"] and (code["git_commit"] is None or len(code["git_commit"]) == 40)
+def test_code_version_names_the_package_version_and_the_checkouts_commit(monkeypatch):
+    import subprocess
+    from importlib import metadata
+
+    from paths import REPO
+
+    import training.recipes.training_output as training_output
+
+    # The commit of this checkout (a tarball of the sources has none).
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip() if (REPO / ".git").exists() else None
+    code_version.cache_clear()  # computed once per process; this test asks afresh
+    assert code_version() == {"lensflow": metadata.version("lensflow"), "git_commit": head}
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(training_output.subprocess, "run", no_git)  # an installed wheel
+    code_version.cache_clear()
+    try:
+        assert code_version() == {"lensflow": metadata.version("lensflow"), "git_commit": None}
+    finally:
+        code_version.cache_clear()
 
 
 @pytest.mark.slow
