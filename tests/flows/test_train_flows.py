@@ -1,7 +1,9 @@
 """Training flows called directly against a temporary Prefect API (``prefect_test_harness``).
 
-The wiring with the plain training functions replaced (states, artifacts, the parity gate, the
-options object the recipe receives), then tiny real trainings of the CSV-labelled tasks.
+The ``test_wiring_*`` tests replace data preparation, training, export and promotion with fakes
+(``_fake_training``): they check only the flow's wiring — states, artifacts, that a
+``ParityError`` stops promotion, the options object the recipe receives — not that anything
+trains, exports or promotes. Tiny real trainings of the CSV-labelled tasks follow (slow).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _fake_training(monkeypatch, tmp_path, export):
     return promoted, trained_with
 
 
-def test_failed_parity_publishes_the_report_and_never_promotes(
+def test_wiring_a_parity_error_fails_the_flow_with_its_report_and_no_promote(
         tmp_path, monkeypatch, client):
     from export.errors import ParityError
     from flows.train_flows import train_image_model_flow
@@ -93,7 +95,8 @@ def test_failed_parity_publishes_the_report_and_never_promotes(
     assert {"metric": "accuracy", "value": "0.5"} in metrics
 
 
-def test_passed_parity_promotes_the_exported_bundle(tmp_path, monkeypatch, client):
+def test_wiring_the_exported_bundle_reaches_promote_and_options_the_recipe(tmp_path, monkeypatch,
+                                                                           client):
     from flows.train_flows import train_image_model_flow
 
     bundle = tmp_path / "reg" / "pets" / "v2"
@@ -112,7 +115,7 @@ def test_passed_parity_promotes_the_exported_bundle(tmp_path, monkeypatch, clien
 
 
 
-def test_sgdr_and_tta_parameters_reach_the_recipe_and_the_export(tmp_path, monkeypatch,
+def test_wiring_sgdr_and_tta_parameters_reach_the_recipe_and_the_export(tmp_path, monkeypatch,
                                                                 client):
     from export.options import ExportOptions
     from flows.train_flows import train_image_model_flow
