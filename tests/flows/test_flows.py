@@ -247,3 +247,32 @@ def test_an_image_bundle_is_refused_by_recommendation_scoring(tmp_path, bundle_r
                                        return_state=True)
     assert state.is_failed()
     assert "is a 'single_label' bundle, not a recommender" in state.message
+
+
+def test_the_scoring_flow_refuses_a_failed_parity_bundle_unless_allowed(tmp_path, prefect_api):
+    bundle = make_image_bundle(tmp_path / "registry", name="failed", promoted=False,
+                               parity_passed=False)
+    images = make_images(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    state = score_image_folder_flow(str(images), str(bundle), str(out), return_state=True)
+    assert state.is_failed()
+    assert f"failed/{bundle.name}: its parity gate failed" in state.message
+    assert "\n" not in state.message and not out.exists()
+    state = score_image_folder_flow(str(images), str(bundle), str(out), allow_failed_parity=True,
+                                    return_state=True)
+    assert state.is_completed(), state.message
+
+
+def test_the_scoring_flow_refuses_an_unsigned_bundle_where_a_verify_key_is_set(
+        tmp_path, bundle_registry, prefect_api, monkeypatch):
+    from export.signing import REQUIRE_SIGNED_ENV, VERIFY_KEY_ENV, write_key_pair
+
+    _, public = write_key_pair(tmp_path / "keys")
+    monkeypatch.delenv(REQUIRE_SIGNED_ENV, raising=False)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    images = make_images(tmp_path / "images", 1)
+    state = score_image_folder_flow(str(images), str(bundle_registry / "tiny"),
+                                    str(tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    assert f"unsigned, and {VERIFY_KEY_ENV} is set" in state.message
+    assert "\n" not in state.message and not (tmp_path / "out").exists()
