@@ -199,7 +199,7 @@ class BundleWriter:
         (or upload it, manifest last, to a registry URL)."""
         if self.dir is None or self.committed is not None:
             raise ExportError(f"bundle {self.path}: commit outside an open BundleWriter")
-        if signing_key is not None and not _staged_parity_passed(self.dir):
+        if signing_key is not None and not parity_passed_in(self.dir):
             # A signature vouches for the gate's verdict too: a failed bundle stays unsigned.
             raise ExportError(f"bundle {self.path}: {PARITY} does not record a passed parity "
                               "gate; not signed")
@@ -231,14 +231,6 @@ class BundleWriter:
             publish_bundle(self.path, url)
             self.committed = url
         return self.committed
-
-
-def _staged_parity_passed(staging: Path) -> bool:
-    try:
-        report = json.loads((staging / PARITY).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(report, dict) and report.get("passed") is True
 
 
 def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
@@ -380,11 +372,14 @@ def resolve_bundle(ref: str | Path) -> Path | str:
 
 def read_parity_passed(bundle: Bundle) -> bool:
     """Whether the bundle's ``parity.json`` exists and records a passed gate."""
-    if not bundle.has_file(PARITY):
-        return False
+    return bundle.has_file(PARITY) and parity_passed_in(bundle.path)
+
+
+def parity_passed_in(directory: Path) -> bool:
+    """Whether ``directory/parity.json`` (a bundle's, or one being staged) records a pass."""
     try:
-        report = json.loads(bundle.file(PARITY).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        report = json.loads((directory / PARITY).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(report, dict) and report.get("passed") is True
 
