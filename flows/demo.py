@@ -70,6 +70,9 @@ def _nightly_through_prefect(workdir: Path, registry: Path, folder: Path, say) -
     import os
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The temporary server would otherwise send Prefect's usage telemetry, and log an ERROR
+    # line for it on an offline machine.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.score_flows import nightly_flow
     from scoring.errors import ScoringError
 

@@ -16,6 +16,7 @@ def test_offline_demo_trains_promotes_and_scores_everything(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore",
            "LENSFLOW_DATA": ""}
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the demo itself must turn telemetry off
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--offline",
                            "--workdir", str(tmp_path / "demo")],
                           capture_output=True, text=True, env=env, timeout=1200)
@@ -33,3 +34,6 @@ def test_offline_demo_trains_promotes_and_scores_everything(tmp_path):
             assert ds.dataset(partitions[0], format="parquet").count_rows() > 0
     assert "nightly flow run" in proc.stdout and "Completed" in proc.stdout
     assert str(demo / "registry") in proc.stdout
+    # A clean first run offline: no telemetry attempt, no ERROR line from the temporary server.
+    logged = proc.stdout + proc.stderr
+    assert "telemetry" not in logged and "| ERROR" not in logged, logged[-3000:]
