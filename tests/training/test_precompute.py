@@ -89,6 +89,24 @@ def test_the_body_runs_once_per_batch_whatever_the_number_of_epochs():
     assert counts[0] <= len(make_learner().train_loader) + len(make_learner().valid_loader) + 2
 
 
+def test_features_the_caller_has_spare_the_training_pass_but_not_a_partial_set():
+    from training.fit.precompute import compute_features
+
+    learner = make_learner()
+    plain = DataLoader(learner.train_loader.dataset, batch_size=16)
+    features = compute_features(learner, plain)
+    calls = count_body_calls(learner)
+    counts = {}
+    for name, given in (("none", None), ("all", features),
+                        ("partial", (features[0][:5], features[1][:5]))):
+        calls[0] = 0
+        with precomputed_body(learner, plain, given) as inside:
+            assert len(inside.train_loader.dataset) == len(plain.dataset)
+        counts[name] = calls[0]
+    assert counts["none"] - counts["all"] >= len(plain)  # the training pass is spared
+    assert counts["partial"] == counts["none"]  # a subset is no cache: every sample anew
+
+
 def test_context_puts_the_model_and_loaders_back_and_the_head_keeps_its_training():
     learner = make_learner()
     train, valid = learner.train_loader, learner.valid_loader

@@ -139,17 +139,25 @@ def require_body_and_head(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def precomputed_body(learner: Learner, train_loader=None) -> Iterator[Learner]:
+def precomputed_body(learner: Learner, train_loader=None,
+                     features: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> Iterator[Learner]:
     """Freeze the body (``train_bn=False``), cache its outputs, and fit the head on them.
 
     train_loader: an un-augmented loader over the training set (default: the learner's own,
     whose augmentations are then baked into the cache once). Batch size and ``drop_last`` of
-    the head's loader follow the learner's train loader; it always shuffles.
+    the head's loader follow the learner's train loader; it always shuffles. features: that
+    loader's body features in dataset order, when the caller computed them already (the head's
+    start reads the same): used instead of a second body pass if they cover every sample.
     """
     model = learner.model
     require_body_and_head(model)
     learner.freeze(train_bn=False)
-    train_x, train_y = compute_features(learner, train_loader or learner.train_loader)
+    loader = train_loader or learner.train_loader
+    if features is not None and len(features[1]) == _sample_count(loader):
+        train_x, train_y = features
+    else:
+        train_x, train_y = compute_features(learner, loader)
     valid = learner.valid_loader
     like = learner.train_loader
     batch_size = getattr(like, "batch_size", None) or 64
@@ -163,6 +171,13 @@ def precomputed_body(learner: Learner, train_loader=None) -> Iterator[Learner]:
     head = HeadOnFeatures(model.head, len(layer_groups_of(model)))
     with learner.substitute(head, train_cache, valid_cache):
         yield learner
+
+
+def _sample_count(loader) -> int | None:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def fit_head_precomputed(
