@@ -1,0 +1,71 @@
+"""The linear probe a single-label head starts from: logistic regression on body features whose
+L2 strength toward the pretrained classifier's start is chosen by cross-validation."""
+
+import pytest
+import torch
+
+from training.models.head_init import SourceClassifier, probe_init
+from training.models.probe import L2_GRID, fit_linear_probe
+
+
+def blobs(n_per_class: int, classes: int = 3, dims: int = 8, spread: float = 1.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dims, generator=g) * 3
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[y] + spread * torch.randn(len(y), dims, generator=g), y, centres
+
+
+def accuracy(fit, x, y) -> float:
+    return float((fit.predict(x).argmax(1) == y).float().mean())
+
+
+def test_the_probe_separates_classes_and_generalises():
+    x, y, _ = blobs(30)
+    test_x, test_y, _ = blobs(30, seed=0)  # same centres, fresh noise below
+    test_x = test_x + 0.1 * torch.randn(test_x.shape, generator=torch.Generator().manual_seed(1))
+    fit = fit_linear_probe(x, y, 3)
+    assert accuracy(fit, test_x, test_y) >= 0.95
+    assert set(fit.cv_loss) == set(L2_GRID) and fit.l2 == min(fit.cv_loss, key=fit.cv_loss.get)
+
+
+def test_noisy_labels_choose_a_stronger_penalty_than_clean_ones():
+    x, y, _ = blobs(20, spread=0.3)
+    clean = fit_linear_probe(x, y, 3)
+    noisy_y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
+    noisy = fit_linear_probe(x, noisy_y, 3)
+    assert noisy.l2 > clean.l2
+
+
+def test_a_right_prior_is_kept_and_a_wrong_one_is_overruled():
+    x, y, centres = blobs(6, dims=16, spread=2.0)  # few, noisy samples
+    truth = (centres, -0.5 * centres.pow(2).sum(1))  # the Bayes classifier of the blobs
+    kept = fit_linear_probe(x, y, 3, prior=truth)
+    assert kept.l2 == max(L2_GRID)  # the data cannot improve on the truth: keep it
+    assert torch.allclose(kept.weight, truth[0], atol=0.05)
+    wrong = (truth[0][[1, 2, 0]], truth[1][[1, 2, 0]])  # every class mapped to another's
+    overruled = fit_linear_probe(x, y, 3, prior=wrong)
+    assert overruled.l2 < max(L2_GRID)
+    assert accuracy(overruled, x, y) >= 0.9
+
+
+def test_a_class_with_one_sample_fits_without_cross_validation():
+    x, y, _ = blobs(5)
+    x, y = x[4:], y[4:]  # class 0 keeps a single sample
+    fit = fit_linear_probe(x, y, 3)
+    assert fit.l2 == min(L2_GRID) and all(v != v for v in fit.cv_loss.values())  # NaN
+
+
+def test_the_probe_start_regularises_toward_the_classifier_and_says_why():
+    x, y, centres = blobs(10, classes=2, dims=8)
+    source = SourceClassifier(torch.cat([centres, -centres]), torch.zeros(4))
+    start = probe_init(source, x, y, ["a", "b"])
+    head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
+    start.apply(head)
+    assert torch.equal(head[1].weight, start.fit.weight)
+    record = start.to_dict()
+    assert record["kind"] == "probe" and record["prior"]["source_classes"] == 4
+    assert "toward the pretrained classifier's start" in record["why"]
+    alone = probe_init(None, x, y, ["a", "b"]).to_dict()
+    assert "prior" not in alone and "toward zero" in alone["why"]
+    with pytest.raises(Exception, match="last layer"):
+        start.apply(torch.nn.Linear(8, 3))
