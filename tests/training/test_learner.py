@@ -127,6 +127,21 @@ def test_unfreeze_trains_every_group():
     assert all(not torch.equal(p, after[n]) for n, p in before.items() if n.endswith("weight"))
 
 
+def test_keeping_bn_statistics_trains_their_affines_but_not_their_running_stats():
+    kept, updated = make_learner(), make_learner()
+    kept.keep_bn_stats = True
+    before = state(kept.model)
+    for learner in (kept, updated):
+        learner.fit_one_cycle(1, 1e-2)
+    after, moved = state(kept.model), state(updated.model)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert all(not torch.equal(before[k], moved[k]) for k in stats)  # batch stats move them
+    assert not torch.equal(before["body.1.weight"], after["body.1.weight"])  # BN's affine
+    kept.set_train_mode(True)
+    assert kept.model.training and kept.model.head.training and not kept.model.body[1].training
+
+
 class ScriptedScore:
     """A metric that returns a fixed sequence of values, one per validation pass."""
 

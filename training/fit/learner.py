@@ -106,6 +106,9 @@ class Learner:
         self.metrics = dict(metrics or {})
         self.wd = wd
         self.progress = progress
+        #: Normalise with the pretrained running statistics while training, instead of each
+        #: batch's (which also moves the running statistics toward the new data).
+        self.keep_bn_stats = False
         # bf16 has fp32's exponent range, so only fp16 needs loss scaling.
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
@@ -150,11 +153,16 @@ class Learner:
         self.freeze_to(0)
 
     def set_train_mode(self, training: bool) -> None:
-        """Train/eval mode; frozen groups stay in eval mode when their BatchNorms are frozen."""
+        """Train/eval mode; frozen groups stay in eval mode when their BatchNorms are frozen,
+        and every BatchNorm does with ``keep_bn_stats`` (its affine weights still train)."""
         self.train_module.train(training)
         if training and not self.train_bn:
             for group in layer_groups_of(self.model)[: self.frozen_groups]:
                 group.eval()
+        if training and self.keep_bn_stats:
+            for module in self.train_module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     @contextlib.contextmanager
     def substitute(self, module: nn.Module, train_loader, valid_loader) -> Iterator[Learner]:
@@ -355,6 +363,19 @@ class Learner:
         if preds.numel() == 0:
             return loss, {}
         return loss, {name: float(fn(preds, targets)) for name, fn in self.metrics.items()}
+
+    def record_start(self, stage: str, train_loss: float | None = None) -> EpochRecord:
+        """Validate the model as it starts, before any training step, as an epoch of ``stage``
+        in the history (``train_loss``: what the start's own fit measured, else NaN)."""
+        start = time.perf_counter()
+        valid_loss, metrics = self.validate()
+        record = EpochRecord(epoch=len(self.history), stage=stage, lrs=(),
+                             train_loss=float("nan") if train_loss is None else train_loss,
+                             valid_loss=valid_loss, metrics=metrics,
+                             seconds=time.perf_counter() - start)
+        self.history.append(record)
+        self.emit(event="epoch_end", **record.to_dict())
+        return record
 
     def predict(self, loader=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's outputs (float32, CPU) and targets over ``loader`` (default: valid)."""
