@@ -202,6 +202,17 @@ def test_a_named_rule_without_a_frozen_stage_runs_the_finder_unfrozen():
         result.lr_finds["unfrozen"].suggestion)
 
 
+def test_auto_without_a_frozen_stage_still_sweeps_only_the_head_and_scales_it():
+    result = fine_tune(make_learner(), epochs=1, freeze_epochs=0, base_lr="auto")
+    sweep = result.lr_finds["unfrozen"]
+    assert set(result.lr_finds) == {"unfrozen"} and len(sweep.lrs) == sweep_length(6)
+    choice = result.lr_choice["unfrozen"]
+    assert choice.cached_features and choice.factor == 0.5
+    assert choice.lr == pytest.approx(sweep.suggestion / 2)
+    assert result.stage_lrs["unfrozen"][-1] == pytest.approx(choice.lr)
+    assert choice.why().endswith(f"(200 iterations) x 0.5 = {choice.lr:.3g}")
+
+
 class ScriptedScore:
     def __init__(self, values):
         self.values = list(values)
@@ -304,7 +315,41 @@ def test_the_head_starts_after_the_sweep_and_before_any_training(monkeypatch, fr
         given = (learner.model.eval().body(x), y)
     fine_tune(learner, epochs=1, freeze_epochs=freeze_epochs, base_lr="auto",
               head_features=given, start_head=start_head)
-    expected = [("sweep", True), ("start", 0)] if freeze_epochs else \
-        [("whole-model sweep", None), ("start", 0)]
-    assert calls == expected
-    assert len(learner.history) == freeze_epochs + 1
+    assert calls == [("sweep", True), ("start", 0)]  # no whole-model sweep either way
+    # The start is validated as an epoch of its own before the first training epoch.
+    assert [r.stage for r in learner.history] == ["start", *["frozen"] * freeze_epochs,
+                                                  "unfrozen"]
+    assert learner.history[0].lrs == () and learner.history[1].epoch == 1
+
+
+def test_a_start_that_beats_every_epoch_is_what_early_stopping_restores():
+    learner = make_learner()
+    x, y = learner.train_loader.dataset.tensors
+    with torch.no_grad():  # the head fitted on the frozen features: a strong start
+        features = learner.model.eval().body(x)
+        head = nn.Linear(16, 3)
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=200)
+
+        def closure():
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(head(features), y)
+                loss.backward()
+            return loss
+
+    opt.step(closure)
+    started = {}
+
+    def start_head():
+        learner.model.head.load_state_dict(head.state_dict())
+        started.update(state(learner.model))
+        return 0.1
+
+    result = fine_tune(learner, epochs=2, freeze_epochs=0, base_lr=10.0, start_head=start_head,
+                       early_stopping=EarlyStopping(patience=2))  # an LR that wrecks the body
+    start = learner.history[0]
+    assert start.stage == "start" and start.train_loss == 0.1
+    assert all(r.valid_loss > start.valid_loss for r in learner.history[1:])
+    assert result.best_epoch == 0 and result.best_metrics["valid_loss"] == start.valid_loss
+    for name, value in state(learner.model).items():
+        assert torch.equal(value, started[name]), name

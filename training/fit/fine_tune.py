@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -38,7 +38,7 @@ from training.fit.lr_finder import SUGGESTERS, LRFinderResult, lr_find
 from training.fit.precompute import precomputed_body
 from training.fit.schedule import Sgdr, cycle_spans, layer_groups_of, lrs_per_group
 
-FROZEN, UNFROZEN = "frozen", "unfrozen"
+FROZEN, UNFROZEN, STARTED = "frozen", "unfrozen", "start"
 #: The finder rule ``base_lr="auto"`` applies to the cached-feature head sweep.
 AUTO_RULE = "valley"
 #: The unfrozen stage's top LR as a multiple of the frozen stage's (fastai's ``fine_tune``).
@@ -79,8 +79,9 @@ class LRChoice:
             sweep = "a head sweep on cached body features" if self.cached_features \
                 else "a sweep of the module being fitted"
             mult = f" x {self.rule_mult:g}" if self.rule_mult != 1 else ""
-            return (f"finder: {self.rule}{mult} of {sweep} ({self.sweep_iterations} iterations) "
-                    f"= {self.lr:.3g}")
+            factor = f" x {self.factor:g}" if self.factor != 1 else ""
+            return (f"finder: {self.rule}{mult} of {sweep} ({self.sweep_iterations} iterations)"
+                    f"{factor} = {self.lr:.3g}")
         return f"frozen stage's LR x {self.factor:g} = {self.lr:.3g}"
 
 
@@ -156,6 +157,13 @@ class _Run:
             rule_mult=rule_mult)
         return lr
 
+    def scale(self, stage: str, factor: float) -> float:
+        """The stage's chosen LR × ``factor``, recorded in its choice."""
+        choice = self.lr_choice[stage]
+        self.lr_choice[stage] = replace(choice, lr=choice.lr * factor,
+                                        factor=choice.factor * factor)
+        return self.lr_choice[stage].lr
+
     def given(self, stage: str, lr: float) -> float:
         self.lr_choice[stage] = LRChoice(lr, "given")
         return lr
@@ -168,6 +176,16 @@ class _Run:
                                          dict(frozen.suggestions), factor=factor,
                                          rule_mult=frozen.rule_mult)
         return lr * factor
+
+    def start(self, start_head: Callable[[], float | None]) -> None:
+        """Set the head's start, and validate it as an epoch of its own (stage ``start``, no
+        training step) that early stopping may keep: a fitted start can beat every epoch of
+        fine-tuning on a small or far-from-ImageNet set, and is then what the run returns."""
+        train_loss = start_head()
+        record = self.learner.record_start(STARTED, train_loss)
+        self.records.append(record)
+        if self.early_stopping is not None:
+            self.early_stopping.update(record, self.learner.model, judge=False)
 
     def fit(self, stage: str, epochs: int, lrs: slice, **one_cycle) -> None:
         """A stage under one-cycle (with ``one_cycle``'s shape), or SGDR when scheduled."""
@@ -223,7 +241,7 @@ def fine_tune(
     auto_mult: float = 1.0,
     unfrozen_factor: float = UNFROZEN_FACTOR,
     head_features: tuple | None = None,
-    start_head: Callable[[], object] | None = None,
+    start_head: Callable[[], float | None] | None = None,
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
@@ -245,7 +263,9 @@ def fine_tune(
     sweep reuses them instead of another body pass. start_head: sets the head's starting
     weights (``training.models.head_init``); called once the first stage's LR is chosen, just
     before that stage trains, because the finder rules were chosen on sweeps of a fresh head: a
-    head that starts near its optimum has no descent for a sweep to find.
+    head that starts near its optimum has no descent for a sweep to find. It returns the start's
+    training loss (or None); the start is then validated as an epoch of stage ``start`` that
+    early stopping may restore.
     """
     auto = base_lr == "auto"
     if auto and auto_rule not in SUGGESTERS:
@@ -270,24 +290,31 @@ def fine_tune(
 
     if freeze_epochs:
         learner.freeze()
-        with precomputed_body(learner, train_plain) if precompute else contextlib.nullcontext():
+        with precomputed_body(learner, train_plain, head_features) if precompute \
+                else contextlib.nullcontext():
             lr = run.find_lr(FROZEN, rule, head_only=head_only, train_plain=train_plain,
                              rule_mult=auto_mult if auto else 1.0, features=head_features) \
                 if rule else run.given(FROZEN, lr)
             if start_head is not None:
-                start_head()
+                run.start(start_head)
                 start_head = None
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
             run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
 
     learner.unfreeze()
     if epochs and not run.stopped:
-        if lr is None or (auto and find_lr_again):
+        if lr is None and head_only and not find_lr_again:
+            # No frozen stage: the head sweep still sets the scale, × unfrozen_factor as if the
+            # head had trained at it first (a whole-model sweep costs more than an epoch).
+            lr = run.find_lr(UNFROZEN, rule, head_only=True, train_plain=train_plain,
+                             rule_mult=auto_mult, features=head_features)
+            lr = run.scale(UNFROZEN, unfrozen_factor)
+        elif lr is None or (auto and find_lr_again):
             lr = run.find_lr(UNFROZEN, rule, rule_mult=auto_mult if auto else 1.0)
         else:
             lr = run.from_frozen(UNFROZEN, lr, unfrozen_factor)
         if start_head is not None:  # no frozen stage: the start comes after this stage's sweep
-            start_head()
+            run.start(start_head)
         run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
     return run.result()
 
