@@ -12,4 +12,4 @@ FINDER_RULES = ("valley", "steep", "minimum", "slide")
 #: LR schedules of a fit (``training.fit.schedule``).
 SCHEDULES = ("one_cycle", "sgdr")
 #: Where a linear head starts (``training.models.head_init``).
-HEAD_INITS = ("auto", "classifier", "random")
+HEAD_INITS = ("auto", "probe", "classifier", "random")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from training.errors import TrainingError
+from training.models.probe import ProbeFit, fit_linear_probe
 
 #: Temperatures the fit tries (log-spaced): from a near-uniform start to 100x sharper logits.
 TEMPERATURES = torch.logspace(-3, 2, 251)
@@ -68,14 +69,7 @@ class HeadInit:
 
     def apply(self, head: nn.Module) -> None:
         """Copy the start into ``head``'s last Linear layer (on whatever device it is)."""
-        linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
-        if linear.weight.shape != self.weight.shape:
-            raise TrainingError(f"head_init: the head's last layer is {tuple(linear.weight.shape)}"
-                                f", the start is {tuple(self.weight.shape)}")
-        with torch.no_grad():
-            linear.weight.copy_(self.weight)
-            if linear.bias is not None:
-                linear.bias.copy_(self.bias)
+        set_last_linear(head, self.weight, self.bias)
 
     def to_dict(self) -> dict:
         return {"kind": "classifier", "source_classes": self.source_classes,
@@ -85,6 +79,57 @@ class HeadInit:
                 "why": (f"started from the pretrained {self.source_classes}-class classifier: "
                         f"train loss {self.train_loss:.3g} against the uniform head's "
                         f"{self.uniform_loss:.3g}")}
+
+
+def set_last_linear(head: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy ``weight`` and ``bias`` into ``head``'s last Linear layer."""
+    linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    if linear.weight.shape != weight.shape:
+        raise TrainingError(f"head_init: the head's last layer is {tuple(linear.weight.shape)}"
+                            f", the start is {tuple(weight.shape)}")
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if linear.bias is not None:
+            linear.bias.copy_(bias)
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeInit:
+    """A head fitted on the training features (``training.models.probe``), L2 toward the
+    pretrained classifier's start when there is one (``prior``), else toward zero."""
+
+    fit: ProbeFit
+    prior: HeadInit | None
+    samples: int
+
+    @property
+    def train_loss(self) -> float:
+        return self.fit.train_loss
+
+    def apply(self, head: nn.Module) -> None:
+        set_last_linear(head, self.fit.weight, self.fit.bias)
+
+    def to_dict(self) -> dict:
+        toward = ("the pretrained classifier's start" if self.prior is not None
+                  else "zero (no pretrained classifier)")
+        out = {"kind": "probe", "samples": self.samples, **self.fit.to_dict(),
+               "why": (f"a linear probe on the frozen body's features, L2 {self.fit.l2:.0e} "
+                       f"toward {toward}, the strength of least cross-validated loss on the "
+                       f"training images: train loss {self.fit.train_loss:.3g}")}
+        if self.prior is not None:
+            out["prior"] = {k: v for k, v in self.prior.to_dict().items() if k != "why"}
+        return out
+
+
+def probe_init(source: SourceClassifier | None, features: torch.Tensor, targets: torch.Tensor,
+               classes: list[str] | tuple[str, ...]) -> ProbeInit:
+    """The probe start of a single-label head over ``classes``: logistic regression on the
+    training samples' pooled ``features``, regularised toward ``classifier_init``'s start when
+    the body came with a ``source`` classifier."""
+    prior = None if source is None else classifier_init(source, features, targets, classes)
+    fit = fit_linear_probe(features, targets, len(classes),
+                           prior=None if prior is None else (prior.weight, prior.bias))
+    return ProbeInit(fit, prior, int(len(targets)))
 
 
 def random_init(why: str) -> dict:

@@ -37,7 +37,7 @@ from training.fit.head_sweep import train_features
 from training.fit.learner import Learner
 from training.models.backbones import create_model
 from training.models.checkpoint import ImageModelSpec, load_image_model, save_image_model
-from training.models.head_init import classifier_init, random_init
+from training.models.head_init import classifier_init, probe_init, random_init
 from training.models.heads import head_dropout
 from training.recipes.options import ImageTrainOptions
 from training.recipes.training_output import (
@@ -145,6 +145,8 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
         prep = prep.with_crop_pct(options.crop_pct)
     learner, train_plain = _image_learner(model, task, data, prep, options, progress)
     head_init, features, start_head = _head_start(task, model, learner, train_plain, options)
+    learner.keep_bn_stats = options.bn_stats == "keep" or (
+        options.bn_stats == "auto" and start_head is not None)
     plots_dir.mkdir(parents=True, exist_ok=True)  # after the last refusal: no empty output
     stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
                if options.patience else None)
@@ -178,30 +180,36 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
 
 def _head_start(task: ImageTask, model, learner: Learner, train_plain,
                 options: ImageTrainOptions) -> tuple[dict, tuple | None, Callable | None]:
-    """Where the head starts: from the pretrained classifier when ``options.head_init`` asks for
-    it (or ``auto`` allows it), else as initialised. What ``history.json`` records of the start,
-    the training features it read (the auto LR's head sweep reuses them), and the call that sets
-    the head's weights, which ``fine_tune`` makes once the first stage's LR is chosen."""
-    if options.head_init == "random":
+    """Where the head starts: a linear probe on the training features (``probe``, what ``auto``
+    picks for a single-label linear head), the pretrained classifier's start (``classifier``),
+    or as initialised. What ``history.json`` records of the start, the training features it
+    read (the auto LR's head sweep reuses them), and the call that sets the head's weights,
+    which ``fine_tune`` makes once the first stage's LR is chosen."""
+    wanted = options.head_init
+    if wanted == "random":
         return random_init("head_init random"), None, None
     why_not = None
     if not task.classifier_init:
-        why_not = f"a {task.name} head does not start from a classifier"
+        why_not = f"a {task.name} head does not start from fitted features"
     elif options.head != "linear":
-        why_not = f"the {options.head} head does not start from a classifier"
-    elif model.source_classifier is None:
+        why_not = f"the {options.head} head does not start from fitted features"
+    elif wanted == "classifier" and model.source_classifier is None:
         why_not = (f"weights {options.weights!r} of {options.arch} bring no classifier that "
                    "reads the body's pooled features")
     if why_not is not None:
-        if options.head_init == "classifier":
-            raise TrainingError(f"head_init classifier: {why_not}; use head_init random or auto")
+        if wanted != "auto":
+            raise TrainingError(f"head_init {wanted}: {why_not}; use head_init random or auto")
         return random_init(f"head_init auto: {why_not}"), None, None
     features = train_features(learner, train_plain)
-    start = classifier_init(model.source_classifier, *features, task.classes)
+    if wanted == "classifier":
+        start = classifier_init(model.source_classifier, *features, task.classes)
+    else:
+        start = probe_init(model.source_classifier, *features, task.classes)
 
-    def apply() -> None:
+    def apply() -> float:
         start.apply(model.head)
         learner.emit(event="head_init", **start.to_dict())
+        return start.train_loss
 
     return start.to_dict(), features, apply
 
@@ -234,7 +242,9 @@ def _image_learner(model: nn.Module, task: ImageTask, data, prep: Preprocessing,
         else "cpu"
     loaders = build_image_loaders(data, prep, bs=options.bs, workers=options.workers,
                                   device_type=device_type, seed=options.seed,
-                                  dataset_cls=task.dataset_cls, train_scale=task.train_scale,
+                                  dataset_cls=task.dataset_cls,
+                                  train_scale=(options.min_scale, 1.0) if options.min_scale
+                                  else task.train_scale,
                                   flip=task.flip)
     learner = Learner(model, loaders.train, loaders.valid, task.loss_fn, task.metrics,
                       device=device, seed=options.seed, progress=progress)

@@ -95,9 +95,17 @@ class ImageTrainOptions(ScheduleOptions):
         None, description="validation and scoring: resize the shorter side to size / crop_pct, "
         "then centre-crop size (1.0: the whole shorter side); default: the architecture's "
         "(timm's crop_pct, 0.875 for most)")
+    bn_stats: Literal["auto", "keep", "update"] = Field(
+        "auto", description="BatchNorm while fine-tuning: keep (normalise with the pretrained "
+        "running statistics) | update (each batch's, fastai's) | auto (keep when the head "
+        "starts from fitted features, else update)")
+    min_scale: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="training: the smallest share of the image area a random crop keeps "
+        "(1.0: the whole image, resized); default: the task's")
     bs: PositiveInt = Field(32, description="batch size")
-    freeze_epochs: NonNegativeInt = Field(1, description="epochs of the head on a frozen body")
-    epochs: NonNegativeInt = Field(3, description="epochs after unfreezing, discriminative LRs")
+    freeze_epochs: NonNegativeInt = Field(0, description="epochs of the head on a frozen body "
+                                          "(after its start: --head-init)")
+    epochs: NonNegativeInt = Field(4, description="epochs after unfreezing, discriminative LRs")
     lr: ImageLearningRate = Field("auto", description="a number; auto (the head sweep's "
                                   "--lr-rule x --lr-rule-mult); or valley|steep|minimum|slide: "
                                   "that finder rule once; after unfreezing x "
@@ -139,6 +147,10 @@ class MultiLabelOptions(ImageTrainOptions):
     # x 3 lifted mAP from 0.9419 to 0.9866 (seed 42; 0.9836 at seed 1), past fastai's defaults
     # (0.9708). The fastai head at x 3 ended level (0.9877, 0.9838), so the head stays linear.
     lr_rule_mult: PositiveFloat = task_default("lr_rule_mult", 3.0)
+    # Its head starts at random (no fitted start for sigmoids yet), so it keeps the frozen epoch
+    # that trains it first, and the 1 + 3 epochs its figures were measured with.
+    freeze_epochs: NonNegativeInt = task_default("freeze_epochs", 1)
+    epochs: NonNegativeInt = task_default("epochs", 3)
 
 
 class RegressionOptions(ImageTrainOptions):
@@ -157,6 +169,7 @@ class RegressionOptions(ImageTrainOptions):
     # x 1 stayed at the mean, valley x 10 reached 0.67x), kept (not halved) after unfreezing for
     # a longer stage that ends annealed (no early stop mid-cycle); 128 px keeps it affordable.
     size: PositiveInt = task_default("size", 128)
+    freeze_epochs: NonNegativeInt = task_default("freeze_epochs", 1)
     epochs: NonNegativeInt = task_default("epochs", 12)
     lr_rule: FinderRule = task_default("lr_rule", "minimum")
     lr_rule_mult: PositiveFloat = task_default("lr_rule_mult", 8.0)
