@@ -52,9 +52,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "support"), str(REPO / "benchmarks")]
 
 from multilabel_sample import write_multilabel_csv  # noqa: E402
+from suite_baselines import linear_probe, single_label_summary  # noqa: E402
 
 from training.data.images import from_csv  # noqa: E402
 from training.data.multilabel import from_multilabel_csv  # noqa: E402
@@ -72,7 +73,11 @@ from training.recipes.options import (  # noqa: E402
 )
 from training.recipes.regression import train_regression_model  # noqa: E402
 
-TASKS = ("ants", "pets", "multilabel", "points", "ratings")
+#: Single-label image sets as ``train/`` + ``val/`` class folders under the shared data.
+FOLDER_SETS = {"ants": "hymenoptera_data", "brain": "brain-mri-tumor",
+               "dtd": "dtd-texture-sample", "cifar": "cifar10-sample", "mnist": "mnist-sample"}
+SINGLE_LABEL = (*FOLDER_SETS, "pets")
+TASKS = (*SINGLE_LABEL, "multilabel", "points", "ratings")
 PETS = "oxford-iiit-pet-sample"
 HEAD_CENTRES = f"{PETS}/derived/head_center.csv"
 PEER = Path(__file__).with_name("fastai_peer.py")
@@ -106,8 +111,8 @@ class ImageSuiteTask:
 
 
 def load_data(task: str, shared: Path, work: Path):
-    if task == "ants":
-        return prepare_image_data(shared / "hymenoptera_data")
+    if task in FOLDER_SETS:
+        return prepare_image_data(shared / FOLDER_SETS[task])
     if task == "pets":
         return from_csv(shared / HEAD_CENTRES, shared / PETS, label_col="breed")
     if task == "multilabel":
@@ -119,10 +124,8 @@ def load_data(task: str, shared: Path, work: Path):
 
 
 IMAGE_TASKS = {
-    "ants": ImageSuiteTask("ants", ImageTrainOptions, train_image_model, "single_label",
-                           ("accuracy",)),
-    "pets": ImageSuiteTask("pets", ImageTrainOptions, train_image_model, "single_label",
-                           ("accuracy",)),
+    **{name: ImageSuiteTask(name, ImageTrainOptions, train_image_model, "single_label",
+                            ("accuracy",)) for name in SINGLE_LABEL},
     "multilabel": ImageSuiteTask("multilabel", MultiLabelOptions, train_multilabel_model,
                                  "multi_label", ("mean_average_precision", "f1_macro",
                                                  "threshold")),
@@ -274,6 +277,10 @@ def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
         variant_row, _ = image_row(task, data, task.options_cls(**merged), f"lensflow {variant}")
         rows.append(variant_row)
         print_row(variant_row)
+    if task.kind == "single_label" and name in args.probes:
+        probe, seconds, note = linear_probe(data, options)
+        rows.append(Row(name, "probe", probe, seconds, "—", note))
+        print_row(rows[-1])
     if args.fastai_skip is None and name in args.peers:
         spec = {"task": task.kind, "items": fastai_items(task, data), "size": options.size,
                 "bs": options.bs, "freeze_epochs": options.freeze_epochs,
@@ -329,6 +336,19 @@ def ratings_rows(args, shared: Path) -> list[Row]:
         rows.append(Row("ratings", "fastai", result, seconds, str(lr), result.pop("error", "")))
         print_row(rows[-1])
     return rows
+
+
+def earlier_fastai_rows(paths: list[Path], tasks: list[str], rows: list[Row]) -> list[Row]:
+    """The fastai rows of ``tasks`` in earlier runs' ``--json`` files that this run lacks."""
+    have = {r.task for r in rows if r.tool == "fastai"}
+    found = []
+    for path in paths:
+        for row in json.loads(path.read_text()):
+            if row["tool"] == "fastai" and row["task"] in tasks and row["task"] not in have:
+                row["note"] = (row.get("note") or "") + f"from {path.name}"
+                found.append(Row(**row))
+                have.add(row["task"])
+    return found
 
 
 def metric_text(metrics: dict) -> str:
@@ -409,12 +429,18 @@ def main() -> None:
                         "'' for none")
     parser.add_argument("--fastai-tasks", default=",".join(TASKS),
                         help="tasks that get a fastai row (with --fastai-python)")
+    parser.add_argument("--probe-tasks", default=",".join(SINGLE_LABEL),
+                        help="single-label tasks that get a linear-probe row; '' for none")
+    parser.add_argument("--fastai-json", type=Path, action="append", default=[],
+                        help="take the fastai rows of these tasks from an earlier run's --json "
+                        "(fastai's rows do not depend on lensflow's code); repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.typed = {t.strip() for t in args.typed_tasks.split(",")}
     args.peers = {t.strip() for t in args.fastai_tasks.split(",")}
+    args.probes = {t.strip() for t in args.probe_tasks.split(",")}
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -433,8 +459,12 @@ def main() -> None:
                 rows += ratings_rows(args, shared)
             else:
                 rows += image_task_rows(name, args, shared, Path(work))
+    rows += earlier_fastai_rows(args.fastai_json, tasks, rows)
     print_table(rows, f"quality suite: {', '.join(tasks)}; torch {torch.__version__}, "
                 f"{args.threads} threads, {time.perf_counter() - started:.0f} s in all")
+    if any(t in SINGLE_LABEL for t in tasks):
+        print("\nsingle-label sets: lensflow's defaults, fastai's defaults, the linear probe\n")
+        print("\n".join(single_label_summary(rows, [t for t in tasks if t in SINGLE_LABEL])))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
 
