@@ -30,8 +30,7 @@ def run_demo(workdir: Path, say: Callable[[str], None] = print, *,
     images = prepare_image_data(data.images)
     say(images.summary())
     trained = train_image_model(images, workdir / "train-images", ImageTrainOptions(
-        size=64 if generated else 160, bs=8 if generated else 32,
-        freeze_epochs=2 if generated else 1, epochs=3))
+        size=64 if generated else 160, bs=8 if generated else 32))
     say(f"image model: accuracy {trained.metrics['accuracy']:.3f} "
         f"(best epoch {trained.best_epoch}) → {trained.out_dir}")
     exported, current = publish(trained.out_dir, registry, "demo-images")
