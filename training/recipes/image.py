@@ -242,9 +242,7 @@ def _image_learner(model: nn.Module, task: ImageTask, data, prep: Preprocessing,
         else "cpu"
     loaders = build_image_loaders(data, prep, bs=options.bs, workers=options.workers,
                                   device_type=device_type, seed=options.seed,
-                                  dataset_cls=task.dataset_cls,
-                                  train_scale=(options.min_scale, 1.0) if options.min_scale
-                                  else task.train_scale,
+                                  dataset_cls=task.dataset_cls, train_scale=task.train_scale,
                                   flip=task.flip)
     learner = Learner(model, loaders.train, loaders.valid, task.loss_fn, task.metrics,
                       device=device, seed=options.seed, progress=progress)

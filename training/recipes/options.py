@@ -99,9 +99,6 @@ class ImageTrainOptions(ScheduleOptions):
         "auto", description="BatchNorm while fine-tuning: keep (normalise with the pretrained "
         "running statistics) | update (each batch's, fastai's) | auto (keep when the head "
         "starts from fitted features, else update)")
-    min_scale: Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="training: the smallest share of the image area a random crop keeps "
-        "(1.0: the whole image, resized); default: the task's")
     bs: PositiveInt = Field(32, description="batch size")
     freeze_epochs: NonNegativeInt = Field(0, description="epochs of the head on a frozen body "
                                           "(after its start: --head-init)")
