@@ -55,12 +55,12 @@ def test_the_head_starts_from_a_probe_toward_the_weights_files_classifier_with_p
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # the console wraps long lines
     assert "head: a linear probe on the frozen body's features" in said
-    assert "toward the pretrained classifier's start" in said
     history = json.loads((tmp_path / "train" / "history.json").read_text())
     start = history["head_init"]
     assert start["kind"] == "probe" and start["prior"]["source_classes"] == 1000
+    assert set(start["cv_loss_by_prior"]) == {"zero", "classifier"}  # both tried, one chosen
+    assert f"toward {start['toward']}:" in said
     assert set(start["prior"]["top_source_classes"]) == {"blue", "red"}
-    assert start["train_loss"] <= start["prior"]["train_loss"] + 1e-6  # never worse than it
     assert history["history"][0]["stage"] == "start"  # validated before any training step
     assert history["lr_choice"]["frozen"]["source"] == "finder"  # sweep on the shared features
     lineage = json.loads((tmp_path / "train" / "lineage.json").read_text())

@@ -4,7 +4,8 @@ L2 strength toward the pretrained classifier's start is chosen by cross-validati
 import pytest
 import torch
 
-from training.models.head_init import SourceClassifier, probe_init
+from training.models import head_init
+from training.models.head_init import HeadInit, SourceClassifier, probe_init
 from training.models.probe import L2_GRID, fit_linear_probe
 
 
@@ -55,17 +56,30 @@ def test_a_class_with_one_sample_fits_without_cross_validation():
     assert fit.l2 == min(L2_GRID) and all(v != v for v in fit.cv_loss.values())  # NaN
 
 
-def test_the_probe_start_regularises_toward_the_classifier_and_says_why():
-    x, y, centres = blobs(10, classes=2, dims=8)
-    source = SourceClassifier(torch.cat([centres, -centres]), torch.zeros(4))
-    start = probe_init(source, x, y, ["a", "b"])
-    head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
+def test_the_probe_start_goes_toward_the_classifier_only_where_that_cross_validates_better(
+        monkeypatch):
+    x, y, centres = blobs(6, dims=16, spread=2.0)  # few, noisy samples
+    right = SourceClassifier(torch.cat([centres, -centres]), torch.cat([
+        -0.5 * centres.pow(2).sum(1), torch.full((3,), -50.0)]))  # classes 0-2 are the truth
+    start = probe_init(right, x, y, ["a", "b", "c"])
+    assert start.toward_prior and start.cv_loss["classifier"] < start.cv_loss["zero"]
+    record = start.to_dict()
+    assert record["kind"] == "probe" and record["prior"]["source_classes"] == 6
+    assert "toward the pretrained classifier's start" in record["why"]
+    head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(16, 3))
     start.apply(head)
     assert torch.equal(head[1].weight, start.fit.weight)
-    record = start.to_dict()
-    assert record["kind"] == "probe" and record["prior"]["source_classes"] == 4
-    assert "toward the pretrained classifier's start" in record["why"]
-    alone = probe_init(None, x, y, ["a", "b"]).to_dict()
-    assert "prior" not in alone and "toward zero" in alone["why"]
+
+    # A start that maps every class to another's blob (as a classifier whose classes resemble
+    # the wrong images would): the probe toward zero cross-validates better and is chosen.
+    wrong = start.prior
+    wrong = HeadInit(wrong.weight[[1, 2, 0]] * 3, wrong.bias[[1, 2, 0]] * 3, 1.0, 9.0, 1.1, {},
+                     6, 18)
+    monkeypatch.setattr(head_init, "classifier_init", lambda *args: wrong)
+    other = probe_init(right, x, y, ["a", "b", "c"])
+    assert not other.toward_prior and other.cv_loss["zero"] < other.cv_loss["classifier"]
+    assert "toward zero" in other.to_dict()["why"]
+    alone = probe_init(None, x, y, ["a", "b", "c"]).to_dict()
+    assert "prior" not in alone and set(alone["cv_loss_by_prior"]) == {"zero"}
     with pytest.raises(Exception, match="last layer"):
-        start.apply(torch.nn.Linear(8, 3))
+        start.apply(torch.nn.Linear(16, 2))

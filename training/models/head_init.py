@@ -95,11 +95,14 @@ def set_last_linear(head: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
 
 @dataclass(frozen=True, eq=False)
 class ProbeInit:
-    """A head fitted on the training features (``training.models.probe``), L2 toward the
-    pretrained classifier's start when there is one (``prior``), else toward zero."""
+    """A head fitted on the training features (``training.models.probe``): L2 toward the
+    pretrained classifier's start (``prior``) or toward zero, whichever cross-validates better
+    (``cv_loss``: each one's least k-fold log loss)."""
 
     fit: ProbeFit
     prior: HeadInit | None
+    toward_prior: bool
+    cv_loss: dict[str, float]
     samples: int
 
     @property
@@ -110,12 +113,13 @@ class ProbeInit:
         set_last_linear(head, self.fit.weight, self.fit.bias)
 
     def to_dict(self) -> dict:
-        toward = ("the pretrained classifier's start" if self.prior is not None
-                  else "zero (no pretrained classifier)")
-        out = {"kind": "probe", "samples": self.samples, **self.fit.to_dict(),
+        toward = "the pretrained classifier's start" if self.toward_prior else "zero"
+        losses = ", ".join(f"{k} {v:.3g}" for k, v in self.cv_loss.items())
+        out = {"kind": "probe", "samples": self.samples, "toward": toward,
+               "cv_loss_by_prior": dict(self.cv_loss), **self.fit.to_dict(),
                "why": (f"a linear probe on the frozen body's features, L2 {self.fit.l2:.0e} "
-                       f"toward {toward}, the strength of least cross-validated loss on the "
-                       f"training images: train loss {self.fit.train_loss:.3g}")}
+                       f"toward {toward}: the least cross-validated loss on the training "
+                       f"images ({losses}); train loss {self.fit.train_loss:.3g}")}
         if self.prior is not None:
             out["prior"] = {k: v for k, v in self.prior.to_dict().items() if k != "why"}
         return out
@@ -124,12 +128,18 @@ class ProbeInit:
 def probe_init(source: SourceClassifier | None, features: torch.Tensor, targets: torch.Tensor,
                classes: list[str] | tuple[str, ...]) -> ProbeInit:
     """The probe start of a single-label head over ``classes``: logistic regression on the
-    training samples' pooled ``features``, regularised toward ``classifier_init``'s start when
-    the body came with a ``source`` classifier."""
+    training samples' pooled ``features``, regularised toward ``classifier_init``'s start (when
+    the body came with a ``source`` classifier) or toward zero, whichever has the lower
+    cross-validated loss; with too few samples to cross-validate, toward the classifier."""
+    fits = {"zero": fit_linear_probe(features, targets, len(classes))}
     prior = None if source is None else classifier_init(source, features, targets, classes)
-    fit = fit_linear_probe(features, targets, len(classes),
-                           prior=None if prior is None else (prior.weight, prior.bias))
-    return ProbeInit(fit, prior, int(len(targets)))
+    if prior is not None:
+        fits["classifier"] = fit_linear_probe(features, targets, len(classes),
+                                              prior=(prior.weight, prior.bias))
+    cv = {name: fit.cv_loss[fit.l2] for name, fit in fits.items()}
+    toward_prior = prior is not None and not cv["classifier"] > cv["zero"]  # NaN: the prior
+    chosen = fits["classifier" if toward_prior else "zero"]
+    return ProbeInit(chosen, prior, toward_prior, cv, int(len(targets)))
 
 
 def random_init(why: str) -> dict:
