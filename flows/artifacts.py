@@ -140,7 +140,8 @@ class TrainingProgress(ProgressArtifact):
             self._send(force=self.artifact_id is None)
         elif kind == "epoch_end":
             record = event.get("record", event)
-            self.epochs_done += 1
+            if record.get("lrs"):  # a validated head start is logged but trained no epoch
+                self.epochs_done += 1
             self.done = self.epochs_done
             metrics = " ".join(f"{k}={_cell(v)}" for k, v in record.get("metrics", {}).items())
             self.log.info("%s epoch %s: train_loss=%s valid_loss=%s %s (%.1fs)",

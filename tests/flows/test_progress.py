@@ -101,3 +101,20 @@ def test_the_body_pass_a_head_start_reads_has_a_bar_and_the_start_a_line():
     assert progress.bar is None
     text = progress.console.file.getvalue()
     assert "head: started from the pretrained 5-class classifier" in text
+
+
+def test_the_flow_progress_counts_trained_epochs_not_the_validated_start():
+    import logging
+
+    from flows.artifacts import TrainingProgress as FlowProgress
+
+    class Unsent(FlowProgress):
+        def _send(self, *, force: bool) -> None:  # no Prefect API in this test
+            pass
+
+    progress = Unsent(key="k", description="d", total_epochs=2, log=logging.getLogger("t"))
+    epoch = {"event": "epoch_end", "train_loss": 0.1, "valid_loss": 0.2, "metrics": {}}
+    progress(epoch | {"stage": "start", "epoch": 0, "lrs": []})
+    assert progress.percent == 0
+    progress(epoch | {"stage": "unfrozen", "epoch": 1, "lrs": [1e-5, 1e-4, 1e-3]})
+    assert progress.percent == 50

@@ -56,8 +56,8 @@ def _fake_training(monkeypatch, tmp_path, export):
         plots.mkdir(parents=True)
         (Path(out_dir) / "model.json").write_text(json.dumps({"task": "single_label"}))
         Image.new("RGB", (4, 4), "red").save(plots / "learning_curve.png")
-        progress({"event": "epoch_end", "stage": "frozen", "epoch": 0, "train_loss": 1.0,
-                  "valid_loss": 0.9, "metrics": {"accuracy": 0.5}})
+        progress({"event": "epoch_end", "stage": "frozen", "epoch": 0, "lrs": [1e-3],
+                  "train_loss": 1.0, "valid_loss": 0.9, "metrics": {"accuracy": 0.5}})
         return recipe.ImageTrainResult(Path(out_dir), {"accuracy": 0.5, "valid_loss": 0.9}, 0,
                                        False, 1.0, {"learning_curve": plots / "learning_curve.png"})
 
