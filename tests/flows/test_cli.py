@@ -52,7 +52,7 @@ def test_train_writes_the_training_output_and_promotes_a_verified_bundle(chain):
     assert json.loads((train / "model.json").read_text())["classes"] == [
         "circle", "square", "triangle"]
     history = json.loads((train / "history.json").read_text())["history"]
-    assert [r["stage"] for r in history] == ["frozen", "unfrozen"]
+    assert [r["stage"] for r in history] == ["start", "frozen", "unfrozen"]
     assert {"learning_curve.png", "confusion_matrix.png"} <= {
         p.name for p in (train / "plots").iterdir()}
 

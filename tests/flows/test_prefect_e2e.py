@@ -329,7 +329,7 @@ def test_training_deployment_promotes_a_checked_bundle_with_its_artifacts(stack)
     assert (stack.registry / "shapes-e2e" / current / "manifest.json").is_file()
     # The flat --param values reached the recipe: one frozen epoch, then one (not 3) unfrozen.
     history = json.loads((stack.root / "train" / "history.json").read_text())["history"]
-    assert [r["stage"] for r in history] == ["frozen", "unfrozen"]
+    assert [r["stage"] for r in history] == ["start", "frozen", "unfrozen"]
     with stack.client() as client:
         artifacts = artifacts_by_key(client, outcome.run_id)
     plots = artifacts["train-image-model-plots"].data

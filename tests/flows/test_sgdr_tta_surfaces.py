@@ -103,8 +103,9 @@ def test_sgdr_training_reports_tta_metrics_and_exports_a_tta_bundle(tmp_path, mo
     assert metrics["tta"]["accuracy"] == pytest.approx(1 - metrics["tta"]["error_rate"])
     history = json.loads((result.out_dir / "history.json").read_text())
     assert history["schedule"]["schedule"] == "sgdr"
+    assert history["history"][0]["stage"] == "start"  # the probe start, validated as epoch 0
     assert [(c["stage"], c["first_epoch"], c["last_epoch"]) for c in history["cycles"]] == [
-        ("unfrozen", 0, 0), ("unfrozen", 1, 2)]
+        ("unfrozen", 1, 1), ("unfrozen", 2, 3)]
     assert (result.out_dir / "plots" / "lr_schedule.png").is_file()
 
     monkeypatch.setattr(sys, "argv", ["lensflow", "export", str(result.out_dir), "--registry",

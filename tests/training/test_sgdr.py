@@ -101,7 +101,7 @@ def test_a_stage_must_end_a_cycle_and_cycles_must_match_epochs():
     with pytest.raises(TrainingError, match="5 epochs end mid-cycle.*1, 3, 7 epochs do"):
         fine_tune(make_learner(), 5, base_lr=1e-3, freeze_epochs=0, schedule=Sgdr(1, 2))
     with pytest.raises(ValueError, match="set epochs to 7"):
-        ImageTrainOptions(schedule="sgdr", cycles=3, cycle_mult=2)
+        ImageTrainOptions(schedule="sgdr", cycles=3, cycle_mult=2, epochs=3)
     with pytest.raises(ValueError, match="2 epochs end mid-cycle"):
         ImageTrainOptions(schedule="sgdr", freeze_epochs=2, epochs=7, cycle_mult=2)
     assert ImageTrainOptions(schedule="sgdr", cycles=3, cycle_mult=2, epochs=7).sgdr() \
