@@ -1,7 +1,8 @@
 """Staged fine-tuning, the fast.ai recipe (lesson 1-6; fastai's ``Learner.fine_tune``).
 
-Freeze the body and train the head with one-cycle at ``base_lr``; halve ``base_lr``; unfreeze;
-train every layer group with discriminative LRs ``slice(base_lr / lr_mult, base_lr)``.
+Set the head's start (``start_head``) and validate it as epoch 0; freeze the body and train the
+head with one-cycle at ``base_lr`` (for ``freeze_epochs``, possibly none); halve ``base_lr``;
+unfreeze; train every layer group with discriminative LRs ``slice(base_lr / lr_mult, base_lr)``.
 
 ``base_lr="auto"`` takes the frozen stage's LR from a rule (``auto_rule``, default ``AUTO_RULE``)
 on a sweep of the head over cached body features (``training.fit.head_sweep``: a few hundred head

@@ -1,8 +1,9 @@
 """Fine-tune a pretrained image model the fast.ai way, top to bottom.
 
-prepare the data → build the model → LR finder → train the head on a frozen body → unfreeze →
-LR finder again → discriminative LRs across layer groups → restore the best epoch → write the
-training output that ``export`` turns into a bundle.
+prepare the data → build the model → cache the body's features → the head's start (a linear
+probe, for single-label) → LR finder on the head → [the head on a frozen body] → unfreeze →
+discriminative LRs across layer groups → restore the best epoch (the validated start included)
+→ write the training output that ``export`` turns into a bundle.
 
 The recipe is the same for the three image tasks; an ``ImageTask`` holds what differs (outputs,
 loss, metrics, data pipeline, final evaluation). Single-label lives here; multi-label and
