@@ -21,6 +21,7 @@ from training.fit.lr_finder import LRFinderResult, TrainingState, lr_find
 from training.fit.precompute import (
     HeadOnFeatures,
     compute_features,
+    dataset_size,
     feature_loader,
     require_body_and_head,
 )
@@ -62,13 +63,6 @@ def _subset_loader(loader, indices: torch.Tensor | None):
                       multiprocessing_context=loader.multiprocessing_context)
 
 
-def _dataset_size(loader) -> int | None:
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return None
-
-
 def _batching(loader) -> tuple[int, bool]:
     """Batch size and ``drop_last`` of an image loader or of a cached-feature loader."""
     sampler = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
@@ -93,7 +87,7 @@ def train_features(learner: Learner, train_loader) -> tuple[torch.Tensor, torch.
         if indices is None:
             return data.features, data.targets
         return data.features[indices], data.targets[indices]
-    n = _dataset_size(train_loader)
+    n = dataset_size(train_loader)
     subset = None if n is None else cached_subset(n)
     return compute_features(learner, _subset_loader(train_loader, subset))
 

@@ -154,7 +154,7 @@ def precomputed_body(learner: Learner, train_loader=None,
     require_body_and_head(model)
     learner.freeze(train_bn=False)
     loader = train_loader or learner.train_loader
-    if features is not None and len(features[1]) == _sample_count(loader):
+    if features is not None and len(features[1]) == dataset_size(loader):
         train_x, train_y = features
     else:
         train_x, train_y = compute_features(learner, loader)
@@ -173,7 +173,8 @@ def precomputed_body(learner: Learner, train_loader=None,
         yield learner
 
 
-def _sample_count(loader) -> int | None:
+def dataset_size(loader) -> int | None:
+    """Samples in ``loader``'s dataset, or None when it has no sized dataset."""
     try:
         return len(loader.dataset)
     except (AttributeError, TypeError):
