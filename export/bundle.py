@@ -26,20 +26,23 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
-import secrets
 import shutil
-import stat
 import tempfile
-import threading
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from importlib import metadata
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from export.bundle_integrity import check_digest, read_manifest, refuse_unlisted, verify_files
-from export.bundle_remote import (
+from export.bundle_files import fsync_and_freeze, json_default, library_versions, listed_files
+from export.bundle_files import new_version as new_version
+from export.bundle_integrity import (
+    check_digest,
+    check_location,
+    read_manifest,
+    refuse_unlisted,
+    verify_files,
+)
+from export.bundle_remote import (  # noqa: F401 - MANIFEST is part of this module's API
     MANIFEST,
     fetch_bundle,
     publish_bundle,
@@ -47,93 +50,25 @@ from export.bundle_remote import (
     remote_versions,
     resolve_remote,
 )
+from export.bundle_signature import SIGNATURE_SUFFIX, sign_files, signature_path
 from export.bundle_staging import remove_dead_staging, staging_lock
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError, PromotionError
 from export.pins import (
     CURRENT,
-    RECORD_SUFFIX,
+    Pin,
     digest_record,
     file_sha256,
     fsync_path,
-    pointer_text,
     read_pointer,
     record_path,
     write_atomically,
     write_record,
 )
+from export.promotion import check_promotion, promotion_text
+from export.signing import SigningKey, signing_key_from_env
 from export.storage import basename, is_url, join, parent, ref_text, write_bytes
 
 PARITY = "parity.json"
-_VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
-
-_last_stamp: datetime | None = None
-_stamp_lock = threading.Lock()
-
-
-def new_version(now: datetime | None = None) -> str:
-    """A version id that sorts lexically in time order, e.g. ``20261123T104512.123456Z-3f9a``.
-
-    Within one process the timestamp strictly increases (a clash moves it on by 1 µs); the random
-    suffix keeps ids from two processes apart even within the same microsecond.
-    """
-    global _last_stamp
-    if now is None:
-        with _stamp_lock:
-            now = datetime.now(timezone.utc)
-            if _last_stamp is not None and now <= _last_stamp:
-                now = _last_stamp + timedelta(microseconds=1)
-            _last_stamp = now
-    elif now.tzinfo is None:
-        raise ValueError("new_version: `now` must be timezone-aware (UTC)")
-    return f"{now.astimezone(timezone.utc).strftime(_VERSION_FORMAT)}-{secrets.token_hex(2)}"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that produced or will read the exports."""
-    versions = {"python": platform.python_version()}
-    for key, dists in {"torch": ["torch"], "onnx": ["onnx"],
-                       "onnxruntime": ["onnxruntime", "onnxruntime-gpu"],
-                       "safetensors": ["safetensors"]}.items():
-        for dist in dists:
-            try:
-                versions[key] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        else:
-            versions[key] = "absent"
-    return versions
-
-
-def _listed_files(root: Path) -> dict[str, dict]:
-    files = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel != MANIFEST:
-            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-    return files
-
-
-def _fsync_and_freeze(root: Path) -> None:
-    """Flush every file to disk and make it read-only: a committed bundle never changes."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fsync_path(path)
-            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-    for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        fsync_path(path)
-
-
-def _json_default(value: object) -> object:
-    """Serialise what training code naturally puts in a manifest: numpy/torch scalars and arrays,
-    paths and result dataclasses with ``to_dict``."""
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise ExportError(f"manifest: a value of type {type(value).__name__} is not JSON-serialisable")
 
 
 class BundleWriter:
@@ -193,10 +128,10 @@ class BundleWriter:
         if self.remote is not None:
             shutil.rmtree(self.registry, ignore_errors=True)
 
-    def commit(self, manifest: dict, *, signing_key: object = None) -> Path | str:
-        """Write ``manifest.json`` over the staged files, record its digest (signed with
-        ``signing_key``, an Ed25519 private key, when given) and rename the bundle into place
-        (or upload it, manifest last, to a registry URL)."""
+    def commit(self, manifest: dict, *, signing_key: SigningKey | None = None) -> Path | str:
+        """Write ``manifest.json`` over the staged files, record its digest, rename the bundle
+        into place and, with ``signing_key``, sign it (model-signing, ``<version>.sig``); a
+        registry URL then gets it uploaded, manifest last."""
         if self.dir is None or self.committed is not None:
             raise ExportError(f"bundle {self.path}: commit outside an open BundleWriter")
         if signing_key is not None and not parity_passed_in(self.dir):
@@ -209,14 +144,13 @@ class BundleWriter:
             "version": self.version,
             "created_at": datetime.now(timezone.utc).isoformat(),
             "libraries": library_versions(),
-            "files": _listed_files(self.dir),
+            "files": listed_files(self.dir),
         }
-        (self.dir / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
-        _fsync_and_freeze(self.dir)
+        (self.dir / MANIFEST).write_text(json.dumps(full, indent=2, default=json_default) + "\n")
+        fsync_and_freeze(self.dir)
         # mkdtemp makes the staging dir owner-only; a committed bundle is for every reader.
         self.dir.chmod(0o755)
-        record = digest_record(self.name, self.version, file_sha256(self.dir / MANIFEST),
-                               signing_key)
+        record = digest_record(self.name, self.version, file_sha256(self.dir / MANIFEST))
         # The record first: whoever sees the bundle directory also sees its digest.
         write_record(self.path, record)
         try:
@@ -226,6 +160,8 @@ class BundleWriter:
             raise ExportError(f"bundle {self.path}: cannot commit ({err.strerror})") from err
         fsync_path(self.model_dir)
         self.committed = self.path
+        if signing_key is not None:
+            sign_files(self.path, signing_key, signature_path(self.path))
         if self.remote is not None:
             url = join(self.remote, self.version)
             publish_bundle(self.path, url)
@@ -233,8 +169,9 @@ class BundleWriter:
         return self.committed
 
 
-def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
-    """Verify a bundle, then sign its digest (replacing its record); returns the record path.
+def sign_bundle(bundle_path: str | Path, signing_key: SigningKey) -> Path | str:
+    """Verify a bundle whose parity passed, then sign it in the model-signing format (replacing
+    any signature); returns the signature's path (or URL).
 
     The bundle's current signature is not checked: this replaces it (an unsigned bundle must be
     signable where a verify key refuses unsigned bundles)."""
@@ -242,12 +179,12 @@ def sign_bundle(bundle_path: str | Path, signing_key: object) -> Path:
     if not read_parity_passed(bundle):
         raise ExportError(f"bundle {bundle_path}: {PARITY} does not record a passed parity "
                           "gate; not signed")
-    record = digest_record(bundle.name, bundle.version, bundle.sha256, signing_key)
+    written = sign_files(bundle.path, signing_key, signature_path(bundle.path))
     if bundle.source is not None:
-        url = bundle.source + RECORD_SUFFIX
-        write_bytes(url, (json.dumps(record, indent=2) + "\n").encode())
+        url = bundle.source + SIGNATURE_SUFFIX
+        write_bytes(url, written.read_bytes())
         return url
-    return write_record(bundle.path, record)
+    return written
 
 
 @dataclass(frozen=True)
@@ -295,16 +232,21 @@ def load_bundle(path: str | Path, *, signature: bool = True) -> Bundle:
     signature: False only to re-sign a bundle (:func:`sign_bundle`), whose signature it replaces.
     """
     if is_url(path):
-        local = fetch_bundle(ref_text(path), lambda copy: _load_local(copy, signature, True))
+        url = ref_text(path)
+        at = (basename(parent(url)), basename(url))
+        local = fetch_bundle(url, lambda copy: _load_local(copy, signature, True, at))
         # fetch_bundle has just run every check on that copy, hit or download.
-        return replace(_load_local(local, signature, hash_files=False), source=ref_text(path))
+        return replace(_load_local(local, signature, False, at), source=url)
     return _load_local(Path(path), signature, hash_files=True)
 
 
-def _load_local(path: Path, signature: bool, hash_files: bool) -> Bundle:
+def _load_local(path: Path, signature: bool, hash_files: bool,
+                at: tuple[str, str] | None = None) -> Bundle:
+    """at: the (name, version) the bundle must say (default: where it sits)."""
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle {path}: no such directory")
     manifest, raw = read_manifest(path)
+    check_location(path, manifest, at)
     digest = hashlib.sha256(raw).hexdigest()
     standing = check_digest(path, manifest, digest, signature=signature)
     if hash_files:
@@ -354,7 +296,7 @@ def resolve_bundle(ref: str | Path) -> Path | str:
                 f"no promoted version of {path.name!r} in {path.parent} — run lensflow promote")
         raise BundleNotFoundError(
             f"bundle {path}: neither a bundle (no manifest.json) nor a model with versions")
-    version, pinned = pin
+    version, pinned = pin.version, pin.digest
     target = path / version
     if not (target / MANIFEST).is_file():
         raise BundleNotFoundError(
@@ -367,6 +309,7 @@ def resolve_bundle(ref: str | Path) -> Path | str:
         raise BundleIntegrityError(
             f"bundle {target}: {pointer} pins sha256 {pinned[:12]}… but the manifest hashes to "
             f"{got[:12]}… — the bundle changed after promotion")
+    check_promotion(pointer, pin, path.name, str(path.resolve()))
     return target
 
 
@@ -384,9 +327,15 @@ def parity_passed_in(directory: Path) -> bool:
     return isinstance(report, dict) and report.get("passed") is True
 
 
-def promote(bundle_path: str | Path) -> Path | str:
-    """Make a verified bundle whose parity passed the current version, pinning its digest;
-    returns the pointer path (one object written whole in a registry URL)."""
+def promote(bundle_path: str | Path, *, signing_key: SigningKey | None = None,
+            rollback: bool = False) -> Path | str:
+    """Make a verified bundle whose parity passed the current version, pinning its digest and,
+    with a signing key (default ``$LENSFLOW_SIGNING_KEY``), signing the promotion; returns the
+    pointer path (one object written whole in a registry URL).
+
+    rollback: the bundle is older than the current version, and that is meant (see
+    :mod:`export.promotion`).
+    """
     bundle = load_bundle(bundle_path)
     path = bundle_path if is_url(bundle_path) else Path(bundle_path)
     if basename(path) != bundle.version:
@@ -396,10 +345,22 @@ def promote(bundle_path: str | Path) -> Path | str:
         raise PromotionError(f"bundle {path}: no parity.json — run lensflow verify first")
     if not read_parity_passed(bundle):
         raise PromotionError(f"bundle {path}: parity.json records a failed parity gate")
+    key = signing_key or signing_key_from_env()
     if is_url(path):
         pointer = join(parent(ref_text(path)), CURRENT)
-        write_bytes(pointer, pointer_text(bundle.version, bundle.sha256).encode())
+        text = promotion_text(pointer, _previous_pin(pointer), bundle, key, rollback)
+        write_bytes(pointer, text.encode())
         return pointer
     pointer = path.parent / CURRENT
-    write_atomically(pointer, pointer_text(bundle.version, bundle.sha256))
+    write_atomically(pointer, promotion_text(pointer, _previous_pin(pointer), bundle, key,
+                                             rollback))
     return pointer
+
+
+def _previous_pin(pointer: Path | str) -> Pin | None:
+    """What ``current`` says now; None when there is none or it cannot be read (promotion
+    replaces it)."""
+    try:
+        return read_remote_pointer(parent(pointer)) if is_url(pointer) else read_pointer(pointer)
+    except BundleNotFoundError:
+        return None

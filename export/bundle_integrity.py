@@ -2,8 +2,9 @@
 
 A bundle is what its pins vouch for, or it is refused in one line: ``manifest.json`` must hash to
 the digest its record (``<version>.digest.json``) and ``current`` pin, and carry a valid signature
-when one is required (:mod:`export.signing`); every file it lists must hash to its entry, and no
-file it does not list may have been added.
+when one is required (:mod:`export.bundle_signature`); it must name the model and version where it
+sits (``REG/NAME/VERSION``); every file it lists must hash to its entry, and no file it does not
+list may have been added.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from export import signing
 from export.bundle_remote import MANIFEST
+from export.bundle_signature import check_bundle_signature, signature_path
 from export.errors import BundleIntegrityError, BundleNotFoundError
 from export.pins import (
     CURRENT,
@@ -106,6 +107,30 @@ def _pinned_by_current(path: Path) -> tuple[Path, str] | None:
     return path.parent / CURRENT, pin[1]
 
 
+def check_location(path: Path, manifest: dict, expect: tuple[str, str] | None = None) -> None:
+    """The manifest names the model and version where the bundle sits (``REG/NAME/VERSION``, or
+    ``expect``: the ``(name, version)`` of the URL a cached copy was fetched from)."""
+    name, version = expect or (path.parent.name, path.name)
+    if manifest["name"] != name:
+        raise BundleIntegrityError(
+            f"bundle {path}: manifest.json is model {manifest['name']!r}, but it sits under "
+            f"{name!r} — another model's bundle copied here")
+    if manifest["version"] != version:
+        raise BundleIntegrityError(
+            f"bundle {path}: manifest.json is version {manifest['version']!r}, but it sits at "
+            f"{version!r}")
+
+
+def _read_signature(path: Path) -> bytes | None:
+    try:
+        return signature_path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise BundleIntegrityError(f"bundle {path}: {signature_path(path).name} unreadable "
+                                   f"({err.strerror})") from None
+
+
 def check_digest(path: Path, manifest: dict, digest: str, *, signature: bool = True) -> str:
     """The manifest's digest against its record, ``current``'s pin and (with ``signature``) the
     signature; returns the signature's standing (``unchecked`` when it was not checked)."""
@@ -124,4 +149,4 @@ def check_digest(path: Path, manifest: dict, digest: str, *, signature: bool = T
             f"to {digest[:12]}… — the bundle changed after promotion")
     if not signature:
         return "unchecked"
-    return signing.check_signature(str(path), record.get("signature"), digest)
+    return check_bundle_signature(path, _read_signature(path), manifest, digest, record)

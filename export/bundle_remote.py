@@ -2,9 +2,10 @@
 
 An object store has no rename, so a bundle cannot appear at once. It appears when its
 ``manifest.json`` does: :func:`publish_bundle` uploads every other file first, then the digest
-record, then the manifest, each one PUT. Readers (:func:`resolve_remote`, the registry listing)
-take a version for a bundle only when its manifest is there, so they see a whole bundle or
-none. ``current`` is one small object replaced by one PUT, which readers see old or new.
+record and the signature, then the manifest, each one PUT. Readers (:func:`resolve_remote`, the
+registry listing) take a version for a bundle only when its manifest is there, so they see a
+whole bundle or none. ``current`` is one small object replaced by one PUT, which readers see old
+or new.
 
 Nothing is loaded from the store directly. :func:`fetch_bundle` copies a bundle into the local
 cache ``$LENSFLOW_BUNDLE_CACHE`` (default ``~/.cache/lensflow/bundles``) under its digest, the
@@ -32,8 +33,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from export.bundle_signature import SIGNATURE_SUFFIX
 from export.errors import BundleIntegrityError, BundleNotFoundError, ExportError
-from export.pins import CURRENT, RECORD_SUFFIX, check_listed_path, file_sha256, parse_pointer
+from export.pins import (
+    CURRENT,
+    RECORD_SUFFIX,
+    Pin,
+    check_listed_path,
+    file_sha256,
+    parse_pointer,
+)
+from export.promotion import check_promotion
 from export.storage import (
     ORPHAN_GRACE_S,
     basename,
@@ -61,7 +71,8 @@ def cache_dir() -> Path:
 
 
 def publish_bundle(local: Path, url: str) -> None:
-    """Upload a committed local bundle to ``url``: files, digest record, ``manifest.json`` last."""
+    """Upload a committed local bundle to ``url``: files, digest record and signature,
+    ``manifest.json`` last."""
     fs, root = filesystem(url)
     if fs.isfile(f"{root}/{MANIFEST}"):
         raise ExportError(f"bundle {url}: version already exists")
@@ -72,6 +83,9 @@ def publish_bundle(local: Path, url: str) -> None:
                 [f"{root}/{p.relative_to(local).as_posix()}" for p in files])
     record = local.with_name(local.name + RECORD_SUFFIX)
     fs.pipe_file(root + RECORD_SUFFIX, record.read_bytes())
+    signature = local.with_name(local.name + SIGNATURE_SUFFIX)
+    if signature.is_file():
+        fs.pipe_file(root + SIGNATURE_SUFFIX, signature.read_bytes())
     fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
     # Best effort: a role that may upload but not delete, or an unreadable `current`, leaves
     # the dead uploads where they are, and this export stands.
@@ -93,8 +107,8 @@ def clear_dead_uploads(model_url: str, *, grace_s: float = ORPHAN_GRACE_S) -> li
     whole: set[str] = set()
     for path, info in fs.find(root, detail=True).items():
         rel = PurePosixPath(path).relative_to(root).parts
-        if len(rel) == 1 and rel[0].endswith(RECORD_SUFFIX):
-            version = rel[0][: -len(RECORD_SUFFIX)]
+        if len(rel) == 1 and rel[0].endswith((RECORD_SUFFIX, SIGNATURE_SUFFIX)):
+            version = rel[0].removesuffix(RECORD_SUFFIX).removesuffix(SIGNATURE_SUFFIX)
         elif len(rel) >= 2:
             version = rel[0]
             if rel[1:] == (MANIFEST,):
@@ -110,12 +124,13 @@ def clear_dead_uploads(model_url: str, *, grace_s: float = ORPHAN_GRACE_S) -> li
             continue
         remove_tree(f"{full_url(fs, root)}/{version}")
         remove_tree(f"{full_url(fs, root)}/{version}{RECORD_SUFFIX}")
+        remove_tree(f"{full_url(fs, root)}/{version}{SIGNATURE_SUFFIX}")
         removed.append(version)
     return removed
 
 
-def read_remote_pointer(model_url: str) -> tuple[str, str | None] | None:
-    """``(version, pinned digest)`` of ``<model>/current``; None when nothing was promoted."""
+def read_remote_pointer(model_url: str) -> Pin | None:
+    """What ``<model>/current`` says; None when nothing was promoted."""
     pointer = join(model_url, CURRENT)
     try:
         text = read_bytes(pointer).decode()
@@ -144,7 +159,7 @@ def resolve_remote(url: str) -> str:
                                       "— run lensflow promote")
         raise BundleNotFoundError(
             f"bundle {url}: neither a bundle (no manifest.json) nor a model with versions")
-    version, pinned = pin
+    version, pinned = pin.version, pin.digest
     target = join(url, version)
     pointer = join(url, CURRENT)
     try:
@@ -159,6 +174,7 @@ def resolve_remote(url: str) -> str:
         raise BundleIntegrityError(
             f"bundle {target}: {pointer} pins sha256 {pinned[:12]}… but the manifest hashes to "
             f"{got[:12]}… — the bundle changed after promotion")
+    check_promotion(pointer, pin, basename(url), url)
     return target
 
 
@@ -193,12 +209,12 @@ def fetch_bundle(url: str, verify: Callable[[Path], object]) -> Path:
         if files:
             fs.get([f"{root}/{rel}" for rel in files], [str(local / rel) for rel in files])
         (local / MANIFEST).write_bytes(raw)
-        try:
-            record = fs.cat_file(root + RECORD_SUFFIX)
-        except FileNotFoundError:
-            record = b""  # the local check names the missing record
-        if record:
-            staging.joinpath(version + RECORD_SUFFIX).write_bytes(record)
+        for suffix in (RECORD_SUFFIX, SIGNATURE_SUFFIX):
+            try:
+                beside = fs.cat_file(root + suffix)
+            except FileNotFoundError:
+                continue  # the local check names a missing record, or an unsigned bundle
+            staging.joinpath(version + suffix).write_bytes(beside)
         verify(local)
         try:
             os.rename(staging, cached)

@@ -138,7 +138,7 @@ def export_bundle(model: nn.Module, manifest: dict, registry: str | Path, name: 
         ``precision``, ``export.parity.PRECISION_TOLERANCES``).
     aoti: also compile an AOTInductor package of each graph for this machine's CPU (minutes;
         a failed compile is recorded as the graph's ``aoti_error`` and the bundle goes on).
-    signing_key: Ed25519 private key PEM that signs the bundle digest (default
+    signing_key: EC private key PEM that signs the bundle, model-signing format (default
         ``$LENSFLOW_SIGNING_KEY``; unsigned when neither is set or the gate failed).
     Raises ``ParityError`` (after committing the bundle, unsigned) when an export diverges.
     """

@@ -4,8 +4,10 @@ A bundle's digest is the sha256 of its ``manifest.json`` bytes; the manifest lis
 every other file, so the digest pins every byte. Editing the manifest cannot edit these:
 
 - ``<registry>/<name>/<version>.digest.json``, written at export before the bundle is renamed
-  into place: ``{"format": 1, "name", "version", "sha256": digest, "signature"?}``.
-- ``<registry>/<name>/current``, written by promotion: ``<version> sha256:<digest>``.
+  into place: ``{"format": 1, "name", "version", "sha256": digest}`` (records signed before the
+  model-signing format also hold an Ed25519 ``signature``).
+- ``<registry>/<name>/current``, written by promotion: ``<version> sha256:<digest>``, and with a
+  signing key a second line, the signed promotion (:mod:`export.promotion`).
 
 Both are written whole (temp file, fsync, ``os.replace``), so a reader sees the old or the new.
 """
@@ -17,8 +19,8 @@ import json
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
-from export import signing
 from export.errors import BundleIntegrityError, BundleNotFoundError
 
 CURRENT = "current"
@@ -81,12 +83,9 @@ def record_path(bundle_dir: str | Path) -> Path:
     return bundle_dir.with_name(bundle_dir.name + RECORD_SUFFIX)
 
 
-def digest_record(name: str, version: str, digest: str, signing_key: object = None) -> dict:
-    """What ``<version>.digest.json`` holds: the bundle digest and, when signed, its signature."""
-    record = {"format": 1, "name": name, "version": version, "sha256": digest}
-    if signing_key is not None:
-        record["signature"] = signing.sign_digest(signing_key, digest)
-    return record
+def digest_record(name: str, version: str, digest: str) -> dict:
+    """What ``<version>.digest.json`` holds: the bundle's name, version and digest."""
+    return {"format": 1, "name": name, "version": version, "sha256": digest}
 
 
 def write_record(bundle_dir: Path, record: dict) -> Path:
@@ -120,9 +119,17 @@ def pointer_text(version: str, digest: str) -> str:
     return f"{version} {PIN_PREFIX}{digest}\n"
 
 
-def read_pointer(pointer: Path) -> tuple[str, str | None] | None:
-    """``(version, pinned digest)`` of a ``current`` file (digest None in a pre-pinning one);
-    None when there is no pointer."""
+class Pin(NamedTuple):
+    """What ``current`` says: the version, its pinned digest (None in a pre-pinning pointer) and
+    the signed promotion's DSSE envelope as JSON text (None when unsigned)."""
+
+    version: str
+    digest: str | None
+    promotion: str | None = None
+
+
+def read_pointer(pointer: Path) -> Pin | None:
+    """What a ``current`` file says; None when there is no pointer."""
     try:
         text = pointer.read_text()
     except FileNotFoundError:
@@ -132,15 +139,21 @@ def read_pointer(pointer: Path) -> tuple[str, str | None] | None:
     return parse_pointer(text, pointer)
 
 
-def parse_pointer(text: str, pointer: object) -> tuple[str, str | None]:
-    """``(version, pinned digest)`` of the text of a ``current`` pointer named ``pointer``."""
-    fields = text.split()
+def parse_pointer(text: str, pointer: object) -> Pin:
+    """What the text of a ``current`` pointer named ``pointer`` says."""
+    first, _, rest = text.partition("\n")
+    promotion = None
+    if rest.strip():
+        if not rest.startswith("promotion ") or rest.strip().count("\n"):
+            raise BundleNotFoundError(f"{pointer}: second line is not a signed promotion")
+        promotion = rest.removeprefix("promotion ").strip()
+    fields = first.split()
     version = fields[0] if fields else ""
     if not version or "/" in version or version.startswith(".") or len(fields) > 2:
         raise BundleNotFoundError(f"{pointer}: does not hold a version id")
     if len(fields) == 1:
-        return version, None
+        return Pin(version, None, promotion)
     digest = fields[1].removeprefix(PIN_PREFIX)
     if not fields[1].startswith(PIN_PREFIX) or len(digest) != 64:
         raise BundleNotFoundError(f"{pointer}: second field is not sha256:<64 hex digits>")
-    return version, digest
+    return Pin(version, digest, promotion)

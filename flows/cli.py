@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from export.options import ExportOptions
+from flows.cli_keys import keys_app
 from flows.cli_output import PLAIN as _PLAIN
 from flows.cli_output import TrainingProgress, console, out
 from flows.cli_output import print_metrics as _print_metrics
@@ -32,6 +33,7 @@ app = typer.Typer(add_completion=False, **_PLAIN,
 train_app = typer.Typer(**_PLAIN, help="Fine-tune a model.")
 app.add_typer(train_app, name="train")
 app.add_typer(score_app, name="score")
+app.add_typer(keys_app, name="keys")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -176,7 +178,8 @@ def export_cmd(
                                                "s3://bucket/registry")],
     name: Annotated[str, typer.Option(help="model name")],
     sign_key: Annotated[Path | None, typer.Option(
-        help="Ed25519 private key PEM that signs the bundle (default $LENSFLOW_SIGNING_KEY)")]
+        help="EC private key PEM (lensflow keygen) that signs the bundle in the model-signing "
+             "format (default $LENSFLOW_SIGNING_KEY)")]
     = None,
     *,
     export: ExportOptions,
@@ -231,18 +234,28 @@ def verify_cmd(
 @app.command("promote")
 def promote_cmd(
     bundle: Annotated[str, typer.Argument(help="bundle dir or REG/NAME/VERSION")],
+    sign_key: Annotated[Path | None, typer.Option(
+        help="EC private key PEM that signs the promotion (default $LENSFLOW_SIGNING_KEY)")]
+    = None,
+    rollback: Annotated[bool, typer.Option(
+        help="the bundle is older than the current version: roll back to it (a signed "
+             "promotion with a higher counter, which scorers accept)")] = False,
 ) -> None:
-    """Point REG/NAME/current at this bundle, pinning its digest (only when parity passed)."""
+    """Point REG/NAME/current at this bundle, pinning its digest (only when parity passed);
+    with a signing key the promotion is signed, with a counter scorers never see go back."""
     from export.bundle import promote, resolve_bundle
+    from export.signing import load_signing_key
 
-    out.print(f"promoted: {promote(resolve_bundle(bundle))}")
+    key = load_signing_key(sign_key) if sign_key is not None else None
+    out.print(f"promoted: {promote(resolve_bundle(bundle), signing_key=key, rollback=rollback)}")
 
 
 @app.command("keygen")
 def keygen_cmd(
     out_dir: Annotated[Path, typer.Argument(help="folder for the two PEM files")],
 ) -> None:
-    """Make an Ed25519 key pair for signing bundles (private key readable by you only)."""
+    """Make an EC P-256 key pair for signing bundles and promotions, model-signing's key format
+    (private key readable by you only)."""
     from export.signing import SIGNING_KEY_ENV, VERIFY_KEY_ENV, write_key_pair
 
     private, public = write_key_pair(out_dir)

@@ -1,4 +1,4 @@
-"""Optional Ed25519 signatures over the bundle digest: sign at export, verify on every load."""
+"""Optional signatures in the OpenSSF model-signing format: sign at export, verify on every load."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from bundle_tampering import edited_manifest, record_of, reseal
+from bundle_tampering import edited_manifest, record_of, reseal, signature_of
 
 from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
 from export.errors import BundleSignatureError, ExportError, SigningKeyError, SigningSettingError
+from export.promotion import STATE_ENV
 from export.signing import (
     REQUIRE_SIGNED_ENV,
     SIGNING_KEY_ENV,
@@ -22,9 +23,10 @@ from export.signing import (
 
 
 @pytest.fixture(autouse=True)
-def _no_keys_from_the_environment(monkeypatch):
+def _no_keys_from_the_environment(monkeypatch, tmp_path):
     for name in (SIGNING_KEY_ENV, VERIFY_KEY_ENV, REQUIRE_SIGNED_ENV):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(STATE_ENV, str(tmp_path / "promotions.json"))
 
 
 @pytest.fixture
@@ -59,18 +61,20 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(k
 def test_signed_bundle_verifies_and_a_tampered_one_is_refused(tmp_path, keys, monkeypatch):
     private, public = keys
     bundle = write_bundle(tmp_path / "reg", load_signing_key(private))
-    record = json.loads(record_of(bundle).read_text())
-    assert record["signature"]["algorithm"] == "ed25519"
+    envelope = json.loads(signature_of(bundle).read_text())["dsseEnvelope"]
+    assert envelope["payloadType"] == "application/vnd.in-toto+json"
+    assert "signature" not in json.loads(record_of(bundle).read_text())
     assert load_bundle(bundle).signature == "unchecked"  # no verify key configured
     monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
     monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
     assert load_bundle(bundle).signature == "verified"
-    promote(bundle)
+    promote(bundle, signing_key=load_signing_key(private))
     assert resolve_bundle(bundle.parent) == bundle
     tamper_and_reseal(bundle)
     # A fresh copy of the registry (no ``current`` to pin it): only the signature can tell.
     (bundle.parent / "current").unlink()
-    with pytest.raises(BundleSignatureError, match=f"bundle {bundle}: signature does not verify"):
+    with pytest.raises(BundleSignatureError, match=f"bundle {bundle}: the signature is of other "
+                                                   "files"):
         load_bundle(bundle)
 
 
@@ -82,7 +86,7 @@ def test_a_signature_by_another_key_is_refused(tmp_path, keys, monkeypatch):
     with pytest.raises(BundleSignatureError, match="signed with another key"):
         load_bundle(bundle)
     with pytest.raises(BundleSignatureError):
-        promote(bundle)
+        promote(bundle, signing_key=load_signing_key(other_private))
 
 
 def test_unsigned_bundles_are_refused_when_signatures_are_required(tmp_path, keys, monkeypatch):
@@ -97,7 +101,7 @@ def test_unsigned_bundles_are_refused_when_signatures_are_required(tmp_path, key
                                                    f"{REQUIRE_SIGNED_ENV}=1 refuses"):
         load_bundle(bundle)
     with pytest.raises(BundleSignatureError, match="unsigned"):
-        promote(bundle)
+        promote(bundle, signing_key=load_signing_key(private))
     # Signing an existing (verified) bundle afterwards makes it acceptable.
     monkeypatch.delenv(REQUIRE_SIGNED_ENV)
     sign_bundle(bundle, load_signing_key(private))

@@ -20,6 +20,11 @@ def record_of(bundle: Path) -> Path:
     return bundle.parent / f"{bundle.name}.digest.json"
 
 
+def signature_of(bundle: Path) -> Path:
+    """The bundle's model-signing signature, ``<version>.sig`` beside it."""
+    return bundle.parent / f"{bundle.name}.sig"
+
+
 @contextlib.contextmanager
 def edited_manifest(bundle: Path) -> Iterator[dict]:
     """The bundle's manifest as a dict, written back (the record left as it was) on exit."""
