@@ -151,7 +151,7 @@ def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
     pending = open_partition(out, TABLE, run_date, IMAGE_PREDICTIONS_SCHEMA,
                              partition_metadata(bundle, f"{options.runtime}/{options.device}")
                              | parity,
-                             run_id=run_id or new_run_id())
+                             run_id=run_id or new_run_id(), options=options)
     jobs = tuple(
         ImageShardJob(shard=shard, folder=str(folder), files=tuple(part),
                       bundle_path=bundle.ref, bundle_sha256=bundle.sha256,

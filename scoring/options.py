@@ -14,15 +14,22 @@ from export.declared_options import Device, NonNegativeInt, Options, PositiveInt
 from scoring.errors import ScoringError
 
 Runtime = Literal["onnx", "torchscript", "aoti"]
+TableFormat = Literal["parquet", "delta"]
 RunOptions = TypeVar("RunOptions", bound="RuntimeOptions")
 
 
 class RuntimeOptions(Options):
-    """Which exported graph runs, and where: shared by every scoring run and the nightly flow."""
+    """Which exported graph runs, where, and the table format it writes: shared by every scoring
+    run and the nightly flow."""
 
     runtime: Runtime = Field("onnx", description="onnx | torchscript | aoti (an AOTInductor "
                              "package, when the bundle has one): which exported graph runs")
     device: Device = Field("auto", description="auto | cpu | cuda")
+    table_format: TableFormat | None = Field(
+        None, description="parquet | delta: plain Hive-partitioned Parquet committed by rename, "
+        "or a Delta Lake table (default: delta for an object-store out, parquet on disk)")
+    schema_evolution: bool = Field(False, description="let a run whose columns differ from its "
+                                   "delta table's change the table (refused otherwise)")
 
 
 class ScoreOptions(RuntimeOptions):

@@ -24,8 +24,9 @@ processes may fill one partition: each shard writes its own parts through
 :meth:`PendingPartition.part_writer` (:mod:`scoring.part_writer`), and the planner commits once
 all shards are done.
 
-An output root that is a URL (``s3://...``) has no rename and no lock: its parts stay where they
-were written and one commit record, written last, names them (:mod:`scoring.object_commit`).
+The ``delta`` table format (the default for an output root that is a URL) commits the same parts
+to a Delta Lake table instead, in one log commit per table and run (:mod:`scoring.delta_table`);
+``parquet`` on a URL is the earlier commit record (:mod:`scoring.object_commit`).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ import pyarrow.parquet as pq
 
 from export.pins import fsync_path
 from export.storage import filesystem, is_url, join, ref_text
-from scoring import object_commit
+from scoring import delta_read, delta_table, object_commit
 from scoring.errors import PartitionError
 from scoring.fault_hook import fault_point
+from scoring.options import RuntimeOptions
 from scoring.part_writer import IN_PROGRESS_SUFFIX, PartWriter
 from scoring.staging import (
     STAGING_DIR,
@@ -85,9 +87,15 @@ class CommittedPartition:
     run_id: str
     files: int
     rows: int
+    #: The Delta table version the run's commit made (None: a ``parquet`` partition).
+    version: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self) | {"path": str(self.path)}
+
+    def record_fields(self) -> dict:
+        """What a run record adds for this partition beyond path, files and rows."""
+        return {} if self.version is None else {"format": "delta", "version": self.version}
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,18 @@ class PendingPartition:
     rows_per_file: int = 1_000_000
     row_group_rows: int = 65_536
     first_seq: int = 0
+    #: ``parquet`` (rename, or a commit record on a URL) or ``delta`` (a Delta Lake commit).
+    table_format: str = "parquet"
+    #: delta: the table version and a digest of the date's files when the run was planned.
+    base_version: int = -1
+    base_files: str = ""
+    evolve_schema: bool = False
+    #: The run's options as JSON, for the commit's lineage.
+    lineage: str = "{}"
+
+    @property
+    def delta(self) -> bool:
+        return self.table_format == "delta"
 
     @property
     def remote(self) -> bool:
@@ -129,6 +149,8 @@ class PendingPartition:
     @property
     def temp_dir(self) -> Path | str:
         """Where this run's parts are written (on object storage, where they stay)."""
+        if self.delta:
+            return delta_table.run_prefix(self)
         if self.remote:
             return object_commit.parts_prefix(self.out, self.table, self.run_date, self.run_id)
         return self.staging_dir / self.run_id
@@ -177,12 +199,15 @@ def open_partition(
     *,
     rows_per_file: int = 1_000_000,
     run_id: str | None = None,
+    options: RuntimeOptions | None = None,
 ) -> PendingPartition:
     """Take the partition's lock, clear what dead runs left, create this run's staging directory.
 
     A partition another live run is writing is a :class:`PartitionError` naming that run. On
     object storage (``out`` a URL) nothing is locked and the parts of dead runs are deleted once
-    old enough (:func:`scoring.object_commit.clear_dead_runs`).
+    old enough (:func:`scoring.object_commit.clear_dead_runs`). options: the run's options, whose
+    ``table_format`` and ``schema_evolution`` apply here (a delta table is not locked: see
+    :mod:`scoring.delta_table`).
     """
     run_id = run_id or new_run_id()
     if not _RUN_ID.fullmatch(run_id):
@@ -196,7 +221,15 @@ def open_partition(
         run_id=run_id,
         schema=_with_lensflow_metadata(schema, metadata, table, run_date, run_id),
         rows_per_file=rows_per_file,
+        table_format=table_format_for(out, options),
+        evolve_schema=bool(options and options.schema_evolution),
+        lineage=options_lineage(options),
     )
+    if pending.delta:
+        _check_out(pending.out)
+        pending = replace(pending, **delta_table.plan_fields(pending, pending.evolve_schema))
+        delta_table.prepare_run_dir(pending)
+        return pending
     if pending.remote:
         object_commit.clear_dead_runs(pending.out, table)
         return pending
@@ -212,6 +245,27 @@ def open_partition(
         unlock(pending.lock_path)
         raise
     return pending
+
+
+def table_format_for(out: str | Path, options: RuntimeOptions | None) -> str:
+    """The run's table format: as asked, else ``delta`` on object storage, ``parquet`` on disk."""
+    asked = options.table_format if options is not None else None
+    return asked or ("delta" if is_url(out) else "parquet")
+
+
+def options_lineage(options: RuntimeOptions | None) -> str:
+    """The options as JSON for a commit's lineage (a list of user ids as its length)."""
+    if options is None:
+        return "{}"
+    values = options.model_dump(mode="json")
+    if isinstance(values.get("users"), list):
+        values["users"] = f"{len(values['users'])} ids"
+    return json.dumps(values, sort_keys=True)
+
+
+def _check_out(out: str | Path) -> None:
+    if not is_url(out):
+        _make_dirs(Path(out), [Path(out)])
 
 
 def _make_dirs(out: Path, dirs: list[Path]) -> None:
@@ -242,6 +296,8 @@ def commit_partition(
     release: drop the partition's lock once committed (a multi-table run keeps every lock until
     its run record is written, then calls :func:`release_partition`).
     """
+    if pending.delta:
+        return commit_delta(pending, expected_shards)
     if pending.remote:
         return _commit_record(pending, expected_shards)
     temp = pending.temp_dir
@@ -269,6 +325,14 @@ def commit_partition(
     return CommittedPartition(pending.final_dir, pending.run_id, len(parts), rows)
 
 
+def commit_delta(pending: PendingPartition, expected_shards: Iterable[int] | None = None,
+                 expected_rows: int | None = None) -> CommittedPartition:
+    """One Delta commit of the run's parts, replacing the date (:mod:`scoring.delta_table`)."""
+    uri, version, files, rows = delta_table.commit_run_parts(
+        pending, None if expected_shards is None else list(expected_shards), expected_rows)
+    return CommittedPartition(uri, pending.run_id, files, rows, version)
+
+
 def _commit_record(pending: PendingPartition,
                    expected_shards: Iterable[int] | None) -> CommittedPartition:
     parts = object_commit.part_rows(pending.temp_dir)
@@ -288,6 +352,9 @@ def _commit_record(pending: PendingPartition,
 
 def abort_partition(pending: PendingPartition) -> None:
     """Discard everything written for this run and free the partition; the visible one stays."""
+    if pending.delta:
+        delta_table.discard_run(pending)
+        return
     if pending.remote:
         object_commit.discard_run(pending.out, pending.table, pending.run_date, pending.run_id)
         return
@@ -297,7 +364,7 @@ def abort_partition(pending: PendingPartition) -> None:
 
 def release_partition(pending: PendingPartition) -> None:
     """Let the next run of this table and date start (a no-op outside the planner's process)."""
-    if pending.remote:
+    if pending.remote or pending.delta:
         return
     unlock(pending.lock_path)
 
@@ -332,7 +399,9 @@ def committed_partitions(out: str | Path, table: str) -> list[Path]:
 
 def committed_part_files(out: str | Path, table: str) -> list[tuple[str, list[Path | str]]]:
     """``(run_date=..., its part files)`` of every committed partition, oldest date first, on a
-    local disk or object storage."""
+    local disk or object storage, of either table format."""
+    if delta_table.is_delta(out, table):
+        return delta_read.files_by_date(out, table)
     if is_url(out):
         return [(f"run_date={r['run_date']}", object_commit.record_parts(ref_text(out), table, r))
                 for r in object_commit.committed_records(ref_text(out), table)]
@@ -350,7 +419,10 @@ def open_input(part: Path | str):
 def read_partition(
     out: str | Path, table: str, run_date: date, columns: list[str] | None = None
 ) -> pa.Table:
-    """All rows of one committed partition, parts in name order."""
+    """All rows of one committed partition, parts in name order (a Delta table's date as it
+    is now)."""
+    if delta_table.is_delta(out, table):
+        return delta_read.read_date(out, table, run_date, columns)
     if is_url(out):
         record = object_commit.read_commit(partition_dir(out, table, run_date))
         if record is None:

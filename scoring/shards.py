@@ -48,6 +48,7 @@ from export.runtime import RuntimeUnavailableError as ExportRuntimeError
 from export.storage import filesystem, is_url, join, ref_text
 from scoring import object_commit
 from scoring.bundle_cache import cached_for, where
+from scoring.delta_read import run_still_current
 from scoring.errors import BundleRefError, PartitionError, RuntimeUnavailableError, ScoringError
 from scoring.fault_hook import fault_point
 from scoring.image_folder import ImageFile
@@ -55,6 +56,7 @@ from scoring.partition import (
     CommittedPartition,
     PendingPartition,
     abort_partition,
+    commit_delta,
     commit_partition,
     release_partition,
 )
@@ -184,7 +186,8 @@ def write_run_record(plan: RunPlan, committed: dict[str, CommittedPartition]) ->
         "committed_at": datetime.now(timezone.utc).isoformat(),
         "host": socket.gethostname(),
         "partitions": {table: {"path": _relative(c.path, first.out), "files": c.files,
-                               "rows": c.rows} for table, c in committed.items()},
+                               "rows": c.rows, **c.record_fields()}
+                       for table, c in committed.items()},
     }
     if first.remote:  # one PUT: whole or absent
         url = join(first.out, RUNS_DIR, f"{first.run_id}.json")
@@ -240,6 +243,11 @@ def _run_records(out: str | Path) -> list[bytes]:
 
 
 def _still_visible(out: str | Path, record: dict) -> bool:
+    delta = {t: p for t, p in record["partitions"].items() if p.get("format") == "delta"}
+    if delta:  # a run writes every table in one format
+        day = date.fromisoformat(record["run_date"])
+        return all(run_still_current(out, table, day, record["run_id"], int(part["version"]))
+                   for table, part in delta.items())
     if is_url(out):
         return all((object_commit.read_commit(join(ref_text(out), part["path"])) or {})
                    .get("run_id") == record["run_id"] for part in record["partitions"].values())
@@ -264,6 +272,8 @@ def _commit(pending: PendingPartition, shards: list[int],
     """Commit after checking the parts hold exactly the rows the shards reported: a stale part
     of a failed attempt would otherwise duplicate rows."""
     expected = sum(r.rows.get(pending.table, 0) for r in results)
+    if pending.delta:  # the footers are read once, by the commit
+        return commit_delta(pending, shards, expected)
     if pending.remote:
         found = sum(object_commit.part_rows(pending.temp_dir).values())
     else:
