@@ -63,16 +63,12 @@ def promotion_text(pointer: object, previous: Pin | None, bundle, key: signing.S
                    rollback: bool) -> str:
     """What ``promote`` writes to ``current`` for ``bundle`` (a loaded ``Bundle``): signed with
     ``key``, with a counter above the previous signed promotion's; a version older than the
-    current one only with ``rollback``."""
+    current one only with ``rollback`` (the record then names the version rolled back from)."""
     older = previous is not None and bundle.version < previous.version
     if older and not rollback:
         raise PromotionError(
             f"bundle {bundle.version}: older than the current version {previous.version} of "
             f"{bundle.name!r} — to roll back, promote it with --rollback")
-    if rollback and not older:
-        raise PromotionError(
-            f"--rollback: {bundle.name}/{bundle.version} is not older than the current version "
-            f"({previous.version if previous else 'none'})")
     if key is None:
         if signing.signatures_required():
             raise PromotionError(
@@ -88,7 +84,7 @@ def promotion_text(pointer: object, previous: Pin | None, bundle, key: signing.S
             counter = None  # another key's, or forged: time alone keeps the counter growing
     return signed_pointer_text(key, bundle.name, bundle.version, bundle.sha256,
                                next_counter(counter),
-                               previous.version if rollback and previous else None)
+                               previous.version if older else None)
 
 
 def verified_record(pointer: object, pin: Pin, public_key) -> dict:

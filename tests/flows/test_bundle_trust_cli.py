@@ -7,18 +7,63 @@ names what failed, never a traceback, and no partition written.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
+from bundle_tampering import record_of, signature_of
 from cli_runs import assert_one_line, lensflow
 from colour_images import colour_folder
 from tiny_image_bundle import make_image_bundle
 
-from export.signing import REQUIRE_SIGNED_ENV, SIGNING_KEY_ENV, VERIFY_KEY_ENV, write_key_pair
+from export.bundle import promote, sign_bundle
+from export.promotion import STATE_ENV
+from export.signing import (
+    REQUIRE_SIGNED_ENV,
+    SIGNING_KEY_ENV,
+    VERIFY_KEY_ENV,
+    load_signing_key,
+    write_key_pair,
+)
 
 
 @pytest.fixture(autouse=True)
-def _no_keys(monkeypatch):
+def _no_keys(monkeypatch, tmp_path):
     for name in (SIGNING_KEY_ENV, VERIFY_KEY_ENV, REQUIRE_SIGNED_ENV):
         monkeypatch.delenv(name, raising=False)
+    # The scorer's memory of the newest promotion seen: this test's own.
+    monkeypatch.setenv(STATE_ENV, str(tmp_path / "promotions.json"))
+
+
+@pytest.fixture
+def keys(tmp_path) -> tuple[Path, Path]:
+    return write_key_pair(tmp_path / "keys")
+
+
+def signed_bundle(registry, private: Path, name: str = "tiny", seed: int = 0,
+                  promoted: bool = True):
+    """A tiny bundle signed by the key holder (model-signing) and, by default, promoted with a
+    signed promotion."""
+    path = make_image_bundle(registry, name=name, seed=seed, promoted=False)
+    sign_bundle(path, load_signing_key(private))
+    if promoted:
+        promote(path, signing_key=load_signing_key(private))
+    return path
+
+
+def scored_version(monkeypatch, capsys, model, images, out) -> str:
+    """Score with ``model``; the bundle version every output file records."""
+    code, _, err = lensflow(monkeypatch, capsys, "score", "images", images, "--model", model,
+                            "--out", out)
+    assert code == 0, err
+    return _metadata(out)["lensflow.model_version"]
+
+
+def refused(monkeypatch, capsys, commands, *needles) -> None:
+    for command in commands:
+        code, _, err = lensflow(monkeypatch, capsys, *command)
+        assert code == 2, (command, err)
+        assert_one_line(err, *needles)
 
 
 @pytest.fixture
@@ -59,7 +104,7 @@ def test_downgrade_an_unsigned_bundle_is_refused_where_a_verify_key_is_set(monke
 def _metadata(out) -> dict[str, str]:
     import pyarrow.parquet as pq
 
-    part = next((out / "image_predictions").rglob("part-*.parquet"))
+    part = max((out / "image_predictions").rglob("part-*.parquet"), key=lambda p: p.stat().st_mtime)
     return {k.decode(): v.decode() for k, v in pq.read_schema(part).metadata.items()}
 
 
@@ -129,3 +174,80 @@ def test_escape_a_graph_outside_the_bundle_is_refused_by_every_load(monkeypatch,
         reseal(bundle)
         needles = [f"bundle {bundle}: manifest lists an invalid path {rel!r}"]
     refused_everywhere(monkeypatch, capsys, bundle, images, tmp_path / "out", *needles)
+
+
+def test_substitution_another_models_signed_bundle_under_this_name_is_refused(
+        monkeypatch, capsys, tmp_path, images, keys):
+    """Substitution across names: another model's signed bundle, its record and signature copied
+    into ``REG/tiny/``, reached by version, through a hand-written ``current`` or through the
+    other model's signed ``current`` copied too. The signature used to cover the digest only, so
+    verify said "signature verified" and scoring ran ``other`` as ``tiny``."""
+    private, public = keys
+    reg, out = tmp_path / "reg", tmp_path / "out"
+    signed_bundle(reg, private)
+    other = signed_bundle(reg, private, name="other", seed=1)
+    copied = reg / "tiny" / other.name
+    shutil.copytree(other, copied)
+    for beside in (record_of, signature_of):
+        shutil.copy(beside(other), beside(copied))
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    assert scored_version(monkeypatch, capsys, reg / "other", images, out) == other.name
+    refused_everywhere(monkeypatch, capsys, copied, images, tmp_path / "out2",
+                       f"bundle {copied}: manifest.json is model 'other', but it sits under "
+                       "'tiny'")
+    current = reg / "tiny" / "current"
+    digest = (reg / "other" / "current").read_text().split()[1]
+    current.write_text(f"{other.name} {digest}\n")
+    score = ["score", "images", images, "--model", reg / "tiny", "--out", tmp_path / "out2"]
+    refused(monkeypatch, capsys, [["verify", reg / "tiny"], score],
+            f"{current}: not a signed promotion")
+    shutil.copy(reg / "other" / "current", current)
+    refused(monkeypatch, capsys, [["verify", reg / "tiny"], score],
+            f"{current}: the signed promotion is of other/{other.name}")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_rollback_an_older_signed_current_is_refused_unless_the_key_holder_rolls_back(
+        monkeypatch, capsys, tmp_path, images, keys):
+    """Rollback: the first version's signed ``current`` written back after the second was
+    promoted. A scorer that has seen the second's promotion refuses it; the key holder rolls
+    back with ``promote --rollback``, a newer signed record that scorers accept."""
+    private, public = keys
+    reg, out = tmp_path / "reg", tmp_path / "out"
+    first = signed_bundle(reg, private)
+    first_current = (reg / "tiny" / "current").read_text()
+    second = signed_bundle(reg, private, seed=1)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    assert scored_version(monkeypatch, capsys, reg / "tiny", images, out) == second.name
+    refused(monkeypatch, capsys, [["promote", first, "--sign-key", private]],
+            f"bundle {first.name}: older than the current version {second.name}",
+            "--rollback")
+
+    (reg / "tiny" / "current").write_text(first_current)  # a registry writer replays it
+    score = ["score", "images", images, "--model", reg / "tiny", "--out", tmp_path / "out2"]
+    refused(monkeypatch, capsys, [["verify", reg / "tiny"], score],
+            f"{reg / 'tiny' / 'current'}: promotion #", f"of {first.name} is older than #",
+            f"of {second.name} already seen here", "a rollback")
+    assert not (tmp_path / "out2").exists()
+
+    code, _, err = lensflow(monkeypatch, capsys, "promote", first, "--rollback", "--sign-key",
+                            private)
+    assert code == 0, err
+    assert scored_version(monkeypatch, capsys, reg / "tiny", images, out) == first.name
+
+
+def test_downgrade_a_signature_removed_or_an_unsigned_current_is_refused(
+        monkeypatch, capsys, tmp_path, images, keys):
+    """Downgrade by deletion: the bundle's model-signing signature removed, or ``current``
+    rewritten without its signed promotion, where a verify key is set."""
+    private, public = keys
+    bundle = signed_bundle(tmp_path / "reg", private)
+    current = bundle.parent / "current"
+    current.write_text(current.read_text().splitlines()[0] + "\n")
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    score = ["score", "images", images, "--model", bundle.parent, "--out", tmp_path / "out"]
+    refused(monkeypatch, capsys, [["verify", bundle.parent], score],
+            f"{current}: not a signed promotion", f"{VERIFY_KEY_ENV} is set")
+    signature_of(bundle).unlink()
+    refused_everywhere(monkeypatch, capsys, bundle, images, tmp_path / "out",
+                       f"bundle {bundle}: unsigned, and {VERIFY_KEY_ENV} is set")
