@@ -92,6 +92,7 @@ def check_bundle_signature(path: Path, raw_signature: bytes | None, manifest: di
     key_path = signing.verify_key_path(where)
     if raw_signature is None:
         if isinstance(record.get("signature"), dict) and key_path:
+            signing.load_verify_key(key_path)  # an old Ed25519 key is told as such first
             raise BundleSignatureError(
                 f"{where}: signed only in lensflow's old Ed25519 format, not model-signing's "
                 f"({signature_path(path).name} is missing); {signing.MIGRATE_HINT}")

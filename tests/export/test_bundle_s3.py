@@ -144,3 +144,48 @@ def test_cache_substitution_a_changed_cached_copy_is_fetched_again(s3_bucket, ca
     assert hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest() == first.sha256
     assert (copy / "model.onnx").read_bytes() == graph
     assert load_bundle(url).manifest["classes"] == first.manifest["classes"]
+
+
+def test_signed_registry_on_s3_refuses_substitution_and_rollback(s3_bucket, cache, monkeypatch,
+                                                                 capsys, tmp_path):
+    """Substitution across names and rollback on object storage, through ``lensflow score
+    images``: the signature and the signed promotion travel with the bundle into the cache."""
+    from cli_runs import assert_one_line, lensflow
+    from colour_images import colour_folder
+
+    from export.bundle import promote, sign_bundle
+    from export.promotion import STATE_ENV
+    from export.signing import VERIFY_KEY_ENV, load_signing_key, write_key_pair
+
+    private, public = write_key_pair(tmp_path / "keys")
+    key = load_signing_key(private)
+    monkeypatch.setenv(STATE_ENV, str(tmp_path / "promotions.json"))
+    registry, fs = f"{s3_bucket}/registry", fsspec.filesystem("s3")
+    first, second, other = (make_image_bundle(registry, name=name, seed=seed, promoted=False)
+                            for name, seed in (("tiny", 0), ("tiny", 1), ("other", 2)))
+    for url in (first, second, other):
+        sign_bundle(url, key)
+    promote(first, signing_key=key)
+    first_current = fs.cat(f"{registry}/tiny/current")
+    promote(second, signing_key=key)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    images = colour_folder(tmp_path / "images")
+
+    def score(model: str) -> tuple[int, str]:
+        code, _, err = lensflow(monkeypatch, capsys, "score", "images", images, "--model",
+                                model, "--out", tmp_path / "out")
+        return code, err
+
+    assert score(f"{registry}/tiny") == (0, "")
+    version = other.rsplit("/", 1)[1]
+    copied = f"{registry}/tiny/{version}"
+    for suffix in ("", ".digest.json", ".sig"):
+        fs.copy(other + suffix, copied + suffix, recursive=not suffix)
+    code, err = score(copied)
+    assert code == 2
+    assert_one_line(err, "manifest.json is model 'other', but it sits under 'tiny'")
+
+    fs.pipe(f"{registry}/tiny/current", first_current)  # a registry writer replays it
+    code, err = score(f"{registry}/tiny")
+    assert code == 2
+    assert_one_line(err, f"{registry}/tiny/current: promotion #", "a rollback")

@@ -11,7 +11,13 @@ import pytest
 from bundle_tampering import edited_manifest, record_of, reseal, signature_of
 
 from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
-from export.errors import BundleSignatureError, ExportError, SigningKeyError, SigningSettingError
+from export.errors import (
+    BundleIntegrityError,
+    BundleSignatureError,
+    ExportError,
+    SigningKeyError,
+    SigningSettingError,
+)
 from export.promotion import STATE_ENV
 from export.signing import (
     REQUIRE_SIGNED_ENV,
@@ -203,3 +209,72 @@ def test_a_bundle_whose_parity_failed_is_never_signed(tmp_path, keys):
                                           "passed parity gate; not signed"):
         sign_bundle(failed, load_signing_key(private))
     assert "signature" not in json.loads(record_of(failed).read_text())
+
+
+def _legacy_sign(bundle: Path, ed_key) -> None:
+    """Sign a bundle's record as lensflow did before the model-signing format (Ed25519)."""
+    import base64
+
+    record = json.loads(record_of(bundle).read_text())
+    value = ed_key.sign(f"lensflow-bundle-v1 sha256:{record['sha256']}".encode())
+    record["signature"] = {"algorithm": "ed25519", "key_id": "old",
+                           "value": base64.b64encode(value).decode()}
+    record_of(bundle).chmod(0o644)
+    record_of(bundle).write_text(json.dumps(record))
+
+
+def test_an_ed25519_registry_is_refused_with_the_migration_command_which_migrates_it(
+        tmp_path, keys, monkeypatch, capsys):
+    from cli_runs import lensflow
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    private, public = keys
+    old = Ed25519PrivateKey.generate()
+    old_private, old_public = tmp_path / "old.pem", tmp_path / "old.pub.pem"
+    old_private.write_bytes(old.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    old_public.write_bytes(old.public_key().public_bytes(Encoding.PEM,
+                                                         PublicFormat.SubjectPublicKeyInfo))
+    registry = tmp_path / "reg"
+    bundle = write_bundle(registry)
+    _legacy_sign(bundle, old)
+    promote(bundle)
+    stray = write_bundle(registry)  # never signed: migration leaves it so
+    for load in (load_signing_key, lambda p: monkeypatch.setenv(VERIFY_KEY_ENV, str(p)) or
+                 load_bundle(bundle)):
+        with pytest.raises(SigningKeyError, match="an Ed25519 key .*lensflow keys migrate"):
+            load(old_private if load is load_signing_key else old_public)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    with pytest.raises(BundleSignatureError, match=f"bundle {bundle}: signed only in lensflow's "
+                                                   "old Ed25519 format"):
+        load_bundle(bundle)
+
+    code, out, err = lensflow(monkeypatch, capsys, "keys", "migrate", registry,
+                              "--old-verify-key", old_public, "--sign-key", private)
+    assert code == 0, err
+    assert "re-signed 1 bundles and 1 promotions" in out
+    assert f"left unsigned: {stray}: no Ed25519 signature" in out
+    monkeypatch.setenv(REQUIRE_SIGNED_ENV, "1")
+    assert resolve_bundle(registry / "ants") == bundle
+    assert load_bundle(bundle).signature == "verified"
+    with pytest.raises(BundleSignatureError, match="unsigned"):
+        load_bundle(stray)
+
+
+def test_a_bundle_that_names_another_model_or_version_than_where_it_sits_is_refused(tmp_path):
+    import shutil
+
+    bundle = write_bundle(tmp_path / "reg")
+    for name, version in (("bees", bundle.name), ("ants", "20990101T000000.000000Z-beef")):
+        copy = tmp_path / "reg" / name / version
+        shutil.copytree(bundle, copy)
+        shutil.copy(record_of(bundle), record_of(copy))
+        said = "model 'ants', but it sits under 'bees'" if name == "bees" else \
+            f"version '{bundle.name}', but it sits at '{version}'"
+        with pytest.raises(BundleIntegrityError, match=f"bundle {copy}: manifest.json is {said}"):
+            load_bundle(copy)
