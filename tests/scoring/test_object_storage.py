@@ -1,6 +1,7 @@
-"""Parquet tables and image folders on object storage (the loopback S3 server): the commit
-record, replacement of a date whole, dead runs' parts, and a scoring run read back by DuckDB and
-pyarrow exactly as the same run on local disk."""
+"""Parquet tables and image folders on object storage (the loopback S3 server) in the legacy
+``parquet`` layout there, the commit record (``table_format="parquet"`` on a URL; ``delta`` is
+the default, tests/scoring/test_delta_s3.py): replacement of a date whole, dead runs' parts, and a
+scoring run read back by DuckDB and pyarrow exactly as the same run on local disk."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from scoring.errors import ImageFolderError, PartitionError
 from scoring.image_folder import walk_folder
 from scoring.image_scoring import score_image_folder
 from scoring.object_commit import open_table, table_parts
+from scoring.options import ScoreOptions
 from scoring.partition import (
     abort_partition,
     commit_partition,
@@ -32,10 +34,12 @@ from scoring.shards import current_run
 DAY, OTHER_DAY = date(2026, 11, 22), date(2026, 11, 23)
 SCHEMA = pa.schema([("user", pa.int64()), ("score", pa.float32())])
 META = {"model_name": "m", "model_version": "v1", "bundle_sha256": "ab" * 32}
+RECORD = ScoreOptions(table_format="parquet")
 
 
 def _write(out: str, start: int, n: int, day: date = DAY, shards: int = 1, **kw):
-    pending = open_partition(out, "scores", day, SCHEMA, META, rows_per_file=3, **kw)
+    pending = open_partition(out, "scores", day, SCHEMA, META, rows_per_file=3,
+                             options=RECORD, **kw)
     for shard in range(shards):
         with pending.part_writer(shard) as w:
             users = list(range(start + shard * n, start + (shard + 1) * n))
@@ -72,7 +76,8 @@ def test_the_commit_record_names_every_part_and_a_rerun_replaces_the_date_whole(
 def test_an_aborted_or_unfinished_run_is_never_visible(s3_bucket):
     out = f"{s3_bucket}/out"
     _write(out, 0, 2, run_id="old")
-    pending = open_partition(out, "scores", DAY, SCHEMA, META, run_id="aborted")
+    pending = open_partition(out, "scores", DAY, SCHEMA, META, run_id="aborted",
+                             options=RECORD)
     with pending.part_writer(0) as w:
         w.write({"user": [7], "score": [1.0]})
     assert _users(out) == {str(DAY): [0, 1]}  # written, not committed
@@ -80,7 +85,8 @@ def test_an_aborted_or_unfinished_run_is_never_visible(s3_bucket):
     assert _users(out) == {str(DAY): [0, 1]}
     assert not fsspec.filesystem("s3").exists(pending.temp_dir)
 
-    pending = open_partition(out, "scores", DAY, SCHEMA, META, run_id="one-shard-of-two")
+    pending = open_partition(out, "scores", DAY, SCHEMA, META, run_id="one-shard-of-two",
+                             options=RECORD)
     with pending.part_writer(0) as w:
         w.write({"user": [9], "score": [1.0]})
     with pytest.raises(PartitionError, match=r"no part from shard\(s\) \[1\]"):
@@ -91,7 +97,8 @@ def test_an_aborted_or_unfinished_run_is_never_visible(s3_bucket):
 def test_parts_of_dead_runs_are_deleted_once_old_and_live_ones_kept(s3_bucket):
     out = f"{s3_bucket}/out"
     _write(out, 0, 2, run_id="committed")
-    dead = open_partition(out, "scores", DAY, SCHEMA, META, run_id="dead")
+    dead = open_partition(out, "scores", DAY, SCHEMA, META, run_id="dead",
+                          options=RECORD)
     with dead.part_writer(0) as w:  # then the process dies: no commit, no abort
         w.write({"user": [5], "score": [1.0]})
     assert object_commit.clear_dead_runs(out, "scores") == []  # could still be running
@@ -128,7 +135,8 @@ def test_score_an_s3_folder_with_an_s3_bundle_to_s3_parquet_as_on_local_disk(
     fs.put(str(tmp_path / "photos"), f"{s3_bucket}/photos", recursive=True)
     model = make_image_bundle(f"{s3_bucket}/registry")
     out = f"{s3_bucket}/scores"
-    options = {"run_date": DAY, "batch_size": 4, "workers": 0, "shards": 2}
+    options = {"run_date": DAY, "batch_size": 4, "workers": 0, "shards": 2,
+               "table_format": "parquet"}
 
     remote = score_image_folder(f"{s3_bucket}/photos", f"{s3_bucket}/registry/tiny", out,
                                 **options)
@@ -147,7 +155,8 @@ def test_score_an_s3_folder_with_an_s3_bundle_to_s3_parquet_as_on_local_disk(
     assert current_run(out, DAY, ["image_predictions"])["run_id"] == remote.run_id
 
     again = score_image_folder(f"{s3_bucket}/photos", f"{s3_bucket}/registry/tiny", out,
-                               run_date=OTHER_DAY, incremental=True, workers=0)
+                               run_date=OTHER_DAY, incremental=True, workers=0,
+                               table_format="parquet")
     assert (again.scored, again.failed, again.skipped_incremental) == (0, 1, 9)
     assert bundle_remote.downloads[model] == 1
 
@@ -172,7 +181,8 @@ def test_recommendations_from_an_s3_registry_and_users_file_to_s3_as_on_local_di
     users = b"u3\nu1\nnobody\nu7\n"
     fsspec.filesystem("s3").pipe(f"{s3_bucket}/users.txt", users)
     (tmp_path / "users.txt").write_bytes(users)
-    options = {"top_k": 3, "full_table": True, "shards": 2, "run_date": DAY}
+    options = {"top_k": 3, "full_table": True, "shards": 2, "run_date": DAY,
+               "table_format": "parquet"}
     out = f"{s3_bucket}/recs"
     remote = score_recommendations(bundle, out, users=f"{s3_bucket}/users.txt", **options)
     here = score_recommendations(bundle, tmp_path / "out", users=tmp_path / "users.txt",
