@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from export.loader_workers import available_cores, worker_context
@@ -55,22 +56,40 @@ THREAD_BATCHES_AHEAD = 2
 T = TypeVar("T")
 
 class DecodedImages(Dataset):
-    """Yields ``(index, image or None, error or None)`` for each file, decoded by ``spec``."""
+    """Yields ``(index, image or None, error or None)`` for each file, decoded by ``spec``;
+    with ``measure_inputs`` also the image's original pixel count (run health's megapixels),
+    read from its header before the decode (the same file, in the page cache: ~1 % of a decode).
+    """
 
-    def __init__(self, files: Sequence[ImageFile], spec: Preprocessing):
+    def __init__(self, files: Sequence[ImageFile], spec: Preprocessing, *,
+                 measure_inputs: bool = False):
         self.files = files
         self.spec = spec
+        self.measure_inputs = measure_inputs
         #: The planner's object-storage settings, for decoding processes that predate them.
         self.storage_env = storage_environment() if files and is_url(files[0].path) else {}
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+    def __getitem__(self, i: int) -> tuple:
         try:
-            return i, decode_for_model(self.files[i].path, self.spec), None
+            return (i, decode_for_model(self.files[i].path, self.spec), None,
+                    *self._pixels(self.files[i].path))
         except Exception as err:  # any decoder failure belongs to this row, not to the run
-            return i, None, describe_error(err)
+            return i, None, describe_error(err), *self._pixels(None)
+
+    def _pixels(self, source) -> tuple[int, ...]:
+        """``(pixels,)`` of the image at ``source`` when measuring inputs, else ``()``."""
+        if not self.measure_inputs:
+            return ()
+        if source is None:
+            return (0,)
+        with Image.open(source) as im:
+            pixels = im.width * im.height
+        if hasattr(source, "seek"):
+            source.seek(0)
+        return (pixels,)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[int, np.ndarray | None, str | None]]:
         """A batch; files on object storage are fetched by several threads at once, each
@@ -81,16 +100,19 @@ class DecodedImages(Dataset):
         with ThreadPoolExecutor(min(_FETCHERS, len(indices))) as pool:
             return list(pool.map(self._fetch_and_decode, indices))
 
-    def _fetch_and_decode(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+    def _fetch_and_decode(self, i: int) -> tuple:
         url = self.files[i].path
         buffer = None
         try:
             fs, path = filesystem(url)
             buffer = io.BytesIO(fs.cat_file(path))
-            return i, decode_for_model(buffer, self.spec), None
+            image = decode_for_model(buffer, self.spec)  # a decompression bomb stops here
+            buffer.seek(0)
+            return i, image, None, *self._pixels(buffer)
         except Exception as err:  # as above: this row's failure, named by its URL
             message = describe_error(err)
-            return i, None, message.replace(repr(buffer), repr(url)) if buffer else message
+            message = message.replace(repr(buffer), repr(url)) if buffer else message
+            return i, None, message, *self._pixels(None)
 
 
 @dataclass(frozen=True)
@@ -102,17 +124,25 @@ class DecodedBatch:
     #: decoded there)
     images: torch.Tensor
     failed: tuple[tuple[int, str], ...]
+    #: int64 (n,): each decoded image's original pixel count, when the inputs were measured
+    pixels: np.ndarray | None = None
 
 
-def collate_decoded(items: list[tuple[int, np.ndarray | None, str | None]]) -> DecodedBatch:
-    """Stack the decoded images; keep failed rows aside with their error."""
-    good = [(i, image) for i, image, error in items if error is None]
-    failed = tuple((i, error) for i, _, error in items if error is not None)
+def collate_decoded(items: list[tuple]) -> DecodedBatch:
+    """Stack the decoded images; keep failed rows aside with their error.
+
+    items: ``(index, image, error)``, or ``(index, image, error, pixels)`` when measured.
+    """
+    good = [item for item in items if item[2] is None]
+    failed = tuple((item[0], item[2]) for item in items if item[2] is not None)
     if good:
-        images = torch.from_numpy(np.stack([image for _, image in good]))
+        images = torch.from_numpy(np.stack([item[1] for item in good]))
     else:
         images = torch.empty((0, 0, 0, 3), dtype=torch.uint8)
-    return DecodedBatch(np.array([i for i, _ in good], dtype=np.int64), images, failed)
+    measured = bool(items) and len(items[0]) > 3
+    pixels = np.array([item[3] for item in good], dtype=np.int64) if measured else None
+    return DecodedBatch(np.array([item[0] for item in good], dtype=np.int64), images, failed,
+                        pixels)
 
 
 def gpu_decoded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
@@ -200,26 +230,29 @@ def default_workers(n_files: int) -> int:
 
 
 def decoded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
-                    workers: int | None, threads: int | None = None) -> Iterator[DecodedBatch]:
+                    workers: int | None, threads: int | None = None, *,
+                    measure_inputs: bool = False) -> Iterator[DecodedBatch]:
     """Batches of ``files`` decoded as ``spec`` says, in file order.
 
     workers: DataLoader decoding processes (None: :func:`default_workers`); 0: decoding threads
     of this process instead (``threads`` of them, default one per core), batches ahead.
+    measure_inputs: give each batch its images' original pixel counts (run health).
     """
     if not files:
         return iter(())
     workers = default_workers(len(files)) if workers is None else workers
     if not workers:
-        return threaded_batches(files, spec, batch_size, threads)
-    return iter(DataLoader(DecodedImages(files, spec), batch_size=batch_size,
+        return threaded_batches(files, spec, batch_size, threads, measure_inputs=measure_inputs)
+    return iter(DataLoader(DecodedImages(files, spec, measure_inputs=measure_inputs),
+                           batch_size=batch_size,
                            num_workers=workers, collate_fn=collate_decoded,
                            prefetch_factor=4, multiprocessing_context=worker_context(
                                "scoring.image_batches")))
 
 
 def threaded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: int,
-                     threads: int | None = None, ahead: int = THREAD_BATCHES_AHEAD,
-                     ) -> Iterator[DecodedBatch]:
+                     threads: int | None = None, ahead: int = THREAD_BATCHES_AHEAD, *,
+                     measure_inputs: bool = False) -> Iterator[DecodedBatch]:
     """Batches decoded by threads of this process, ``ahead`` batches before they are asked for.
 
     The JPEG libraries and Pillow's resize release the GIL, so a decoding thread runs beside the
@@ -227,7 +260,7 @@ def threaded_batches(files: list[ImageFile], spec: Preprocessing, batch_size: in
     import in one, no batch to pass through shared memory. What suits a small folder, a Dask
     worker (a daemon may not start processes) and ``--workers 0``.
     """
-    images = DecodedImages(files, spec)
+    images = DecodedImages(files, spec, measure_inputs=measure_inputs)
     # One per core, not per spare core: the threads stop once ``ahead`` batches wait, so they
     # take the model's cores only while it has nothing to run. On 2 cores (quiet, best of 3) two
     # threads fed lite0 12 MP copies at 47.9 images/s where one managed 33.6, and 0.2 MP at 84.0

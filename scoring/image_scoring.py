@@ -36,6 +36,8 @@ from scoring.image_folder import FolderWalk, ImageFile, walk_folder
 from scoring.image_rows import IMAGE_PREDICTIONS_SCHEMA, RowBuilder, already_scored
 from scoring.options import ImageScoreOptions, resolve_options
 from scoring.partition import PendingPartition, new_run_id, open_partition
+from scoring.run_health.gate import HealthCheck, health_line
+from scoring.run_health.image_profile import ImageProfiler, pixel_sample
 from scoring.shards import (
     Progress,
     RunPlan,
@@ -76,6 +78,12 @@ class ScoreSummary(RunResult):
     runtime: str
     #: Entries the folder walk passed by (symlink loops, vanished files, unreadable folders).
     skipped_walk: int = 0
+    #: The run's health against its trailing runs (``RunHealth.report_dict()``), None when off.
+    health: dict | None = None
+
+    def health_line(self) -> str:
+        """The breaker's one line ("" with run health off)."""
+        return health_line(self.health)
 
     def summary_line(self) -> str:
         walk = f", {self.skipped_walk} passed by in the walk" if self.skipped_walk else ""
@@ -130,7 +138,8 @@ def score_image_folder(folder: str | Path, model: str | Path, out: str | Path,
     """
     options = resolve_options(ImageScoreOptions, options, overrides)
     plan = plan_image_run(folder, model, out, options, run_date=run_date, run_id=run_id)
-    return run_plan(plan, score_image_shard, finish_image_run, run_shards, progress)
+    return run_plan(plan, score_image_shard, finish_image_run, run_shards, progress,
+                    health=HealthCheck.from_options(options))
 
 
 def plan_image_run(folder: str | Path, model: str | Path, out: str | Path,
@@ -179,18 +188,23 @@ def score_image_shard(job: ImageShardJob, progress: Progress | None = None) -> S
     # torch: imported by a shard, so that planning (and its one-line refusals) runs without it.
     from scoring.image_batches import decoded_batches, gpu_decoded_batches
 
+    profiled = options.on_drift != "off"
     if options.gpu_decode and options.device != "cpu" and cuda_present():
         batches = gpu_decoded_batches(files, spec, options.batch_size)
     else:  # decoding workers start now, while the runtime loads (a no-op when it is cached)
-        batches = decoded_batches(files, spec, options.batch_size, workers)
+        batches = decoded_batches(files, spec, options.batch_size, workers,
+                                  measure_inputs=profiled)
     rt = shard_runtime(bundle, options.runtime, options.device, job.threads)
     builder = RowBuilder(bundle, top_k=options.top_k, output=score_output_name(rt.output_names))
+    profiler = ImageProfiler(builder.task, builder.classes, builder.thresholds) \
+        if profiled else None
     pending = with_runtime(job.pending, rt)
     with pending.part_writer(job.shard) as writer:
         scored, failed = write_scored_batches(batches, files, rt, builder, writer,
-                                              progress or (lambda event: None))
+                                              progress or (lambda event: None), profiler)
     return ShardResult(job.shard, len(files), scored, failed, {pending.table: writer.rows},
-                       round(time.perf_counter() - started, 3), rt.describe(), where())
+                       round(time.perf_counter() - started, 3), rt.describe(), where(),
+                       profile=profiler.profile() if profiler else None)
 
 
 def finish_image_run(plan: ImageRunPlan, results: list[ShardResult]) -> ScoreSummary:
@@ -204,7 +218,8 @@ def finish_image_run(plan: ImageRunPlan, results: list[ShardResult]) -> ScoreSum
         rows=committed.rows,
         seconds=round(seconds, 3), images_per_s=round(scored / seconds, 2) if seconds else 0.0,
         partition=str(committed.path), run_id=committed.run_id, model=plan.model,
-        runtime=runtimes_used(results))
+        runtime=runtimes_used(results),
+        health=plan.health.report_dict() if plan.health is not None else None)
 
 
 def open_image_bundle(model_ref: str | Path) -> Bundle:
@@ -256,20 +271,35 @@ def partition_metadata(bundle: Bundle, runtime: str) -> dict[str, str]:
 
 
 def write_scored_batches(batches: Iterable[DecodedBatch], files: list[ImageFile], rt: Runtime,
-                         builder: RowBuilder, writer, notify: Callable[[dict], None]
-                         ) -> tuple[int, int]:
+                         builder: RowBuilder, writer, notify: Callable[[dict], None],
+                         profiler: ImageProfiler | None = None) -> tuple[int, int]:
     """Run each decoded batch through the graph and write its rows; (scored, failed) files.
 
     writer: anything with ``write(columns)`` (a shard's ``PartWriter``).
+    profiler: gathers the run-health profile of what was written, batch by batch.
     """
     scored = failed = 0
     for batch in batches:
         outputs = rt.run(batch.images)[builder.output] if len(batch.indices) else None
-        writer.write(builder.rows(files, batch, outputs))
+        columns = builder.rows(files, batch, outputs)
+        writer.write(columns)
+        if profiler is not None:
+            profile_batch(profiler, files, batch, outputs, columns)
         scored += len(batch.indices)
         failed += len(batch.failed)
         notify({"event": "advance", "n": len(batch.indices) + len(batch.failed)})
     return scored, failed
+
+
+def profile_batch(profiler: ImageProfiler, files: list[ImageFile], batch: DecodedBatch,
+                  outputs, columns: dict[str, list]) -> None:
+    """Add one written batch to the shard's profile (from what is already in memory)."""
+    good = batch.indices.tolist()
+    values = [v for v in columns["outputs"] if v is not None] if profiler.task == "regression" \
+        else None
+    profiler.add([files[i].size for i in good], batch.pixels,
+                 pixel_sample(batch.images) if good else None, batch.failed,
+                 outputs if good else None, values)
 
 
 def score_output_name(names: list[str]) -> str:

@@ -6,7 +6,7 @@ The scorers, the Prefect flows and the CLI all take their option parameters from
 from __future__ import annotations
 
 import os
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -16,6 +16,9 @@ from scoring.errors import ScoringError
 Runtime = Literal["onnx", "torchscript", "aoti"]
 TableFormat = Literal["parquet", "delta"]
 RunOptions = TypeVar("RunOptions", bound="RuntimeOptions")
+OnDrift = Literal["off", "warn", "fail"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(gt=0, lt=1)]
 
 
 class RuntimeOptions(Options):
@@ -32,7 +35,30 @@ class RuntimeOptions(Options):
                                    "delta table's change the table (refused otherwise)")
 
 
-class ScoreOptions(RuntimeOptions):
+class HealthOptions(Options):
+    """Run health (docs/scoring.md#run-health): every run is profiled while it scores and
+    compared with the trailing committed runs of its table and model before it commits."""
+
+    on_drift: OnDrift = Field("warn", description="off | warn | fail: what a run whose output "
+                              "drifted from the trailing runs does: commit and mark it (warn), "
+                              "or commit nothing (fail); off skips profiling")
+    accept_drift: bool = Field(False, description="commit a run on_drift=fail would refuse (a "
+                               "rerun once a person has looked); recorded with the run")
+    drift_runs: PositiveInt = Field(7, description="trailing committed runs of the same table "
+                                    "and model name pooled as the baseline")
+    drift_psi: PositiveFloat = Field(0.25, description="population stability index at or over "
+                                     "which a distribution counts as drifted")
+    drift_js: PositiveFloat = Field(0.05, description="Jensen-Shannon divergence (bits) at or "
+                                    "over which a distribution counts as drifted")
+    drift_p: Probability = Field(0.001, description="and only when a shift that large would "
+                                 "come from sampling noise less often than this (chi-square)")
+
+
+class NightlyOptions(HealthOptions, RuntimeOptions):
+    """The nightly flow's options: every job's runtime and run health."""
+
+
+class ScoreOptions(HealthOptions, RuntimeOptions):
     """Base of the scoring option sets."""
 
     shards: PositiveInt | None = Field(None, description="pieces the run is split into "

@@ -41,6 +41,9 @@ from scoring.rec_tables import (
     topk_rows,
     topk_schema,
 )
+from scoring.run_health.gate import HealthCheck, health_line
+from scoring.run_health.profile import Distribution, RunProfile
+from scoring.run_health.rec_profile import RecProfiler
 from scoring.shards import (
     Progress,
     RunPlan,
@@ -80,6 +83,12 @@ class RecScoreSummary(RunResult):
     run_id: str
     model: str
     runtime: str
+    #: The run's health against its trailing runs (``RunHealth.report_dict()``), None when off.
+    health: dict | None = None
+
+    def health_line(self) -> str:
+        """The breaker's one line ("" with run health off)."""
+        return health_line(self.health)
 
     def summary_line(self) -> str:
         full = f", {self.full_rows:,} full-table rows -> {self.full_partition}" \
@@ -131,7 +140,14 @@ def score_recommendations(model: str | Path, out: str | Path,
     """
     options = resolve_options(RecScoreOptions, options, overrides)
     plan = plan_rec_run(model, out, options, run_date=run_date, run_id=run_id)
-    return run_plan(plan, score_user_shard, finish_rec_run, run_shards, progress)
+    return run_plan(plan, score_user_shard, finish_rec_run, run_shards, progress,
+                    health=HealthCheck.from_options(options, extra=users_skipped))
+
+
+def users_skipped(plan: RecRunPlan) -> RunProfile:
+    """The planner's part of a run's profile: the users it skipped as unknown."""
+    return RunProfile((Distribution.categorical("recommendations.users",
+                                                {"unknown": plan.unknown_users}),))
 
 
 def plan_rec_run(model: str | Path, out: str | Path, options: RecScoreOptions | None = None, *,
@@ -190,9 +206,10 @@ def score_user_shard(job: UserShardJob, progress: Progress | None = None) -> Sha
     topk_out = with_runtime(job.topk, rt).part_writer(job.shard) if job.topk else None
     full_out = with_runtime(job.full, rt).part_writer(job.shard) if job.full else None
     writers = [w for w in (topk_out, full_out) if w is not None]
+    profiler = RecProfiler(len(vocab.items)) if job.options.on_drift != "off" else None
     try:
         write_user_blocks(rt, vocab, job.users, block, seen, job.options.top_k, topk_out,
-                          full_out, progress or (lambda event: None))
+                          full_out, progress or (lambda event: None), profiler)
         for w in writers:
             w.close()
     except BaseException:
@@ -201,7 +218,8 @@ def score_user_shard(job: UserShardJob, progress: Progress | None = None) -> Sha
         raise
     rows = {w.pending.table: w.rows for w in writers}
     return ShardResult(job.shard, len(job.users), len(job.users), 0, rows,
-                       round(time.perf_counter() - started, 3), rt.describe(), where())
+                       round(time.perf_counter() - started, 3), rt.describe(), where(),
+                       profile=profiler.profile() if profiler else None)
 
 
 def finish_rec_run(plan: RecRunPlan, results: list[ShardResult]) -> RecScoreSummary:
@@ -217,7 +235,8 @@ def finish_rec_run(plan: RecRunPlan, results: list[ShardResult]) -> RecScoreSumm
         rows_per_s=round(sum(rows.values()) / seconds, 1) if seconds else 0.0,
         topk_partition=str(topk.path) if topk else None,
         full_partition=str(full.path) if full else None,
-        run_id=plan.pendings[0].run_id, model=plan.model, runtime=runtimes_used(results))
+        run_id=plan.pendings[0].run_id, model=plan.model, runtime=runtimes_used(results),
+        health=plan.health.report_dict() if plan.health is not None else None)
 
 
 def open_collab_bundle(model_ref: str | Path) -> Bundle:
@@ -243,19 +262,25 @@ def partition_metadata(bundle: Bundle, runtime: str, id_type: str, top_k: int) -
 
 def write_user_blocks(rt: Runtime, vocab: CollabVocab, users: np.ndarray, block: int,
                       seen: SeenItems | None, top_k: int, topk_out, full_out,
-                      notify: Progress) -> None:
+                      notify: Progress, profiler: RecProfiler | None = None) -> None:
     """Score ``users`` ``block`` at a time and write each block's rows.
 
     topk_out, full_out: writers (``write(batch)``) of either table, or None to skip it.
+    profiler: gathers the run-health profile of the written rows.
     """
     for lo in range(0, len(users), block):
         users_block = users[lo:lo + block]
         scores = rt.run(users_block)["scores"]
         if full_out is not None:
             full_out.write(full_rows(vocab, users_block, scores))
+            if profiler is not None and topk_out is None:
+                profiler.add(len(users_block), None, scores)
         if topk_out is not None:
-            topk_out.write(topk_rows(vocab, users_block, scores, seen, top_k,
-                                     may_modify=full_out is None))
+            rows = topk_rows(vocab, users_block, scores, seen, top_k,
+                             may_modify=full_out is None)
+            topk_out.write(rows)
+            if profiler is not None:
+                profiler.add(len(users_block), rows, None)
         notify({"event": "advance", "n": len(users_block)})
 
 

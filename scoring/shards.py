@@ -33,7 +33,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +60,7 @@ from scoring.partition import (
     commit_partition,
     release_partition,
 )
+from scoring.run_health.profile import RunProfile
 from scoring.staging import SUCCESS_MARKER
 
 RUNS_DIR = "_runs"
@@ -87,6 +88,8 @@ class ShardResult(RunResult):
     seconds: float
     runtime: str
     worker: str
+    #: What the shard scored, profiled (scoring.run_health); None when run health is off.
+    profile: RunProfile | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +112,9 @@ class RunPlan:
     to_score: int
     model: str
     started_at: float
+    #: The run's health (scoring.run_health.gate.RunHealth), judged after the shards; the run
+    #: record stores it.
+    health: Any = field(default=None, kw_only=True)
 
 
 #: ``run_shards(score_shard, jobs, progress)``: call ``score_shard(job, progress)`` for every
@@ -124,9 +130,14 @@ def shards_in_process(score_shard: Callable[..., ShardResult], jobs: Sequence[An
 
 def run_plan(plan: RunPlan, score_shard: Callable[..., ShardResult],
              finish: Callable[[Any, Sequence[ShardResult]], Summary],
-             run_shards: RunShards | None = None, progress: Progress | None = None) -> Summary:
+             run_shards: RunShards | None = None, progress: Progress | None = None,
+             health: Any = None) -> Summary:
     """Run every shard of ``plan`` with ``run_shards``, then ``finish`` (commit) it; any failure
     drops what the shards wrote.
+
+    health: a :class:`scoring.run_health.gate.HealthCheck`, which judges the shards' profiles
+    before the commit (a refused run raises, and nothing is committed) and writes the run's
+    ``run_health`` rows after it.
 
     progress: called with ``{"event": "start", "total": n}``, ``{"event": "advance", "n": k}``
     and ``{"event": "end"}``.
@@ -135,10 +146,14 @@ def run_plan(plan: RunPlan, score_shard: Callable[..., ShardResult],
     notify({"event": "start", "total": plan.to_score})
     try:
         results = (run_shards or shards_in_process)(score_shard, plan.jobs, notify)
+        if health is not None:
+            plan = replace(plan, health=health.judge(plan, results))
         summary = finish(plan, results)
     except BaseException:
         abort_run(plan)
         raise
+    if health is not None:
+        health.record(plan)
     notify({"event": "end"})
     return summary
 
@@ -189,6 +204,8 @@ def write_run_record(plan: RunPlan, committed: dict[str, CommittedPartition]) ->
                                "rows": c.rows, **c.record_fields()}
                        for table, c in committed.items()},
     }
+    if plan.health is not None:  # the next runs' baseline reads its profile from here
+        record["health"] = plan.health.to_dict()
     if first.remote:  # one PUT: whole or absent
         url = join(first.out, RUNS_DIR, f"{first.run_id}.json")
         fs, path = filesystem(url)
