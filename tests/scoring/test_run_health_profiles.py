@@ -1,0 +1,117 @@
+"""Run profiles merge exactly and travel (JSON, pickle); the drift measures behave; a
+recommender whose top-k collapses onto a few items is flagged by its item exposure."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from datetime import date
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from export.convert import export_bundle
+from scoring.recommendations import score_recommendations
+from scoring.run_health.drift import DriftThresholds, chi_square_tail, drift_of
+from scoring.run_health.figures import figures, quantile
+from scoring.run_health.image_profile import ImageProfiler, content_of
+from scoring.run_health.profile import Distribution, RunProfile, bin_counts, merge_profiles
+from training.models.collab import DotProductBias
+
+DAY1, DAY2 = date(2026, 11, 1), date(2026, 11, 2)
+
+
+def shard_profile(rng: np.random.Generator, n: int) -> RunProfile:
+    profiler = ImageProfiler("regression", [])
+    sample = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    sample[: n // 4] = 7  # some near-constant frames
+    profiler.add(rng.integers(1_000, 900_000, n).tolist(), rng.integers(10_000, 9_000_000, n),
+                 sample, [(0, "UnidentifiedImageError: cannot identify image file")],
+                 None, rng.normal(3.0, 2.0, (n, 2)) * 1e3)
+    return profiler.profile()
+
+
+def test_profiles_merge_exactly_in_any_order_and_round_trip_through_json_and_pickle():
+    rng = np.random.default_rng(0)
+    shards = [shard_profile(rng, n) for n in (5, 17, 64, 1)]
+    merged = merge_profiles(shards)
+    assert merge_profiles(reversed(shards)) == merged
+    assert merge_profiles([merge_profiles(shards[:2]), merge_profiles(shards[2:])]) == merged
+    assert RunProfile.from_dict(json.loads(json.dumps(merged.to_dict()))) == merged
+    assert pickle.loads(pickle.dumps(merged)) == merged
+    outcome = merged.distribution("rows.outcome").as_mapping()
+    assert outcome == {"scored": 87, "UnidentifiedImageError": 4}
+    moment = merged.moment("predictions.output.0")
+    assert moment.count == 87 and abs(moment.mean - 3000) < 700 and 1000 < moment.std < 3000
+    assert figures(merged)["inputs.near_constant_share"] == pytest.approx(
+        (1 + 4 + 16 + 0) / 87)
+
+
+def test_content_tells_colour_grayscale_and_near_constant_apart():
+    rng = np.random.default_rng(1)
+    colour = rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    gray = np.repeat(rng.integers(0, 256, (1, 16, 16, 1), dtype=np.uint8), 3, axis=3)
+    flat = np.full((1, 16, 16, 3), (30, 60, 200), dtype=np.uint8)
+    _, content = content_of(np.concatenate([colour, gray, flat]))
+    assert content.tolist() == [0, 1, 2]
+
+
+def test_drift_is_zero_for_the_same_shares_and_flags_a_large_real_shift_only():
+    same = Distribution.categorical("x", {"a": 50, "b": 50})
+    twice = Distribution.categorical("x", {"a": 100, "b": 100})
+    assert drift_of(same, twice, DriftThresholds()).psi == 0.0
+    small_n = drift_of(Distribution.categorical("x", {"a": 3, "b": 1}),
+                       Distribution.categorical("x", {"a": 1, "b": 3}), DriftThresholds())
+    assert small_n.psi > 0.25 and not small_n.flagged  # large but within noise for 4 + 4
+    moved = drift_of(Distribution.categorical("x", {"a": 300, "b": 100}),
+                     Distribution.categorical("x", {"a": 100, "b": 300}), DriftThresholds())
+    assert moved.flagged and moved.bins == ("a", "b") and moved.today == (0.75, 0.25)
+    assert chi_square_tail(3.84, 1) == pytest.approx(0.05, abs=0.005)
+
+
+def test_quantiles_come_from_the_fixed_bins():
+    d = Distribution.histogram("p", "unit", bin_counts("unit", np.linspace(0.0, 0.999, 1000)))
+    assert quantile(d, 0.5) == pytest.approx(0.5, abs=0.01)
+    assert quantile(d, 0.05) == pytest.approx(0.05, abs=0.01)
+
+
+def rec_bundle(root, *, collapsed: bool, n_users=120, n_items=60):
+    """A dot-product recommender; ``collapsed``: the same model with five items' biases so
+    large that every user's top-5 is those five."""
+    torch.manual_seed(0)
+    model = DotProductBias(n_users, n_items, 4, y_range=(0.5, 5.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.7)
+        if collapsed:
+            model.item_bias.weight[:5] += 50.0
+    seen = root / "seen.parquet"
+    pq.write_table(pa.table({"user_idx": pa.array([], pa.int32()),
+                             "item_idx": pa.array([], pa.int32())}), seen)
+    manifest = {"task": "collab", "users": list(range(n_users)),
+                "items": [1000 + i for i in range(n_items)],
+                "titles": [f"Item {i}" for i in range(n_items)], "id_type": "int64",
+                "y_range": [0.5, 5.5], "model": model.config().to_dict(),
+                "seen": {"file": "seen.parquet"}}
+    return export_bundle(model, manifest, root / "registry", "movies", pt2=False,
+                         extra_files={"seen.parquet": seen}).bundle_path
+
+
+def test_a_recommender_whose_top_k_collapses_is_flagged_by_item_exposure(tmp_path):
+    out = tmp_path / "out"
+    before = rec_bundle(tmp_path, collapsed=False)
+    first = score_recommendations(before, out, top_k=5, run_date=DAY1)
+    assert first.health["decision"] == "no_baseline"
+    again = score_recommendations(before, out, top_k=5, run_date=DAY1)
+    assert again.health["decision"] == "ok"  # the same night rescored
+    night = score_recommendations(rec_bundle(tmp_path, collapsed=True), out, top_k=5,
+                                  run_date=DAY2, on_drift="warn")
+    drifted = {d["measure"] for d in night.health["drift"] if d["flagged"]}
+    assert "recommendations.item_exposure" in drifted
+    assert "recommendations.users" not in drifted
+    figure = {name: (today, before) for name, today, before in night.health["figures"]}
+    coverage, gini = figure["recommendations.coverage"], figure["recommendations.exposure_gini"]
+    assert coverage[0] < coverage[1] / 2 and gini[0] > gini[1] + 0.2
