@@ -52,6 +52,9 @@ DELTA_LOG = "_delta_log"
 #: Commits attempted on ever newer snapshots while other dates' runs commit in between.
 COMMIT_TRIES = 30
 LINEAGE_PREFIX = "lensflow."
+#: A checkpoint every this many commits (Delta's default is 100: a nightly table's reader would
+#: replay up to 100 JSON commits, each one GET on object storage).
+CHECKPOINT_INTERVAL = 10
 _READERS = 16  # concurrent footer reads at commit
 
 
@@ -278,8 +281,10 @@ def _table_for_commit(uri: str, schema: pa.Schema) -> DeltaTable:
     if dt is not None:
         return dt
     try:
-        return DeltaTable.create(uri, schema, mode="ignore", partition_by=[PARTITION_COLUMN],
-                                 storage_options=storage_options(uri))
+        return DeltaTable.create(
+            uri, schema, mode="ignore", partition_by=[PARTITION_COLUMN],
+            configuration={"delta.checkpointInterval": str(CHECKPOINT_INTERVAL)},
+            storage_options=storage_options(uri))
     except Exception:  # noqa: BLE001 — another run created it first: read theirs
         dt = open_delta(uri)
         if dt is None:
