@@ -160,3 +160,17 @@ class TrainingProgress(ProgressArtifact):
         elif kind == "end":
             self.done = self.total
             self._send(force=True)
+
+
+def publish_run_health(out: str, run_date, run_id: str, *, key: str, description: str
+                       ) -> UUID | None:
+    """Markdown artifact of one scoring run's health (today-vs-baseline bars), from its
+    ``run_health`` rows; None when the run wrote none (run health off)."""
+    from scoring.run_health.render import health_markdown, reports_from_rows
+    from scoring.run_health.table import read_health
+
+    reports = [r for r in reports_from_rows(read_health(out, run_date)) if r["run_id"] == run_id]
+    if not reports:
+        return None
+    return create_markdown_artifact(health_markdown(reports[-1]), key=key,
+                                    description=description)

@@ -19,6 +19,7 @@ from flows.cli_keys import keys_app
 from flows.cli_output import PLAIN as _PLAIN
 from flows.cli_output import TrainingProgress, console, out
 from flows.cli_output import print_metrics as _print_metrics
+from flows.cli_report import report_cmd
 from flows.cli_score import score_app
 from flows.cli_table import table_app
 from flows.option_surfaces import OptionsError, declared_options
@@ -34,6 +35,7 @@ app = typer.Typer(add_completion=False, **_PLAIN,
 train_app = typer.Typer(**_PLAIN, help="Fine-tune a model.")
 app.add_typer(train_app, name="train")
 app.add_typer(score_app, name="score")
+app.command("report")(report_cmd)
 app.add_typer(keys_app, name="keys")
 app.add_typer(table_app, name="table")
 

@@ -41,11 +41,10 @@ def score_images(folder: Folder, model: Model, out_root: OutRoot, run_date: RunD
     if dask_address:
         result = _run_flow("score_image_folder_flow", folder, model, out_root,
                            run_date=day, dask_address=dask_address, **options.model_dump())
-        out.print(ScoreSummary(**result).summary_line())
+        _print_summary(ScoreSummary(**result))
         return
-    summary = score_image_folder(folder, model, out_root, options, run_date=day,
-                                 progress=_score_progress())
-    out.print(summary.summary_line())
+    _print_summary(score_image_folder(folder, model, out_root, options, run_date=day,
+                                      progress=_score_progress()))
 
 
 @score_app.command("recommendations")
@@ -60,11 +59,17 @@ def score_recommendations_cmd(model: Model, out_root: OutRoot, run_date: RunDate
     if dask_address:
         result = _run_flow("score_recommendations_flow", model, out_root, run_date=day,
                            dask_address=dask_address, **options.model_dump())
-        out.print(RecScoreSummary(**result).summary_line())
+        _print_summary(RecScoreSummary(**result))
         return
-    summary = score_recommendations(model, out_root, options, run_date=day,
-                                    progress=_score_progress())
+    _print_summary(score_recommendations(model, out_root, options, run_date=day,
+                                         progress=_score_progress()))
+
+
+def _print_summary(summary) -> None:
+    """The run's summary line, then its health line (a warned run says so here)."""
     out.print(summary.summary_line())
+    if summary.health_line():
+        out.print(summary.health_line())
 
 
 def _run_flow(name: str, *args, **kwargs) -> dict:

@@ -11,6 +11,7 @@ as artifacts. A run with any failed shard commits nothing. The option parameters
 
 from __future__ import annotations
 
+import contextlib
 from datetime import date
 from pathlib import Path
 
@@ -21,7 +22,12 @@ from prefect.states import Failed, State
 
 from export.bundle import load_bundle, resolve_bundle
 from export.storage import filesystem, is_file, is_url, ref_text
-from flows.artifacts import ProgressArtifact, publish_markdown, summary_markdown
+from flows.artifacts import (
+    ProgressArtifact,
+    publish_markdown,
+    publish_run_health,
+    summary_markdown,
+)
 from flows.dask_runner import resolve_dask_address, shard_count, shard_runner
 from flows.failures import user_errors_fail_the_run
 from flows.option_surfaces import declared_options
@@ -29,8 +35,9 @@ from flows.params import DaskAddress, ImageJob, PathText, RecJob
 from flows.run_date import scheduled_run_date
 from scoring.errors import ScoringError
 from scoring.image_scoring import score_image_folder
-from scoring.options import ImageScoreOptions, RecScoreOptions, RuntimeOptions
+from scoring.options import ImageScoreOptions, NightlyOptions, RecScoreOptions
 from scoring.recommendations import score_recommendations
+from scoring.run_health.gate import DriftRefusedError
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
@@ -60,6 +67,24 @@ def check_image_folder(folder: str) -> str:
     return str(path.resolve())
 
 
+@contextlib.contextmanager
+def health_published(out: str, day: date, *, key: str, description: str):
+    """A run the breaker refuses still shows its health: publish it, then let the error end
+    the flow with its one line."""
+    try:
+        yield
+    except DriftRefusedError as refused:
+        publish_run_health(out, day, refused.health.run_id, key=key, description=description)
+        raise
+
+
+def _publish_health(out: str, day: date, summary, *, key: str, description: str) -> None:
+    if summary.health is not None:
+        if summary.health_line():
+            get_run_logger().info(summary.health_line())
+        publish_run_health(out, day, summary.run_id, key=key, description=description)
+
+
 def _run_id() -> str | None:
     run_id = prefect_runtime.flow_run.id
     return str(run_id) if run_id else None
@@ -86,10 +111,14 @@ def score_image_folder_flow(folder: PathText, model: PathText, out: PathText,
     day = run_date or scheduled_run_date()
     progress = ProgressArtifact(key="score-image-folder-progress",
                                 description=f"images scored in {folder}")
-    summary = score_image_folder(
-        folder_path, bundle, out, options.updated(shards=shard_count(options.shards, address)),
-        run_date=day, run_id=_run_id(), progress=progress, run_shards=shard_runner(address))
+    health_artifact = {"key": "score-image-folder-health",
+                       "description": f"run health of {folder} for {day}"}
+    with health_published(out, day, **health_artifact):
+        summary = score_image_folder(
+            folder_path, bundle, out, options.updated(shards=shard_count(options.shards, address)),
+            run_date=day, run_id=_run_id(), progress=progress, run_shards=shard_runner(address))
     get_run_logger().info(summary.summary_line())
+    _publish_health(out, day, summary, **health_artifact)
     publish_markdown(summary_markdown("Image scoring", summary.to_dict(), summary.summary_line()),
                      key="score-image-folder-summary",
                      description=f"scoring summary of {folder} for {day}")
@@ -124,10 +153,14 @@ def score_recommendations_flow(model: PathText, out: PathText, run_date: date | 
     check_users_file(options.users)
     day = run_date or scheduled_run_date()
     progress = ProgressArtifact(key="score-recommendations-progress", description="users scored")
-    summary = score_recommendations(
-        bundle, out, options.updated(shards=shard_count(options.shards, address)),
-        run_date=day, run_id=_run_id(), progress=progress, run_shards=shard_runner(address))
+    health_artifact = {"key": "score-recommendations-health",
+                       "description": f"run health of {model} for {day}"}
+    with health_published(out, day, **health_artifact):
+        summary = score_recommendations(
+            bundle, out, options.updated(shards=shard_count(options.shards, address)),
+            run_date=day, run_id=_run_id(), progress=progress, run_shards=shard_runner(address))
     get_run_logger().info(summary.summary_line())
+    _publish_health(out, day, summary, **health_artifact)
     publish_markdown(
         summary_markdown("Recommendation scoring", summary.to_dict(), summary.summary_line()),
         key="score-recommendations-summary", description=f"recommendations of {model} for {day}")
@@ -147,7 +180,7 @@ def _check_distinct_outputs(jobs: list, out: str, kind: str) -> None:
 
 
 @flow(name="nightly")
-@declared_options(options=RuntimeOptions)
+@declared_options(options=NightlyOptions)
 @user_errors_fail_the_run
 def nightly_flow(
     out: PathText,
@@ -156,7 +189,7 @@ def nightly_flow(
     run_date: date | None = None,
     dask_address: DaskAddress | None = None,
     *,
-    options: RuntimeOptions,
+    options: NightlyOptions,
 ) -> dict | State:
     """Score every image job and recommender job for one date, each as a subflow.
 
