@@ -1,4 +1,6 @@
-"""The partition commit on object storage, where no directory can be renamed into place.
+"""The partition commit on object storage, where no directory can be renamed into place: the
+``parquet`` table format on a URL, kept for tables written before ``delta`` became the default
+there (:mod:`scoring.delta_table`); its readers also read a Delta table.
 
 An output root that is a URL (``s3://bucket/scores``) is laid out so that one small object,
 written last with one PUT, decides what a reader sees::
@@ -211,7 +213,13 @@ def record_parts(out: str, table: str, record: dict) -> list[str]:
 
 
 def table_parts(out: str, table: str) -> list[str]:
-    """Every part URL of every committed date of a table: what DuckDB or Spark should read."""
+    """Every part URL of every committed date of a table: what DuckDB or Spark should read (of a
+    Delta table, the files of its newest version, which hold no ``run_date`` column)."""
+    from scoring.delta_read import files_by_date
+    from scoring.delta_table import is_delta
+
+    if is_delta(out, table):
+        return [str(f) for _, files in files_by_date(out, table) for f in files]
     return [url for record in committed_records(out, table)
             for url in record_parts(out, table, record)]
 
@@ -219,6 +227,11 @@ def table_parts(out: str, table: str) -> list[str]:
 def open_table(out: str, table: str) -> ds.Dataset:
     """The committed rows of a table as a pyarrow dataset, ``run_date`` a column as in a Hive
     read of a local table."""
+    from scoring.delta_read import open_dataset
+    from scoring.delta_table import is_delta
+
+    if is_delta(out, table):  # the same helper for a table of either format
+        return open_dataset(out, table)
     if not is_url(out):
         raise PartitionError(f"{out}: open_table reads object storage; read a local table with "
                              "pyarrow.dataset(..., partitioning='hive')")
