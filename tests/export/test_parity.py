@@ -141,6 +141,7 @@ def test_export_with_a_broken_converter_is_written_unsigned_and_never_promoted(t
     assert str(path) in str(err.value)
     assert load_bundle(path).manifest["parity"]["passed"] is False
     assert "signature" not in json.loads((path.parent / f"{path.name}.digest.json").read_text())
+    assert not (path.parent / f"{path.name}.sig").exists()
     assert err.value.report.failures()
     with pytest.raises(PromotionError, match="failed parity"):
         promote(path)

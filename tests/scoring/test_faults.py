@@ -1,10 +1,16 @@
-"""The fault suite: real scoring processes SIGKILLed at every commit step and at random times, two
-runs of one date at once, and readers (pyarrow datasets, DuckDB globs) polling all along.
+"""The fault suite: real scoring processes SIGKILLed at every commit step (in order, and in a
+seeded random order), two runs of one date at once, and readers (pyarrow datasets, DuckDB globs)
+polling all along.
 
 Every read must see, for every date, the old partition or the new one whole: never a part of
 one, both at once, rows twice, or a staging file. A read that races a replacement may instead
 fail with "file not found" (the listed old part is gone); that is counted as a retry. The runs are
 forked by ``tests/support/scoring_forker.py``, which imports the scorers once.
+
+Each kill is at a named step (``scoring/fault_hook.py``), not at a random time: the run is held
+alive at its step until it has said it got there and both readers have read the tables while it
+stands there (and seen exactly the state that step must leave), then it is released to its
+SIGKILL. So every step a test names was hit, and read during.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fault_holds import FaultHold
 from flow_test_data import make_images
 from forked_runs import Forker
 from tiny_image_bundle import make_image_bundle
 
 from export.convert import export_bundle
+from scoring.fault_hook import FAULT_STEPS
 from scoring.image_scoring import score_image_folder
 from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations
 from scoring.shards import RUNS_DIR, current_run
@@ -38,6 +46,7 @@ from scoring.staging import STAGING_DIR
 from training.models.collab import DotProductBias
 
 IMAGES = "image_predictions"
+READERS = ("pyarrow", "duckdb")
 X, Y, Z = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
 KILLED = -signal.SIGKILL
 RUN_OPTIONS = {"shards": 2, "workers": 0, "batch_size": 4}
@@ -101,6 +110,7 @@ class Readers:
         self.problems: list[str] = []
         self._stop = threading.Event()
         self._guard = threading.Lock()
+        self._read = threading.Condition()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> Readers:
@@ -134,12 +144,26 @@ class Readers:
                 with self._guard:
                     if phase != self.phase:
                         continue  # the allowed states changed during the read
-                self.counts[(phase, name, "read")] += 1
                 self.problems += [f"{phase} {name}: {p}" for p in violations(seen, allowed)]
+                with self._read:
+                    self.counts[(phase, name, "read")] += 1
+                    self._read.notify_all()
             time.sleep(0.05)  # leave the 2 cores to the runs
 
     def reads(self, phase: str, name: str) -> int:
         return self.counts[(phase, name, "read")]
+
+    def held(self, step: str) -> int:
+        """How many holds at ``step`` (phases ``<step> held #n``) both readers read during."""
+        phases = {p for (p, _, kind) in self.counts if p.startswith(f"{step} held #")}
+        return sum(all(self.reads(p, name) >= 1 for name in READERS) for p in phases)
+
+    def wait_reads(self, phase: str, timeout: float = 120) -> None:
+        """Until each reader has read the tables once in ``phase``."""
+        with self._read:
+            done = self._read.wait_for(
+                lambda: all(self.reads(phase, name) >= 1 for name in READERS), timeout)
+        assert done, f"no read by each reader in {phase!r}: {dict(self.counts)}"
 
     def figures(self) -> dict:
         return {"reads": sum(v for (_, _, k), v in self.counts.items() if k == "read"),
@@ -223,53 +247,77 @@ def test_the_read_check_catches_staging_in_the_table_duplicates_and_partial_part
 
 # --- kills at every commit step ------------------------------------------------------------
 
+def kill_held(forker, readers: Readers, tmp: Path, step: str, allowed: dict,
+              held: dict[str, Counter], at_step=None, **args):
+    """Start a run that dies at ``step``; while it stands there, alive, check that both readers
+    see exactly ``held`` (and run ``at_step()``), then let it die. ``allowed``: the states a
+    read may see before and after. Returns the killed run."""
+    hold = FaultHold(tmp / f"hold-{forker.n + 1}")
+    phase = f"{step} held #{forker.n + 1}"
+    readers.allow(step, **allowed)
+    run = forker.start("images", step, hold=hold.folder, **args)
+    try:
+        assert hold.wait_reached(run) == step, run.events()
+        readers.allow(phase, **{day: [state] for day, state in held.items()})
+        exact(readers.out, IMAGES, "path", {day.replace("_", "-"): s for day, s in held.items()})
+        if at_step is not None:
+            at_step()
+        readers.wait_reads(phase)
+        readers.allow(step, **allowed)
+        hold.release()
+    finally:
+        hold.close()
+    assert run.wait() == KILLED, run.events()
+    return run
+
+
 def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_partition_and_no_leftovers(
         images, forker, tmp_path):
     out, A, B = tmp_path / "out", images["state"]["A"], images["state"]["B"]
+    x, y = str(X), str(Y)
     for day in (X, Y):
         score_image_folder(images["A"], images["model"], out, run_date=day, **RUN_OPTIONS)
     with Readers(out, IMAGES, "path") as readers:
         # 1. mid-write, with a decoding worker process alive: the lock must die with the run.
-        readers.allow("mid-write", **{str(X): [A], str(Y): [A]})
-        run = forker.start("images", "mid-write", **_image_args(images, "B", out, X) | {
-            "workers": 1})
-        assert run.wait() == KILLED, run.events()
-        exact(out, IMAGES, "path", {str(X): A, str(Y): A})
+        def writing() -> None:
+            assert any(p.name.endswith(".inprogress") for p in _staged_files(out))
+
+        kill_held(forker, readers, tmp_path, "mid-write", {x: [A], y: [A]}, {x: A, y: A},
+                  writing, **_image_args(images, "B", out, X) | {"workers": 1})
+        exact(out, IMAGES, "path", {x: A, y: A})
         killed = _staged_files(out)
         assert any(p.name.endswith(".inprogress") for p in killed), killed
 
         # 2. parts complete, before the swap; this run (of another date) clears step 1's staging.
-        readers.allow("before-swap", **{str(X): [A], str(Y): [A]})
-        run = forker.start("images", "before-swap", **_image_args(images, "B", out, Y))
-        assert run.wait() == KILLED, run.events()
-        exact(out, IMAGES, "path", {str(X): A, str(Y): A})
+        kill_held(forker, readers, tmp_path, "before-swap", {x: [A], y: [A]}, {x: A, y: A},
+                  **_image_args(images, "B", out, Y))
+        exact(out, IMAGES, "path", {x: A, y: A})
         staged = _staged_files(out)
         assert not set(killed) & set(staged)
         assert {p.name for p in staged} >= {"_SUCCESS", "part-00000-0001.parquet"}, staged
 
         # 3. right after the swap: the new partition is there, the run has no record.
-        readers.allow("after-swap", **{str(X): [A, B], str(Y): [A]})
-        run = forker.start("images", "after-swap", **_image_args(images, "B", out, X))
-        assert run.wait() == KILLED, run.events()
-        exact(out, IMAGES, "path", {str(X): B, str(Y): A})
+        kill_held(forker, readers, tmp_path, "after-swap", {x: [A, B], y: [A]}, {x: B, y: A},
+                  **_image_args(images, "B", out, X))
+        exact(out, IMAGES, "path", {x: B, y: A})
         assert not set(staged) & set(_staged_files(out))
         killed_run = _success_run_id(out, IMAGES, X)
         assert killed_run not in _records(out)
         assert current_run(out, X) is None  # the setup run's partition was replaced
 
         # 4. every partition committed, the record not yet written.
-        readers.allow("before-record", **{str(X): [B], str(Y): [A, B]})
-        run = forker.start("images", "before-record", **_image_args(images, "B", out, Y))
-        assert run.wait() == KILLED, run.events()
-        exact(out, IMAGES, "path", {str(X): B, str(Y): B})
+        kill_held(forker, readers, tmp_path, "before-record", {x: [B], y: [A, B]},
+                  {x: B, y: B}, **_image_args(images, "B", out, Y))
+        exact(out, IMAGES, "path", {x: B, y: B})
         assert _success_run_id(out, IMAGES, Y) not in _records(out)
         assert current_run(out, Y) is None
 
         # 5. a clean run: commits, writes its record, and leaves nothing in staging.
-        readers.allow("clean", **{str(X): [B, A], str(Y): [B]})
+        readers.allow("clean", **{x: [B, A], y: [B]})
         run = forker.start("images", **_image_args(images, "A", out, X))
         assert run.wait() == 0, run.events()
-        exact(out, IMAGES, "path", {str(X): A, str(Y): B})
+        exact(out, IMAGES, "path", {x: A, y: B})
+        readers.wait_reads("clean")
     done = run.done()
     record = current_run(out, X, [IMAGES])
     assert record and record["run_id"] == done["run_id"] == _success_run_id(out, IMAGES, X)
@@ -278,52 +326,52 @@ def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_partition_and_no_le
     assert record["bundle_sha256"] and record["committed_at"] >= record["started_at"]
     assert _staged_files(out) == []
     assert readers.problems == [], readers.problems[:5]
-    for phase in ("mid-write", "before-swap", "after-swap", "before-record", "clean"):
-        for name in ("pyarrow", "duckdb"):
-            assert readers.reads(phase, name) >= 1, (phase, name, readers.counts)
+    assert {step: readers.held(step) for step in FAULT_STEPS} == dict.fromkeys(FAULT_STEPS, 1)
     print("kill steps:", readers.figures())
 
 
 @pytest.mark.slow
-def test_kills_at_random_times_leave_the_old_or_the_new_partition(images, forker, tmp_path):
+def test_kills_at_every_step_in_a_seeded_order_leave_the_old_or_the_new_partition(
+        images, forker, tmp_path):
+    """Each step twice and one clean run, in an order drawn from a printed seed
+    (``LENSFLOW_FAULT_SEED`` replays it): a step then meets the leftovers of any other."""
     seed = int(os.environ.get("LENSFLOW_FAULT_SEED") or time.time_ns() % 100_000)
-    rng = random.Random(seed)
-    out, state = tmp_path / "out", images["state"]
+    order: list[str | None] = [*FAULT_STEPS, *FAULT_STEPS, None]
+    random.Random(seed).shuffle(order)
+    out, state, x, y = tmp_path / "out", images["state"], str(X), str(Y)
+    score_image_folder(images["B"], images["model"], out, run_date=X, **RUN_OPTIONS)
     score_image_folder(images["A"], images["model"], out, run_date=Y, **RUN_OPTIONS)
-    visible, outcomes = "A", []
+    visible = "A"
     with Readers(out, IMAGES, "path") as readers:
-        readers.allow("timing", **{str(X): [None, state["B"]], str(Y): [state["A"]]})
-        timing = forker.start("images", **_image_args(images, "B", out, X))  # a run's length
-        assert timing.wait() == 0, timing.events()
-        for i in range(5):
+        for step in order:
             new = "B" if visible == "A" else "A"
-            readers.allow(f"random-{i}", **{str(X): [state["B"]], str(Y): [state[visible],
-                                                                          state[new]]})
-            before = set(_records(out))
-            run = forker.start("images", **_image_args(images, new, out, Y))
-            time.sleep(rng.uniform(0.0, 1.5 * timing.seconds))  # some runs finish
-            run.kill()
-            rc = run.wait()
-            seen = read_duckdb(out, IMAGES, "path")[str(Y)]
-            assert seen in (state[visible], state[new]), f"seed {seed}"
-            added = set(_records(out)) - before
-            if seen == state[visible]:
-                assert not added, f"seed {seed}: a record for a partition that is not visible"
-            else:
-                assert added <= {_success_run_id(out, IMAGES, Y)}, f"seed {seed}"
-            started = any(e.get("event") == "start" for e in run.events())
-            outcomes.append((rc, "planned" if started else "not planned",
-                             "new" if seen == state[new] else "old",
-                             "recorded" if added else "no record"))
-            visible = new if seen == state[new] else visible
-        readers.allow("after", **{str(X): [state["B"]], str(Y): [state[visible], state["A"]]})
+            allowed = {x: [state["B"]], y: [state[visible], state[new]]}
+            args = _image_args(images, new, out, Y)
+            if step is None:
+                readers.allow("clean", **allowed)
+                run = forker.start("images", **args)
+                assert run.wait() == 0, (seed, run.events())
+                assert current_run(out, Y)["run_id"] == run.done()["run_id"], seed
+                visible = new
+                continue
+            swapped = step in ("after-swap", "before-record")
+            after = new if swapped else visible
+            kill_held(forker, readers, tmp_path, step, allowed,
+                      {x: state["B"], y: state[after]}, **args)
+            assert read_duckdb(out, IMAGES, "path")[y] == state[after], (seed, step)
+            if swapped:
+                assert _success_run_id(out, IMAGES, Y) not in _records(out), (seed, step)
+                assert current_run(out, Y) is None, (seed, step)
+            visible = after
+        readers.allow("after", **{x: [state["B"]], y: [state[visible], state["A"]]})
         last = forker.start("images", **_image_args(images, "A", out, Y))
         assert last.wait() == 0, last.events()
     assert _staged_files(out) == [], f"seed {seed}"
     assert current_run(out, Y)["run_id"] == last.done()["run_id"]
     assert readers.problems == [], (seed, readers.problems[:5])
-    print(f"random kills (seed {seed}, run {timing.seconds:.1f} s):", outcomes,
-          readers.figures())
+    assert {step: readers.held(step) for step in FAULT_STEPS} == dict.fromkeys(FAULT_STEPS, 2), \
+        seed
+    print(f"seeded kills (seed {seed}): {order}", readers.figures())
 
 
 # --- two runs of one date at once ------------------------------------------------------------

@@ -4,7 +4,9 @@ commit records (pyarrow) all along.
 
 Every read must see, for every date, the old partition or the new one whole: never a part of one,
 both at once or rows twice. A read that lists a replaced run's parts just before they are deleted
-fails with "not found"; that is counted as a retry, as on local disk.
+fails with "not found"; that is counted as a retry, as on local disk. Each killed run is held
+alive at its named step (``scoring/fault_hook.py``) until it has said it got there and the reader
+has read the table while it stands there, seeing exactly the state that step must leave.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from datetime import date
 
 import fsspec
 import pytest
+from fault_holds import FaultHold
 from flow_test_data import make_images
 from forked_runs import Forker
 from s3_server import new_bucket
 from tiny_image_bundle import make_image_bundle
 
 from export.bundle_remote import CACHE_ENV
+from scoring.fault_hook import FAULT_STEPS
 from scoring.object_commit import (
     clear_dead_runs,
     open_table,
@@ -34,7 +38,8 @@ from scoring.shards import current_run
 IMAGES = "image_predictions"
 X, Y, Z = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
 KILLED = -signal.SIGKILL
-RUN_OPTIONS = {"shards": 2, "workers": 0, "batch_size": 4}
+#: The commit-record layout (``delta`` is the default on a URL: tests/scoring/test_delta_faults.py).
+RUN_OPTIONS = {"shards": 2, "workers": 0, "batch_size": 4, "table_format": "parquet"}
 pytestmark = pytest.mark.slow  # a dozen scoring processes: minutes on a busy 2-core machine
 
 
@@ -83,6 +88,7 @@ class Poller:
         self.counts: Counter = Counter()
         self.problems: list[str] = []
         self._stop, self._guard = threading.Event(), threading.Lock()
+        self._read = threading.Condition()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> Poller:
@@ -112,14 +118,22 @@ class Poller:
             with self._guard:
                 if phase != self.phase:
                     continue
-            self.counts[(phase, "read")] += 1
             for day, states in allowed.items():
                 if seen.get(day) not in states:
                     self.problems.append(f"{phase}: {day} has {sum(seen.get(day, {}).values())} "
                                          "rows, not one of the allowed states")
+            with self._read:
+                self.counts[(phase, "read")] += 1
+                self._read.notify_all()
+
+    def wait_read(self, phase: str, timeout: float = 120) -> None:
+        """Until the reader has read the table once in ``phase``."""
+        with self._read:
+            done = self._read.wait_for(lambda: self.counts[(phase, "read")] >= 1, timeout)
+        assert done, f"no read in {phase!r}: {dict(self.counts)}"
 
 
-def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_run_whole(store):
+def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_run_whole(store, tmp_path):
     forker, out, A, B = store["forker"], store["out"], store["state"]["A"], store["state"]["B"]
     for day in (X, Y):
         assert forker.start("images", **_args(store, "A", day)).wait() == 0
@@ -130,7 +144,17 @@ def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_run_whole(store):
                  ("before-record", Y, {X: [B], Y: [A, B]}, {str(X): B, str(Y): B})]
         for fault, day, allowed, after in steps:
             poller.allow(fault, allowed)
-            run = forker.start("images", fault, **_args(store, "B", day))
+            hold = FaultHold(tmp_path / fault)
+            run = forker.start("images", fault, hold=hold.folder, **_args(store, "B", day))
+            try:
+                assert hold.wait_reached(run) == fault, run.events()
+                poller.allow(f"{fault} held", {d: [after[str(d)]] for d in (X, Y)})
+                assert read_table(out) == after, fault
+                poller.wait_read(f"{fault} held")
+                poller.allow(fault, allowed)
+                hold.release()
+            finally:
+                hold.close()
             assert run.wait() == KILLED, run.events()
             assert read_table(out) == after, fault
             if fault in ("after-swap", "before-record"):  # visible, but the run has no record
@@ -139,8 +163,10 @@ def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_run_whole(store):
         run = forker.start("images", **_args(store, "A", X))
         assert run.wait() == 0, run.events()
         assert read_table(out) == {str(X): A, str(Y): B}
+        poller.wait_read("clean")
     assert poller.problems == [], poller.problems[:5]
-    assert all(poller.counts[(phase, "read")] >= 1 for phase in ("mid-write", "clean"))
+    assert [step for step, *_ in steps] == list(FAULT_STEPS)
+    assert all(poller.counts[(f"{step} held", "read")] >= 1 for step in FAULT_STEPS)
     done = run.done()
     assert current_run(out, X, [IMAGES])["run_id"] == done["run_id"]
     # The killed runs' parts were never visible; once old enough a later run deletes them.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from paths import REPO
 
-from scoring.fault_hook import FAULT_ENV
+from scoring.fault_hook import FAULT_ENV, HOLD_ENV
 
 FORKER = REPO / "tests" / "support" / "scoring_forker.py"
 
@@ -31,12 +31,16 @@ class Forker:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
-    def start(self, kind: str, fault: str | None = None, gate: Path | None = None, **args) -> Run:
+    def start(self, kind: str, fault: str | None = None, gate: Path | None = None,
+              hold: Path | None = None, **args) -> Run:
+        """hold: a folder with a ``release`` FIFO: the run waits, alive, at its fault step
+        (``scoring/fault_hook.py``)."""
         self.n += 1
         log = self.tmp / f"run-{self.n}.log"
         args = {k: str(v) if isinstance(v, (Path, date)) else v for k, v in args.items()}
+        env = ({FAULT_ENV: fault} if fault else {}) | ({HOLD_ENV: str(hold)} if hold else {})
         pid = self._ask({"op": "run", "kind": kind, "args": args, "log": str(log),
-                         "env": {FAULT_ENV: fault} if fault else {},
+                         "env": env,
                          "gate": str(gate) if gate else None})["pid"]
         return Run(self, pid, log, time.monotonic())
 
@@ -83,6 +87,9 @@ class Run:
         found = [e["done"] for e in self.events() if "done" in e]
         assert found, f"run {self.pid} did not finish: {self.events()}"
         return found[0]
+
+    def alive(self) -> bool:
+        return self._alive()
 
     def _alive(self) -> bool:
         try:
