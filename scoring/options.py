@@ -50,7 +50,7 @@ class HealthOptions(Options):
                                      "which a distribution counts as drifted")
     drift_js: PositiveFloat = Field(0.05, description="Jensen-Shannon divergence (bits) at or "
                                     "over which a distribution counts as drifted")
-    drift_p: Probability = Field(0.001, description="and only when a shift that large would "
+    drift_p: Probability = Field(0.0001, description="and only when a shift that large would "
                                  "come from sampling noise less often than this (chi-square)")
 
 

@@ -31,7 +31,7 @@ class DriftThresholds:
 
     psi: float = 0.25
     js: float = 0.05
-    p_value: float = 1e-3
+    p_value: float = 1e-4
 
 
 @dataclass(frozen=True)

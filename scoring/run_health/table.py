@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from scoring.errors import PartitionError
+from scoring.options import RuntimeOptions
 from scoring.partition import (
     PendingPartition,
     abort_partition,
@@ -28,6 +29,7 @@ from scoring.partition import (
 )
 
 HEALTH_TABLE = "run_health"
+_PARQUET = RuntimeOptions(table_format="parquet")
 _SHARES = pa.list_(pa.float64())
 RUN_HEALTH_SCHEMA = pa.schema([
     pa.field("table", pa.string(), nullable=False),
@@ -97,8 +99,9 @@ def write_health(health, like: PendingPartition) -> None:
             for k, v in (like.schema.metadata or {}).items()
             if k.decode() in ("lensflow.model_name", "lensflow.model_version",
                               "lensflow.bundle_sha256")}
+    # Plain Parquet whatever the run's format: a small table read whole, rows of every table.
     pending = open_partition(like.out, HEALTH_TABLE, like.run_date, RUN_HEALTH_SCHEMA, meta,
-                             run_id=like.run_id)
+                             run_id=like.run_id, options=_PARQUET)
     try:
         earlier = read_health(like.out, like.run_date)
         with pending.part_writer(0) as writer:
