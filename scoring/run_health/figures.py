@@ -64,4 +64,4 @@ def figures(profile: RunProfile) -> dict[str, float]:
     out["recommendations.exposure_gini"] = exposure_gini(profile)
     out["recommendations.users_skipped_share"] = share(
         profile.distribution("recommendations.users"), "unknown")
-    return {k: float(v) for k, v in out.items() if v is not None}
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}

@@ -15,6 +15,7 @@ committed), ``refused`` (flagged, ``on_drift: fail``: nothing committed,
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,17 @@ class RunHealth:
     def from_dict(cls, data: dict) -> RunHealth:
         return cls(data["table"], data["run_id"], data["model"], data["on_drift"],
                    data["decision"], tuple(data["baseline_runs"]),
-                   tuple(MeasureDrift(**{k: tuple(v) if isinstance(v, list) else v
+                   tuple(MeasureDrift(**{k: tuple(v) if isinstance(v, list) else
+                                         math.nan if v is None else v
                                          for k, v in d.items()}) for d in data["drift"]),
                    tuple(tuple(f) for f in data["figures"]),
                    RunProfile.from_dict(data["profile"]))
 
 
 def _drift_dict(d: MeasureDrift) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.__dict__.items()}
+    """Plain JSON: tuples as lists, and no NaN (a side with no rows has no PSI)."""
+    return {k: list(v) if isinstance(v, tuple) else
+            None if isinstance(v, float) and math.isnan(v) else v for k, v in d.__dict__.items()}
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,32 @@ def test_a_recommender_whose_top_k_collapses_is_flagged_by_item_exposure(tmp_pat
     figure = {name: (today, before) for name, today, before in night.health["figures"]}
     coverage, gini = figure["recommendations.coverage"], figure["recommendations.exposure_gini"]
     assert coverage[0] < coverage[1] / 2 and gini[0] > gini[1] + 0.2
+
+
+@pytest.mark.parametrize("task, measures", [
+    ("multi_label", {"predictions.probability", "predictions.positive.ant",
+                     "predictions.top1_label"}),
+    ("regression", {"predictions.output.0", "predictions.output.1"}),
+])
+def test_multi_label_and_regression_runs_profile_their_own_outputs(task, measures, tmp_path):
+    from flow_test_data import make_images
+    from tiny_image_bundle import make_image_bundle
+
+    from scoring.image_scoring import score_image_folder
+
+    make_image_bundle(tmp_path / "registry", task=task, name="tiny")
+    images = make_images(tmp_path / "images", 12)
+    for day in (DAY1, DAY2):
+        summary = score_image_folder(images, tmp_path / "registry" / "tiny", tmp_path / "out",
+                                     run_date=day, workers=0)
+    assert summary.health["decision"] == "ok"
+    assert measures <= {d["measure"] for d in summary.health["drift"]}
+    record = json.loads((tmp_path / "out" / "_runs" / f"{summary.run_id}.json").read_text())
+    profile = RunProfile.from_dict(record["health"]["profile"])
+    if task == "regression":
+        moment = profile.moment("predictions.output.0")
+        assert moment.count == 12 and np.isfinite(moment.std)
+        assert {"predictions.output.0.mean", "predictions.output.0.p50"} <= {
+            name for name, _, _ in summary.health["figures"]}
+    else:
+        assert profile.distribution("predictions.probability").total == 12 * 6
