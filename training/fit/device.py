@@ -1,8 +1,8 @@
 """Where and in what precision a fit runs: the device, mixed precision, seeding, moving batches.
 
 On CUDA the loop trains under autocast — bf16 where supported, else fp16 with a GradScaler
-(Micikevicius et al., https://arxiv.org/abs/1710.03740) — on channels-last tensors; on CPU the
-same code runs in fp32.
+(Micikevicius et al., https://arxiv.org/abs/1710.03740); on CPU the same code runs in fp32. Image
+batches are channels-last on both.
 """
 
 from __future__ import annotations

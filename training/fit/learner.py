@@ -3,8 +3,8 @@
 Batches are ``(x, y)`` tuples, the loss and the metrics are passed in, so the same loop trains an
 image classifier and a collaborative-filtering model. Recipe after fastai (Howard & Gugger,
 https://arxiv.org/abs/2002.04688): ``fit_one_cycle`` with AdamW, discriminative LRs per layer
-group, ``freeze``/``unfreeze`` of the body with BatchNorm kept trainable. On CUDA it trains under
-autocast, channels-last; on CPU the same code runs in fp32 (:mod:`training.fit.device`).
+group, ``freeze``/``unfreeze`` of the body with BatchNorm kept trainable. Image tensors are
+channels-last; on CUDA it trains under autocast, on CPU in fp32 (:mod:`training.fit.device`).
 """
 
 from __future__ import annotations
@@ -95,11 +95,10 @@ class Learner:
             seed_everything(seed)
         self.seed = seed
         self.amp_dtype = amp_dtype(self.device, amp)
-        self.channels_last = self.device.type == "cuda"
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        # Channels-last on CPU too: oneDNN's convolutions run faster on it, lite0's train step
+        # 1.6x (benchmarks/memory_format.py). Models without 4-d weights are unaffected.
+        self.channels_last = True
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.train_loader = train_loader
         self.valid_loader = valid_loader
         self.loss_fn = loss_fn
