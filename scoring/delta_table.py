@@ -45,6 +45,7 @@ from scoring.part_writer import IN_PROGRESS_SUFFIX
 if TYPE_CHECKING:
     from deltalake import DeltaTable
 
+    from scoring.options import RuntimeOptions
     from scoring.partition import PendingPartition
 
 PARTITION_COLUMN = "run_date"
@@ -56,6 +57,22 @@ LINEAGE_PREFIX = "lensflow."
 #: replay up to 100 JSON commits, each one GET on object storage).
 CHECKPOINT_INTERVAL = 10
 _READERS = 16  # concurrent footer reads at commit
+
+
+def table_format_for(out: str | Path, options: RuntimeOptions | None) -> str:
+    """The run's table format: as asked, else ``delta`` on object storage, ``parquet`` on disk."""
+    asked = options.table_format if options is not None else None
+    return asked or ("delta" if is_url(out) else "parquet")
+
+
+def options_lineage(options: RuntimeOptions | None) -> str:
+    """The options as JSON for a commit's lineage (a list of user ids as its length)."""
+    if options is None:
+        return "{}"
+    values = options.model_dump(mode="json")
+    if isinstance(values.get("users"), list):
+        values["users"] = f"{len(values['users'])} ids"
+    return json.dumps(values, sort_keys=True)
 
 
 def table_uri(out: str | Path, table: str) -> str:

@@ -127,6 +127,24 @@ def commit_record(out: str, table: str, run_date: date, run_id: str, parts: dict
     return url, rows
 
 
+def commit_pending(pending, expected_shards) -> tuple[str, str, int, int]:
+    """Commit a pending partition's parts by their record (every expected shard's parts there);
+    ``(record URL, run id, files, rows)``."""
+    parts = part_rows(pending.temp_dir)
+    if not parts and expected_shards is None:
+        raise PartitionError(f"{pending.temp_dir}: no parts (was this partition already "
+                             "committed or aborted?)")
+    if expected_shards is not None:
+        missing = [s for s in expected_shards if not any(name.startswith(f"part-{s:05d}-")
+                                                         for name in parts)]
+        if missing:
+            raise PartitionError(f"{pending.temp_dir}: no part from shard(s) {missing}")
+    meta = {k.decode(): v.decode() for k, v in (pending.schema.metadata or {}).items()}
+    url, rows = commit_record(pending.out, pending.table, pending.run_date, pending.run_id,
+                              parts, meta)
+    return url, pending.run_id, len(parts), rows
+
+
 def discard_run(out: str, table: str, run_date: date, run_id: str) -> None:
     """Delete a run's parts (an aborted run; never a committed one)."""
     record = read_commit(record_url(out, table, run_date))

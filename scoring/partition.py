@@ -221,9 +221,9 @@ def open_partition(
         run_id=run_id,
         schema=_with_lensflow_metadata(schema, metadata, table, run_date, run_id),
         rows_per_file=rows_per_file,
-        table_format=table_format_for(out, options),
+        table_format=delta_table.table_format_for(out, options),
         evolve_schema=bool(options and options.schema_evolution),
-        lineage=options_lineage(options),
+        lineage=delta_table.options_lineage(options),
     )
     if pending.delta:
         _check_out(pending.out)
@@ -245,22 +245,6 @@ def open_partition(
         unlock(pending.lock_path)
         raise
     return pending
-
-
-def table_format_for(out: str | Path, options: RuntimeOptions | None) -> str:
-    """The run's table format: as asked, else ``delta`` on object storage, ``parquet`` on disk."""
-    asked = options.table_format if options is not None else None
-    return asked or ("delta" if is_url(out) else "parquet")
-
-
-def options_lineage(options: RuntimeOptions | None) -> str:
-    """The options as JSON for a commit's lineage (a list of user ids as its length)."""
-    if options is None:
-        return "{}"
-    values = options.model_dump(mode="json")
-    if isinstance(values.get("users"), list):
-        values["users"] = f"{len(values['users'])} ids"
-    return json.dumps(values, sort_keys=True)
 
 
 def _check_out(out: str | Path) -> None:
@@ -299,7 +283,7 @@ def commit_partition(
     if pending.delta:
         return commit_delta(pending, expected_shards)
     if pending.remote:
-        return _commit_record(pending, expected_shards)
+        return CommittedPartition(*object_commit.commit_pending(pending, expected_shards))
     temp = pending.temp_dir
     if not temp.is_dir():
         raise PartitionError(f"{temp} is gone: was this partition already committed or aborted?")
@@ -331,23 +315,6 @@ def commit_delta(pending: PendingPartition, expected_shards: Iterable[int] | Non
     uri, version, files, rows = delta_table.commit_run_parts(
         pending, None if expected_shards is None else list(expected_shards), expected_rows)
     return CommittedPartition(uri, pending.run_id, files, rows, version)
-
-
-def _commit_record(pending: PendingPartition,
-                   expected_shards: Iterable[int] | None) -> CommittedPartition:
-    parts = object_commit.part_rows(pending.temp_dir)
-    if not parts and expected_shards is None:
-        raise PartitionError(f"{pending.temp_dir}: no parts (was this partition already "
-                             "committed or aborted?)")
-    if expected_shards is not None:
-        missing = [s for s in expected_shards if not any(name.startswith(f"part-{s:05d}-")
-                                                         for name in parts)]
-        if missing:
-            raise PartitionError(f"{pending.temp_dir}: no part from shard(s) {missing}")
-    meta = {k.decode(): v.decode() for k, v in (pending.schema.metadata or {}).items()}
-    url, rows = object_commit.commit_record(pending.out, pending.table, pending.run_date,
-                                            pending.run_id, parts, meta)
-    return CommittedPartition(url, pending.run_id, len(parts), rows)
 
 
 def abort_partition(pending: PendingPartition) -> None:
