@@ -110,8 +110,8 @@ def check_promotion(pointer: object, pin: Pin, model_name: str, state_key: str) 
     promotion this machine has seen. Returns ``verified``, ``unchecked`` or ``unsigned``."""
     key_path = signing.verify_key_path(f"{pointer}")
     if pin.promotion is None:
-        return signing.unsigned(f"{pointer}", "not a signed promotion (run lensflow promote "
-                                "with the signing key)")
+        return signing.unsigned(f"{pointer}", "; lensflow promote with the signing key writes "
+                                "the signed promotion")
     if not key_path:
         return "unchecked"
     record = verified_record(pointer, pin, signing.load_verify_key(key_path))
@@ -128,8 +128,14 @@ def check_promotion(pointer: object, pin: Pin, model_name: str, state_key: str) 
 def _remember(pointer: object, state_key: str, record: dict) -> None:
     """Refuse a promotion older than the newest seen for ``state_key``; else remember it."""
     path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError as err:
+        raise BundleSignatureError(f"{path}: cannot keep the newest promotion seen here "
+                                   f"({err.strerror}); point {STATE_ENV} at a writable file") \
+            from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             state = json.loads(path.read_text())

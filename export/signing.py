@@ -161,20 +161,20 @@ def signatures_required() -> bool:
     return bool(required) or (required is None and bool(os.environ.get(VERIFY_KEY_ENV)))
 
 
-def unsigned(where: str, what: str = "unsigned") -> str:
+def unsigned(where: str, hint: str = "") -> str:
     """Let an unsigned bundle or ``current`` through, or refuse it, as the settings say;
-    returns ``unsigned``. what: how the one line says what is missing."""
+    returns ``unsigned``. hint: ends the one line (how to sign what is missing)."""
     key_path = verify_key_path(where)
     required = require_signed()
     if required:
         raise BundleSignatureError(
-            f"{where}: {what}, and {REQUIRE_SIGNED_ENV}=1 refuses unsigned bundles")
+            f"{where}: unsigned, and {REQUIRE_SIGNED_ENV}=1 refuses unsigned bundles{hint}")
     if key_path and required is None:
         raise BundleSignatureError(
-            f"{where}: {what}, and {VERIFY_KEY_ENV} is set, so a signature is required (set "
-            f"{REQUIRE_SIGNED_ENV}=0 to allow unsigned bundles)")
+            f"{where}: unsigned, and {VERIFY_KEY_ENV} is set, so a signature is required (set "
+            f"{REQUIRE_SIGNED_ENV}=0 to allow unsigned bundles){hint}")
     if key_path:
-        _log.warning("warning: %s: %s, loaded only because %s=%s with %s set", where, what,
+        _log.warning("warning: %s: unsigned, loaded only because %s=%s with %s set", where,
                      REQUIRE_SIGNED_ENV, os.environ[REQUIRE_SIGNED_ENV], VERIFY_KEY_ENV)
     return "unsigned"
 

@@ -200,7 +200,8 @@ def test_substitution_another_models_signed_bundle_under_this_name_is_refused(
     current.write_text(f"{other.name} {digest}\n")
     score = ["score", "images", images, "--model", reg / "tiny", "--out", tmp_path / "out2"]
     refused(monkeypatch, capsys, [["verify", reg / "tiny"], score],
-            f"{current}: not a signed promotion")
+            f"{current}: unsigned, and {VERIFY_KEY_ENV} is set",
+            "lensflow promote with the signing key writes the signed promotion")
     shutil.copy(reg / "other" / "current", current)
     refused(monkeypatch, capsys, [["verify", reg / "tiny"], score],
             f"{current}: the signed promotion is of other/{other.name}")
@@ -247,7 +248,7 @@ def test_downgrade_a_signature_removed_or_an_unsigned_current_is_refused(
     monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
     score = ["score", "images", images, "--model", bundle.parent, "--out", tmp_path / "out"]
     refused(monkeypatch, capsys, [["verify", bundle.parent], score],
-            f"{current}: not a signed promotion", f"{VERIFY_KEY_ENV} is set")
+            f"{current}: unsigned, and {VERIFY_KEY_ENV} is set")
     signature_of(bundle).unlink()
     refused_everywhere(monkeypatch, capsys, bundle, images, tmp_path / "out",
                        f"bundle {bundle}: unsigned, and {VERIFY_KEY_ENV} is set")
