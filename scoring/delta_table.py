@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.storage import filesystem, is_url, join, modified_time, ref_text, remove_tree
+from export.storage import (
+    as_local,
+    filesystem,
+    is_url,
+    join,
+    modified_time,
+    ref_text,
+    remove_tree,
+)
 from scoring.errors import PartitionError
 from scoring.fault_hook import fault_point
 from scoring.part_writer import IN_PROGRESS_SUFFIX
@@ -77,7 +85,7 @@ def options_lineage(options: RuntimeOptions | None) -> str:
 
 def table_uri(out: str | Path, table: str) -> str:
     """Where a table lives, as deltalake takes it: a URL, or an absolute local path."""
-    return join(ref_text(out), table) if is_url(out) else str(Path(out).absolute() / table)
+    return join(ref_text(out), table) if is_url(out) else str(as_local(out).absolute() / table)
 
 
 def storage_options(uri: str) -> dict[str, str]:
@@ -110,7 +118,7 @@ def is_delta(out: str | Path, table: str) -> bool:
     if is_url(out):
         fs, path = filesystem(join(table_uri(out, table), DELTA_LOG))
         return bool(fs.exists(path))
-    return (Path(out) / table / DELTA_LOG).is_dir()
+    return (as_local(out) / table / DELTA_LOG).is_dir()
 
 
 def delta_schema(schema: pa.Schema) -> pa.Schema:

@@ -23,6 +23,7 @@ from scoring.image_scoring import score_image_folder
 from scoring.options import ImageScoreOptions
 from scoring.partition import (
     abort_partition,
+    commit_delta,
     commit_partition,
     committed_part_files,
     open_partition,
@@ -118,6 +119,19 @@ def test_nothing_of_an_aborted_or_short_run_is_ever_visible(tmp_path):
         commit_partition(short, expected_shards=[0, 1])
     assert users(tmp_path) == [0, 1]
     assert DeltaTable(str(tmp_path / "scores")).version() == 1
+
+
+def test_a_stray_part_a_shard_did_not_report_stops_the_commit(tmp_path):
+    import shutil
+
+    pending = open_partition(tmp_path, "scores", DAY, SCHEMA, META, options=DELTA)
+    with pending.part_writer(0) as w:
+        w.write({"user": [1, 2], "score": [0.5, 0.5]})
+    shutil.copy(w.files[0], pending.temp_dir / "part-00000-0007.parquet")  # a crash's leftover
+    with pytest.raises(PartitionError, match="parts hold 4 rows but the shards wrote 2; not "
+                       "committing"):
+        commit_delta(pending, [0], expected_rows=w.rows)
+    assert not (tmp_path / "scores" / "_delta_log").exists()
 
 
 def test_a_run_whose_schema_would_change_the_table_is_refused_unless_asked(tmp_path):
