@@ -252,3 +252,31 @@ def test_downgrade_a_signature_removed_or_an_unsigned_current_is_refused(
     signature_of(bundle).unlink()
     refused_everywhere(monkeypatch, capsys, bundle, images, tmp_path / "out",
                        f"bundle {bundle}: unsigned, and {VERIFY_KEY_ENV} is set")
+
+
+def test_the_scoring_flow_refuses_a_substituted_bundle_and_a_rollback_in_one_line(
+        monkeypatch, tmp_path, images, keys, prefect_api):
+    """The Prefect scoring flow resolves and loads through the same checks as the CLI."""
+    from flows.score_flows import score_image_folder_flow
+
+    private, public = keys
+    reg, out = tmp_path / "reg", tmp_path / "out"
+    first = signed_bundle(reg, private)
+    first_current = (reg / "tiny" / "current").read_text()
+    other = signed_bundle(reg, private, name="other", seed=1)
+    signed_bundle(reg, private, seed=2)
+    copied = reg / "tiny" / other.name
+    shutil.copytree(other, copied)
+    for beside in (record_of, signature_of):
+        shutil.copy(beside(other), beside(copied))
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    assert score_image_folder_flow(str(images), str(reg / "tiny"), str(out),
+                                   return_state=True).is_completed()
+    (reg / "tiny" / "current").write_text(first_current)
+    for model, needle in ((copied, "manifest.json is model 'other', but it sits under 'tiny'"),
+                          (reg / "tiny", f"of {first.name} is older than #")):
+        state = score_image_folder_flow(str(images), str(model), str(tmp_path / "out2"),
+                                        return_state=True)
+        assert state.is_failed()
+        assert needle in state.message and "\n" not in state.message
+    assert not (tmp_path / "out2").exists()
