@@ -5,9 +5,9 @@ the table all along.
 
 Every read must show, for every date, the rows of one whole committed run (the old one or the
 new one): never part of a run, both at once or rows twice. A replaced run's files stay until
-vacuum, so unlike the rename and record layouts no read even needs a retry. A run killed by
-SIGKILL proves its fault step was reached: only the fault hook (``scoring/fault_hook.py``) sends
-it.
+vacuum, so unlike the rename and record layouts no read even needs a retry. Each killed run is
+held alive at its step (``scoring/fault_hook.py``, ``$LENSFLOW_FAULT_HOLD``) until it says it got
+there and both readers have read the table while it stands there; then it dies by SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import duckdb
 import fsspec
 import pytest
 from deltalake import DeltaTable
+from fault_holds import FaultHold
 from flow_test_data import make_images
 from forked_runs import Forker
 from s3_server import new_bucket
@@ -31,6 +32,7 @@ from tiny_image_bundle import make_image_bundle
 from export.bundle_remote import CACHE_ENV
 from scoring.delta_maintenance import vacuum
 from scoring.delta_table import storage_options
+from scoring.fault_hook import FAULT_STEPS
 from scoring.shards import current_run
 
 IMAGES = "image_predictions"
@@ -124,6 +126,7 @@ class Poller:
         self.problems: list[str] = []
         self._readers = {"deltalake": lambda: read_deltalake(out), "duckdb": DuckReader(out).read}
         self._stop, self._guard = threading.Event(), threading.Lock()
+        self._read = threading.Condition()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> Poller:
@@ -153,15 +156,24 @@ class Poller:
             with self._guard:
                 if phase != self.phase:
                     continue
-            self.counts[(phase, name)] += 1
+            with self._read:
+                self.counts[(phase, name)] += 1
+                self._read.notify_all()
             for day, states in allowed.items():
                 if seen.get(day) not in states:
                     self.problems.append(f"{phase}: {name}: {day} has "
                                          f"{sum(seen.get(day, {}).values())} rows, not one of "
                                          "the allowed states")
 
+    def wait_read(self, phase: str, timeout: float = 120) -> None:
+        """Until both readers have read the table once in ``phase``."""
+        with self._read:
+            done = self._read.wait_for(lambda: all(self.counts[(phase, r)] >= 1
+                                                   for r in ("deltalake", "duckdb")), timeout)
+        assert done, f"no read by both readers in {phase!r}: {dict(self.counts)}"
 
-def test_a_kill_at_any_step_leaves_the_old_or_the_new_run_whole(store):
+
+def test_a_kill_at_any_step_leaves_the_old_or_the_new_run_whole(store, tmp_path):
     forker, out, A, B = store["forker"], store["out"], store["state"]["A"], store["state"]["B"]
     for day in (X, Y):
         assert forker.start("images", **_args(store, "A", day)).wait() == 0
@@ -172,9 +184,19 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_run_whole(store):
                  ("before-record", Y, {X: [B], Y: [A, B]}, {str(X): B, str(Y): B})]
         for fault, day, allowed, after in steps:
             poller.allow(fault, allowed)
-            run = forker.start("images", fault, **_args(store, "B", day))
-            assert run.wait() == KILLED, run.events()  # the step was reached
-            assert read_deltalake(out) == after == DuckReader(out).read(), fault
+            hold = FaultHold(tmp_path / fault)
+            run = forker.start("images", fault, hold=hold.folder, **_args(store, "B", day))
+            try:
+                assert hold.wait_reached(run) == fault, run.events()
+                poller.allow(f"{fault} held", {d: [after[str(d)]] for d in (X, Y)})
+                assert read_deltalake(out) == after == DuckReader(out).read(), fault
+                poller.wait_read(f"{fault} held")
+                poller.allow(fault, allowed)
+                hold.release()
+            finally:
+                hold.close()
+            assert run.wait() == KILLED, run.events()
+            assert read_deltalake(out) == after, fault
             if fault in ("after-swap", "before-record"):  # visible, but the run has no record
                 assert current_run(out, day) is None
         poller.allow("clean", {X: [B, A], Y: [B]})
@@ -182,7 +204,8 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_run_whole(store):
         assert run.wait() == 0, run.events()
         assert read_deltalake(out) == {str(X): A, str(Y): B}
     assert poller.problems == [], poller.problems[:5]
-    assert all(poller.counts[(phase, reader)] >= 1 for phase in ("mid-write", "clean")
+    assert [step for step, *_ in steps] == list(FAULT_STEPS)
+    assert all(poller.counts[(f"{step} held", reader)] >= 1 for step in FAULT_STEPS
                for reader in ("deltalake", "duckdb")), poller.counts
     assert current_run(out, X, [IMAGES])["run_id"] == run.done()["run_id"]
     # The two runs killed before their commit left parts no version names; vacuum (here with
