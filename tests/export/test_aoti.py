@@ -55,7 +55,7 @@ def test_aoti_refuses_cuda_and_swapped_bytes(aoti_bundle, tmp_path):
     bundle, _ = aoti_bundle
     with pytest.raises(RuntimeUnavailableError):
         open_bundle_graph(bundle, "aoti", "cuda")
-    copy = tmp_path / bundle.path.name
+    copy = tmp_path / bundle.name / bundle.path.name  # REG/NAME/VERSION, as loading requires
     shutil.copytree(bundle.path, copy)
     shutil.copy(record_path(bundle.path), record_path(copy))  # the digest pin travels with it
     tampered = load_bundle(copy)
