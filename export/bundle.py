@@ -10,10 +10,14 @@ replaced atomically with ``os.replace``.
 Every byte is pinned. A bundle's digest is the sha256 of its ``manifest.json`` bytes, which list
 the sha256 of every other file; it is ``Bundle.sha256``, the identity scoring writes into every
 output. The digest is stored outside the bundle directory, where editing the manifest does not
-edit it: in ``<registry>/<name>/<version>.digest.json`` (written at export, with an optional
-Ed25519 signature, see ``export.signing``) and in ``current`` (``<version> sha256:<digest>``).
-Loading checks the manifest against both, every listed file against the manifest, and that no
-file was added; any difference is refused in one line (the checks: :mod:`export.bundle_integrity`).
+edit it: in ``<registry>/<name>/<version>.digest.json`` (written at export) and in ``current``
+(``<version> sha256:<digest>``). Loading checks the manifest against both, that it names the model
+and version where it sits, every listed file against the manifest, and that no file was added;
+any difference is refused in one line (the checks: :mod:`export.bundle_integrity`).
+
+With a signing key a bundle is signed in the OpenSSF model-signing format, ``<version>.sig``
+beside it (:mod:`export.bundle_signature`), and ``current`` carries a signed promotion with a
+counter (:mod:`export.promotion`); a verify key makes every load check both.
 
 A registry may also be a URL (``s3://bucket/registry``): a bundle is staged and committed locally
 as above, then uploaded with its manifest last, and read through a local cache keyed by its digest
@@ -42,7 +46,7 @@ from export.bundle_integrity import (
     refuse_unlisted,
     verify_files,
 )
-from export.bundle_remote import (  # noqa: F401 - MANIFEST is part of this module's API
+from export.bundle_remote import (
     MANIFEST,
     fetch_bundle,
     publish_bundle,
