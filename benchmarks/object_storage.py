@@ -1,8 +1,9 @@
 """Scoring an image folder on object storage vs the same folder on local disk, in one run.
 
 (a) ``score_image_folder`` over a local folder into a local output root (rename commit).
-(b) the same files uploaded to an S3 bucket, scored from ``s3://`` into ``s3://`` Parquet (each
-    batch's images fetched together, parts uploaded, one commit record).
+(b) the same files uploaded to an S3 bucket, scored from ``s3://`` into an ``s3://`` Delta table
+    (each batch's images fetched together, parts uploaded, one Delta commit; the default format
+    on a URL — ``benchmarks/table_formats.py`` compares it with the earlier commit record).
 
 Same bundle (a local directory, so only the folder and the output differ), same options. Rounds
 alternate (a), (b), ``--repeat`` times, and each keeps its best (the machine may be shared).
