@@ -140,7 +140,7 @@ def kill_held(forker, readers: Readers, tmp: Path, step: str, allowed: dict,
         readers.allow(step, **allowed)
         hold.release()
     finally:
-        hold.close()
+        hold.close(run)
     assert run.wait() == KILLED, run.events()
     return run
 

@@ -154,7 +154,7 @@ def test_a_kill_at_any_commit_step_leaves_the_old_or_the_new_run_whole(store, tm
                 poller.allow(fault, allowed)
                 hold.release()
             finally:
-                hold.close()
+                hold.close(run)
             assert run.wait() == KILLED, run.events()
             assert read_table(out) == after, fault
             if fault in ("after-swap", "before-record"):  # visible, but the run has no record

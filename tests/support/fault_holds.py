@@ -21,6 +21,7 @@ class FaultHold:
         os.mkfifo(folder / RELEASE)
         # Held read-write: the run's non-blocking open for writing always finds a reader.
         self._reached = os.open(folder / REACHED, os.O_RDWR | os.O_NONBLOCK)
+        self.released = False
 
     def wait_reached(self, run, timeout: float = 180) -> str:
         """The step ``run`` reports it stands at; fails if it ends (or hangs) without one."""
@@ -43,6 +44,11 @@ class FaultHold:
             os.write(fd, b"x")
         finally:
             os.close(fd)
+        self.released = True
 
-    def close(self) -> None:
+    def close(self, run=None) -> None:
+        """Stop listening; ``run``, if a failed check left it held, is killed, not left
+        waiting with its locks."""
         os.close(self._reached)
+        if run is not None and not self.released and run.alive():
+            run.kill()
