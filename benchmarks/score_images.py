@@ -30,6 +30,11 @@ process, and the TTA bundle's images/s ÷ the plain one's is printed per configu
     python benchmarks/score_images.py FOLDER --model REG/NAME --batch-size 32 --workers 1
     python benchmarks/score_images.py --make-bundle --arch resnet50 --aoti --runtimes onnx,aoti
     python benchmarks/score_images.py --make-bundle --tta --phone 0 --no-naive   # TTA's cost
+    python benchmarks/score_images.py --make-bundle --phone 0 --health-cost --repeat 5
+
+``--health-cost`` measures run health's profiling instead: (a) with ``on_drift=off`` against
+``warn`` (profile, drift against the trailing runs, run_health rows) in alternating rounds of one
+process; goal: with ≥ 0.97× without.
 """
 
 from __future__ import annotations
@@ -191,6 +196,37 @@ def measure_cases(cases: dict[str, Path], bundle_path: Path, out: Path, args,
     return result
 
 
+def measure_health_cost(folder: Path, bundle_path: Path, out: Path, args) -> dict:
+    """Run health's cost: (a) with ``on_drift=off`` (no profile, no comparison, no run_health
+    rows) and ``warn`` (all of it), in alternating rounds of this process (order swapped each
+    round), the best of ``--repeat`` each, as wall-clock images/s and as images per CPU second
+    of this process (its decoding threads included): on a shared host the CPU time is the
+    steadier of the two."""
+    n = len(walk_images(folder))
+    wall = {"off": float("inf"), "warn": float("inf")}
+    cpu = dict(wall)
+    run_lensflow(folder, bundle_path, out, args)  # warm-up: runtime loaded, a baseline exists
+    for round_ in range(args.repeat):
+        for mode in ("off", "warn") if round_ % 2 == 0 else ("warn", "off"):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            score_image_folder(folder, bundle_path, out, batch_size=args.batch_size,
+                               workers=args.workers, device=args.device, on_drift=mode)
+            wall[mode] = min(wall[mode], time.perf_counter() - started)
+            cpu[mode] = min(cpu[mode], time.process_time() - cpu_started)
+    figures = {"images": n, "off_images_per_s": round(n / wall["off"], 2),
+               "warn_images_per_s": round(n / wall["warn"], 2),
+               "with_over_without": round(wall["off"] / wall["warn"], 4),
+               "off_images_per_cpu_s": round(n / cpu["off"], 2),
+               "warn_images_per_cpu_s": round(n / cpu["warn"], 2),
+               "with_over_without_cpu": round(cpu["off"] / cpu["warn"], 4)}
+    print(f"run health over {n} images, best of {args.repeat} (goal: with >= 0.97x without):\n"
+          f"  wall clock: {figures['warn_images_per_s']} images/s with profiling, "
+          f"{figures['off_images_per_s']} without: {figures['with_over_without']:.3f}x\n"
+          f"  CPU time:   {figures['warn_images_per_cpu_s']} images/CPU-s with, "
+          f"{figures['off_images_per_cpu_s']} without: {figures['with_over_without_cpu']:.3f}x")
+    return figures
+
+
 def measure_in_child(decoder: str, cases: dict[str, Path], bundle_path: Path, args,
                      tta_path: Path | None = None) -> dict:
     """:func:`measure_cases` in a fresh process whose JPEG library is ``decoder``."""
@@ -319,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of (a) and (c); the best of each counts")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--health-cost", action="store_true",
+                        help="only measure run health's cost: (a) with on_drift off vs warn")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -344,6 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             bundle_path = resolve_bundle(args.model)
             tta_path = resolve_bundle(args.tta_model) if args.tta_model else None
+        if args.health_cost:
+            figures = measure_health_cost(cases["0.2MP"], bundle_path, tmp / "out", args)
+            if args.json:
+                args.json.write_text(json.dumps(figures, indent=2) + "\n")
+            return figures
         measured = {decoder: measure_in_child(decoder, cases, bundle_path, args, tta_path)
                     for decoder in decoders}
         naive = None

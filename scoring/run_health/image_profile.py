@@ -2,7 +2,7 @@
 
 Inputs: file size and original megapixels (the image header, read from the bytes the decoder
 reads anyway), mean brightness, and whether an image is colour, grayscale or near-constant,
-from a 1-in-16 pixel sample of the decoded model input already in memory. Rows: scored, or the
+from a 28 × 28 pixel sample of the decoded model input already in memory. Rows: scored, or the
 error's cause (its exception class). Predictions, by task: the top-1 label and its confidence;
 for multi-label also every label's positive count and the histogram of all probabilities; for
 regression every output's histogram and moments.
@@ -17,8 +17,9 @@ import numpy as np
 
 from scoring.run_health.profile import Distribution, Moments, RunProfile, bin_counts
 
-#: Pixel sample step of the input measures: every 4th row and column (1 pixel in 16).
-SAMPLE_STEP = 4
+#: Rows (and columns) of the pixel sample the input measures look at: 28 × 28 of lite0's
+#: 224 px input (every 8th row and column), every pixel of a smaller one.
+SAMPLE_SIDE = 28
 #: An image whose sampled brightness varies less than this (std of 0..255) is near-constant:
 #: a black, white or single-colour frame; photos sit far above (JPEG noise stays below ~1).
 NEAR_CONSTANT_STD = 3.0
@@ -29,9 +30,10 @@ GRAY_MAX_SPREAD = 12
 
 
 def pixel_sample(images) -> np.ndarray:
-    """uint8 (n, h/4, w/4, 3) of a batch of decoded images (a numpy array or a torch tensor,
+    """uint8 (n, ~28, ~28, 3) of a batch of decoded images (a numpy array or a torch tensor,
     on any device): what the input measures look at."""
-    sample = images[:, ::SAMPLE_STEP, ::SAMPLE_STEP, :]
+    step = max(1, images.shape[1] // SAMPLE_SIDE)
+    sample = images[:, ::step, ::step, :]
     if hasattr(sample, "cpu"):
         sample = sample.cpu().numpy()
     return np.asarray(sample)
@@ -39,9 +41,12 @@ def pixel_sample(images) -> np.ndarray:
 
 def content_of(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean brightness per image, content per image: 0 colour, 1 grayscale, 2 near-constant)."""
-    pixels = sample.reshape(len(sample), -1, 3).astype(np.int16)
-    brightness = pixels.mean(axis=2)
-    spread = pixels.max(axis=2) - pixels.min(axis=2)
+    # Channel by channel, elementwise: numpy's reductions over a length-3 last axis are ~20x
+    # slower than these (0.43 ms an image against 0.02 on lite0's 224 px input).
+    r, g, b = (np.ascontiguousarray(sample[..., c]).reshape(len(sample), -1)
+               .astype(np.float32) for c in range(3))
+    brightness = (r + g + b) / 3
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
     gray = (spread.mean(axis=1) <= GRAY_MEAN_SPREAD) & (spread.max(axis=1) <= GRAY_MAX_SPREAD)
     constant = brightness.std(axis=1) < NEAR_CONSTANT_STD
     return brightness.mean(axis=1), np.where(constant, 2, np.where(gray, 1, 0))

@@ -144,3 +144,22 @@ def test_multi_label_and_regression_runs_profile_their_own_outputs(task, measure
             name for name, _, _ in summary.health["figures"]}
     else:
         assert profile.distribution("predictions.probability").total == 12 * 6
+
+
+def test_header_pixels_agree_with_pillow_on_every_kind_of_file(tmp_path):
+    from PIL import Image
+
+    from scoring.image_batches import header_pixels
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    kinds = {"a.png": {}, "b.jpg": {"quality": 80}, "c.jpg": {"progressive": True},
+             "d.gif": {}, "e.webp": {}, "f.bmp": {}}
+    for name, options in kinds.items():
+        Image.fromarray(pixels).save(tmp_path / name, **options)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the header's size is the stored one either way
+    Image.fromarray(pixels).save(tmp_path / "g.jpg", exif=exif.tobytes())
+    for path in sorted(tmp_path.iterdir()):
+        with open(path, "rb") as f:
+            assert header_pixels(f) == 37 * 53, path.name
