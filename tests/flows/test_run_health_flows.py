@@ -107,6 +107,24 @@ def test_the_flow_publishes_the_health_artifact_and_fails_a_drifted_night_in_one
     assert "near_constant" in text and "baseline" in text and "<< drifted" in text
 
 
+def test_a_nightly_run_passes_on_drift_to_its_jobs_and_names_the_refused_one(
+        data, tmp_path, prefect_api):
+    from flows.score_flows import nightly_flow
+
+    out = tmp_path / "out"
+    good = [{"folder": str(data["images"]), "model": str(data["model"])}]
+    first = nightly_flow(str(out), image_jobs=good, run_date=DAY1, on_drift="fail",
+                         return_state=True)
+    assert first.is_completed(), first.message
+    black = [{"folder": str(data["constant"]), "model": str(data["model"])}]
+    night = nightly_flow(str(out), image_jobs=black, run_date=DAY2, on_drift="fail",
+                         return_state=True)
+    assert night.is_failed()
+    assert night.message.startswith("1 of 1 nightly jobs failed: images ")
+    assert "not committed" in night.message and "inputs.content" in night.message
+    assert not (out / "image_predictions" / f"run_date={DAY2}").exists()
+
+
 @pytest.mark.slow
 def test_a_two_worker_dask_run_profiles_exactly_as_the_in_process_run(data, tmp_path,
                                                                       prefect_api):
