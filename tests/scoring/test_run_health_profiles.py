@@ -163,3 +163,24 @@ def test_header_pixels_agree_with_pillow_on_every_kind_of_file(tmp_path):
     for path in sorted(tmp_path.iterdir()):
         with open(path, "rb") as f:
             assert header_pixels(f) == 37 * 53, path.name
+
+
+def test_decoding_processes_and_threads_give_the_same_profile(tmp_path):
+    from flow_test_data import make_images
+    from tiny_image_bundle import make_image_bundle
+
+    from scoring.image_scoring import score_image_folder
+
+    make_image_bundle(tmp_path / "registry", name="tiny")
+    images = make_images(tmp_path / "images", 10, size=50)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    profiles = []
+    for workers in (1, 0):  # one decoding process; decoding threads
+        summary = score_image_folder(images, tmp_path / "registry" / "tiny",
+                                     tmp_path / f"out{workers}", run_date=DAY1, workers=workers)
+        record = json.loads((tmp_path / f"out{workers}" / "_runs" / f"{summary.run_id}.json")
+                            .read_text())
+        profiles.append(RunProfile.from_dict(record["health"]["profile"]))
+    assert profiles[0] == profiles[1]
+    assert profiles[0].distribution("inputs.megapixels").total == 10
+    assert sum(profiles[0].distribution("rows.outcome").counts) == 11
