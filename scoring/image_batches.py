@@ -94,6 +94,30 @@ class DecodedImages(Dataset):
             return (header_pixels(f),)
 
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, np.ndarray | None, str | None]]:
+        """A batch; files on object storage are fetched by several threads at once, each
+        decoding its image while the others still wait on the network."""
+        if not indices or not is_url(self.files[indices[0]].path):
+            return [self[i] for i in indices]
+        adopt_environment(self.storage_env)
+        with ThreadPoolExecutor(min(_FETCHERS, len(indices))) as pool:
+            return list(pool.map(self._fetch_and_decode, indices))
+
+    def _fetch_and_decode(self, i: int) -> tuple:
+        url = self.files[i].path
+        buffer = None
+        try:
+            fs, path = filesystem(url)
+            buffer = io.BytesIO(fs.cat_file(path))
+            image = decode_for_model(buffer, self.spec)  # a decompression bomb stops here
+            buffer.seek(0)
+            return i, image, None, *self._pixels(buffer)
+        except Exception as err:  # as above: this row's failure, named by its URL
+            message = describe_error(err)
+            message = message.replace(repr(buffer), repr(url)) if buffer else message
+            return i, None, message, *self._pixels(None)
+
+
 #: JPEG start-of-frame markers (baseline, extended, progressive, lossless; not DHT/JPG/DAC).
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
                        0xCF})
@@ -123,29 +147,6 @@ def header_pixels(f) -> int:
     f.seek(0)
     with Image.open(f) as im:
         return im.width * im.height
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[int, np.ndarray | None, str | None]]:
-        """A batch; files on object storage are fetched by several threads at once, each
-        decoding its image while the others still wait on the network."""
-        if not indices or not is_url(self.files[indices[0]].path):
-            return [self[i] for i in indices]
-        adopt_environment(self.storage_env)
-        with ThreadPoolExecutor(min(_FETCHERS, len(indices))) as pool:
-            return list(pool.map(self._fetch_and_decode, indices))
-
-    def _fetch_and_decode(self, i: int) -> tuple:
-        url = self.files[i].path
-        buffer = None
-        try:
-            fs, path = filesystem(url)
-            buffer = io.BytesIO(fs.cat_file(path))
-            image = decode_for_model(buffer, self.spec)  # a decompression bomb stops here
-            buffer.seek(0)
-            return i, image, None, *self._pixels(buffer)
-        except Exception as err:  # as above: this row's failure, named by its URL
-            message = describe_error(err)
-            message = message.replace(repr(buffer), repr(url)) if buffer else message
-            return i, None, message, *self._pixels(None)
 
 
 @dataclass(frozen=True)
