@@ -7,30 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
+from signing_env import isolate_signing, key_pair
 
 from export.bundle import BundleWriter, promote, resolve_bundle
 from export.errors import BundleNotFoundError, BundleSignatureError, PromotionError
 from export.pins import read_pointer
-from export.promotion import STATE_ENV, signed_pointer_text
-from export.signing import (
-    REQUIRE_SIGNED_ENV,
-    SIGNING_KEY_ENV,
-    VERIFY_KEY_ENV,
-    load_signing_key,
-    write_key_pair,
-)
+from export.promotion import signed_pointer_text
+from export.signing import VERIFY_KEY_ENV, load_signing_key
 
 
 @pytest.fixture(autouse=True)
 def _settings(monkeypatch, tmp_path):
-    for name in (SIGNING_KEY_ENV, VERIFY_KEY_ENV, REQUIRE_SIGNED_ENV):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(STATE_ENV, str(tmp_path / "promotions.json"))
+    isolate_signing(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def key(tmp_path, monkeypatch):
-    private, public = write_key_pair(tmp_path / "keys")
+    private, public = key_pair(tmp_path)
     monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
     return load_signing_key(private)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from bundle_tampering import edited_manifest, record_of, reseal, signature_of
+from signing_env import isolate_signing, key_pair
 
 from export.bundle import BundleWriter, load_bundle, promote, resolve_bundle, sign_bundle
 from export.errors import (
@@ -18,7 +19,6 @@ from export.errors import (
     SigningKeyError,
     SigningSettingError,
 )
-from export.promotion import STATE_ENV
 from export.signing import (
     REQUIRE_SIGNED_ENV,
     SIGNING_KEY_ENV,
@@ -30,14 +30,12 @@ from export.signing import (
 
 @pytest.fixture(autouse=True)
 def _no_keys_from_the_environment(monkeypatch, tmp_path):
-    for name in (SIGNING_KEY_ENV, VERIFY_KEY_ENV, REQUIRE_SIGNED_ENV):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(STATE_ENV, str(tmp_path / "promotions.json"))
+    isolate_signing(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def keys(tmp_path) -> tuple[Path, Path]:
-    return write_key_pair(tmp_path / "keys")
+    return key_pair(tmp_path)
 
 
 def write_bundle(registry: Path, signing_key=None) -> Path:

@@ -14,13 +14,12 @@ import pytest
 from bundle_tampering import record_of, signature_of
 from cli_runs import assert_one_line, lensflow
 from colour_images import colour_folder
+from signing_env import isolate_signing, key_pair
 from tiny_image_bundle import make_image_bundle
 
 from export.bundle import promote, sign_bundle
-from export.promotion import STATE_ENV
 from export.signing import (
     REQUIRE_SIGNED_ENV,
-    SIGNING_KEY_ENV,
     VERIFY_KEY_ENV,
     load_signing_key,
     write_key_pair,
@@ -29,15 +28,12 @@ from export.signing import (
 
 @pytest.fixture(autouse=True)
 def _no_keys(monkeypatch, tmp_path):
-    for name in (SIGNING_KEY_ENV, VERIFY_KEY_ENV, REQUIRE_SIGNED_ENV):
-        monkeypatch.delenv(name, raising=False)
-    # The scorer's memory of the newest promotion seen: this test's own.
-    monkeypatch.setenv(STATE_ENV, str(tmp_path / "promotions.json"))
+    isolate_signing(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def keys(tmp_path) -> tuple[Path, Path]:
-    return write_key_pair(tmp_path / "keys")
+    return key_pair(tmp_path)
 
 
 def signed_bundle(registry, private: Path, name: str = "tiny", seed: int = 0,
