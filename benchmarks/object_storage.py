@@ -61,15 +61,19 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def commit_seconds(out: str | Path, parts: int, day: date) -> float:
-    """Seconds to commit a partition of ``parts`` parts (one shard each, 1000 rows each)."""
+def commit_seconds(out: str | Path, parts: int, day: date, fmt: str | None = None) -> float:
+    """Seconds to commit a partition of ``parts`` parts (one shard each, 1000 rows each), in
+    table format ``fmt`` (None: the default for ``out``)."""
     import time
 
     import pyarrow as pa
 
+    from scoring.options import ScoreOptions
+
     schema = pa.schema([("user", pa.int64()), ("score", pa.float32())])
     meta = {"model_name": "bench", "model_version": "1", "bundle_sha256": "0" * 64}
-    pending = open_partition(out, "commit_bench", day, schema, meta)
+    pending = open_partition(out, "commit_bench", day, schema, meta,
+                             options=ScoreOptions(table_format=fmt) if fmt else None)
     for shard in range(parts):
         with pending.part_writer(shard) as writer:
             writer.write({"user": list(range(1000)), "score": [0.5] * 1000})

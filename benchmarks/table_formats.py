@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 import uuid
 from datetime import date
 from pathlib import Path
@@ -32,12 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests" / "support")]
 
-from object_storage import s3_server  # noqa: E402
+from object_storage import commit_seconds, s3_server  # noqa: E402
 from score_images import copy_folder, make_bundle, shared_data  # noqa: E402
 
 from scoring.image_scoring import score_image_folder  # noqa: E402
-from scoring.options import ScoreOptions  # noqa: E402
-from scoring.partition import commit_partition, open_partition  # noqa: E402
 from scoring.recommendations import score_recommendations  # noqa: E402
 
 FORMATS = ("parquet", "delta")
@@ -46,22 +43,6 @@ FORMATS = ("parquet", "delta")
 def _order(i: int) -> tuple[str, ...]:
     """The formats in round ``i``'s order: alternated, so neither always runs second."""
     return FORMATS if i % 2 == 0 else FORMATS[::-1]
-
-
-def commit_seconds(out: str | Path, parts: int, day: date, fmt: str) -> float:
-    """Seconds to commit a partition of ``parts`` parts (one shard each, 1000 rows each)."""
-    import pyarrow as pa
-
-    schema = pa.schema([("user", pa.int64()), ("score", pa.float32())])
-    meta = {"model_name": "bench", "model_version": "1", "bundle_sha256": "0" * 64}
-    pending = open_partition(out, "commit_bench", day, schema, meta,
-                             options=ScoreOptions(table_format=fmt))
-    for shard in range(parts):
-        with pending.part_writer(shard) as writer:
-            writer.write({"user": list(range(1000)), "score": [0.5] * 1000})
-    started = time.perf_counter()
-    commit_partition(pending, expected_shards=range(parts))
-    return time.perf_counter() - started
 
 
 def _best(rounds: list[dict], key: str) -> dict[tuple[str, str], float]:

@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 from deltalake import DeltaTable
 from flow_test_data import make_images
+from scores_table import DAY, META, OTHER_DAY, SCHEMA, write_users
 from tiny_image_bundle import make_image_bundle
 
 from scoring.delta_read import open_dataset
@@ -31,9 +32,6 @@ from scoring.partition import (
 )
 from scoring.shards import current_run
 
-DAY, OTHER_DAY = date(2026, 11, 22), date(2026, 11, 23)
-SCHEMA = pa.schema([("user", pa.int64()), ("score", pa.float32())])
-META = {"model_name": "m", "model_version": "v1", "bundle_sha256": "ab" * 32}
 DELTA = ImageScoreOptions(table_format="delta", batch_size=4)
 
 #: The reader a downstream job would run: DuckDB's own Delta extension, no lensflow import.
@@ -65,13 +63,7 @@ def duckdb_delta(uri: str, sql: str) -> list:
 
 
 def write_run(out, start: int, n: int, day: date = DAY, shards: int = 1, **kw):
-    pending = open_partition(out, "scores", day, SCHEMA, META, rows_per_file=3,
-                             options=kw.pop("options", DELTA), **kw)
-    for shard in range(shards):
-        with pending.part_writer(shard) as w:
-            users = list(range(start + shard * n, start + (shard + 1) * n))
-            w.write({"user": users, "score": [u / 2 for u in users]})
-    return commit_partition(pending, expected_shards=range(shards))
+    return write_users(out, start, n, kw.pop("options", DELTA), day, shards, **kw)[1]
 
 
 def users(out, day: date = DAY, version: int | None = None) -> list[int]:

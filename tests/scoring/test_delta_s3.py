@@ -8,34 +8,25 @@ from __future__ import annotations
 from datetime import date
 
 import fsspec
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from cli_runs import lensflow
 from deltalake import DeltaTable
 from flow_test_data import make_images
+from scores_table import DAY, OTHER_DAY, string_id_recommender, write_users
 from test_delta import DUCKDB_READ, duckdb_delta  # noqa: F401 — one DuckDB reader for both
 from tiny_image_bundle import make_image_bundle
 
 from export import bundle_remote
 from scoring.delta_table import storage_options
 from scoring.options import ImageScoreOptions
-from scoring.partition import commit_partition, open_partition, read_partition
+from scoring.partition import read_partition
 from scoring.shards import current_run
-
-DAY, OTHER_DAY = date(2026, 11, 22), date(2026, 11, 23)
-SCHEMA = pa.schema([("user", pa.int64()), ("score", pa.float32())])
-META = {"model_name": "m", "model_version": "v1", "bundle_sha256": "ab" * 32}
 
 
 def _write(out: str, start: int, n: int, run_id: str, day: date = DAY):
-    pending = open_partition(out, "scores", day, SCHEMA, META, rows_per_file=2, run_id=run_id,
-                             options=ImageScoreOptions())
-    for shard in range(2):
-        with pending.part_writer(shard) as w:
-            users = list(range(start + shard * n, start + (shard + 1) * n))
-            w.write({"user": users, "score": [u / 2 for u in users]})
-    return pending, commit_partition(pending, expected_shards=range(2))
+    return write_users(out, start, n, ImageScoreOptions(), day, shards=2, rows_per_file=2,
+                       run_id=run_id)
 
 
 def _table(uri: str, version: int | None = None) -> DeltaTable:
@@ -114,15 +105,9 @@ def test_an_s3_scoring_run_reads_back_in_duckdb_polars_and_deltalake_as_the_parq
 @pytest.mark.slow  # exports a recommender (ONNX, TorchScript, parity)
 def test_a_recommendation_run_on_s3_is_one_commit_per_table_tied_by_its_run_record(
         s3_bucket, cache, tmp_path):
-    from tiny_export_models import TinyCollab, collab_manifest
-
-    from export.convert import export_bundle
     from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations
 
-    model = TinyCollab().eval()
-    bundle = export_bundle(model, collab_manifest(model) | {"id_type": "string"},
-                           f"{s3_bucket}/registry", "movies",
-                           pt2=False).bundle_path
+    bundle = string_id_recommender(f"{s3_bucket}/registry")
     options = {"top_k": 3, "full_table": True, "shards": 2, "run_date": DAY}
     out = f"{s3_bucket}/recs"
     first = score_recommendations(bundle, out, **options)

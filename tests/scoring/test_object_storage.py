@@ -10,10 +10,10 @@ from datetime import date
 
 import duckdb
 import fsspec
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from flow_test_data import make_images
+from scores_table import DAY, META, OTHER_DAY, SCHEMA, string_id_recommender, write_users
 from tiny_image_bundle import make_image_bundle
 
 from export import bundle_remote
@@ -31,20 +31,11 @@ from scoring.partition import (
 )
 from scoring.shards import current_run
 
-DAY, OTHER_DAY = date(2026, 11, 22), date(2026, 11, 23)
-SCHEMA = pa.schema([("user", pa.int64()), ("score", pa.float32())])
-META = {"model_name": "m", "model_version": "v1", "bundle_sha256": "ab" * 32}
 RECORD = ScoreOptions(table_format="parquet")
 
 
 def _write(out: str, start: int, n: int, day: date = DAY, shards: int = 1, **kw):
-    pending = open_partition(out, "scores", day, SCHEMA, META, rows_per_file=3,
-                             options=RECORD, **kw)
-    for shard in range(shards):
-        with pending.part_writer(shard) as w:
-            users = list(range(start + shard * n, start + (shard + 1) * n))
-            w.write({"user": users, "score": [u / 2 for u in users]})
-    return commit_partition(pending, expected_shards=range(shards))
+    return write_users(out, start, n, RECORD, day, shards, **kw)[1]
 
 
 def _users(out: str) -> dict[str, list[int]]:
@@ -169,15 +160,9 @@ def test_a_missing_s3_folder_is_one_line(s3_bucket):
 @pytest.mark.slow  # exports a recommender (ONNX, TorchScript, parity)
 def test_recommendations_from_an_s3_registry_and_users_file_to_s3_as_on_local_disk(
         s3_bucket, cache, tmp_path):
-    from tiny_export_models import TinyCollab, collab_manifest
-
-    from export.convert import export_bundle
     from scoring.recommendations import FULL_TABLE, TOPK_TABLE, score_recommendations
 
-    model = TinyCollab().eval()
-    bundle = export_bundle(model, collab_manifest(model) | {"id_type": "string"},
-                           f"{s3_bucket}/registry", "movies",
-                           pt2=False).bundle_path
+    bundle = string_id_recommender(f"{s3_bucket}/registry")
     users = b"u3\nu1\nnobody\nu7\n"
     fsspec.filesystem("s3").pipe(f"{s3_bucket}/users.txt", users)
     (tmp_path / "users.txt").write_bytes(users)
