@@ -90,15 +90,20 @@ def load_signing_key(path: str | Path) -> SigningKey:
     return SigningKey(Path(path).expanduser(), key)
 
 
-def load_verify_key(path: str | Path):
-    """The EC public key in a PEM file."""
+def _load_public_key(path: str | Path, what: str):
+    """The public key in a PEM file, of any kind; ``what`` names it in errors."""
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    data = _read_key_file(path, "verify key")
+    data = _read_key_file(path, what)
     try:
-        key = load_pem_public_key(data)
+        return load_pem_public_key(data)
     except (ValueError, TypeError) as err:
-        raise SigningKeyError(f"verify key {path}: not a PEM public key ({err})") from None
+        raise SigningKeyError(f"{what} {path}: not a PEM public key ({err})") from None
+
+
+def load_verify_key(path: str | Path):
+    """The EC public key in a PEM file."""
+    key = _load_public_key(path, "verify key")
     _check_curve(key, path, "verify key")
     return key
 
@@ -106,13 +111,8 @@ def load_verify_key(path: str | Path):
 def load_legacy_verify_key(path: str | Path):
     """An Ed25519 public key PEM: the key lensflow signed digest records with before."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    data = _read_key_file(path, "old verify key")
-    try:
-        key = load_pem_public_key(data)
-    except (ValueError, TypeError) as err:
-        raise SigningKeyError(f"old verify key {path}: not a PEM public key ({err})") from None
+    key = _load_public_key(path, "old verify key")
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"old verify key {path}: not an Ed25519 key")
     return key
