@@ -1,6 +1,6 @@
 """Run health's false-alarm rate: how often a night *without* a shift is flagged.
 
-Every image of a folder (default: the shared ants/bees train + val, 397 photos) is scored once
+Every image of a folder (default: the shared ants/bees train + val, 398 images) is scored once
 with a bundle (default: the tests' tiny 2-class bundle; ``--model`` for a real one) and profiled
 on its own; then, for ``--splits`` random splits, the profiles of the images on each side are
 merged (exactly what a run's shards do) and compared at the default thresholds
@@ -83,7 +83,7 @@ def false_alarms(profiles: list[RunProfile], parts: int, splits: int,
         alarms += bool(flagged)
         by_measure.update(flagged)
     low, high = wilson(alarms, splits)
-    return {"splits": splits, "tonight_images": len(profiles) // parts,
+    return {"splits": splits, "tonight_images": -(-len(profiles) // parts),
             "false_alarms": alarms, "rate": round(alarms / splits, 4),
             "rate_95ci": [round(low, 4), round(high, 4)], "by_measure": dict(by_measure)}
 

@@ -91,12 +91,26 @@ def jensen_shannon(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def chi_square_p(a: np.ndarray, b: np.ndarray) -> float:
-    """p-value of Pearson's chi-square test that two count vectors share one distribution."""
+    """p-value of Pearson's chi-square test that two count vectors share one distribution.
+
+    Bins where the smaller sample would expect fewer than 5 counts are pooled into one
+    (Cochran's rule): the chi-square approximation overstates sparse bins' evidence, which made
+    a few dozen images spread over many bins look drifted.
+    """
     used = (a + b) > 0
     a, b = a[used], b[used]
+    n, m = a.sum(), b.sum()
+    share = min(n, m) / (n + m)
+    sparse = (a + b) * share < 5
+    if sparse.any():
+        a, b = np.append(a[~sparse], a[sparse].sum()), np.append(b[~sparse], b[sparse].sum())
+        if (a[-1] + b[-1]) * share < 5 and len(a) > 2:  # still sparse: into the smallest bin
+            smallest = int(np.argmin(a[:-1] + b[:-1]))
+            a[smallest] += a[-1]
+            b[smallest] += b[-1]
+            a, b = a[:-1], b[:-1]
     if len(a) < 2:
         return 1.0
-    n, m = a.sum(), b.sum()
     column = a + b
     ea, eb = column * n / (n + m), column * m / (n + m)
     statistic = float(((a - ea) ** 2 / ea).sum() + ((b - eb) ** 2 / eb).sum())
