@@ -15,6 +15,7 @@ committed), ``refused`` (flagged, ``on_drift: fail``: nothing committed,
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from scoring.run_health.table import write_health
 
 #: Distributions named in the one-line refusal.
 WORST_NAMED = 3
+_log = logging.getLogger(__name__)
 
 
 class DriftRefusedError(ScoringError):
@@ -133,7 +135,11 @@ class HealthCheck:
                            self._decision(runs, drift), runs, drift,
                            _figure_pairs(profile, baseline if runs else None), profile)
         if health.decision == "refused":
-            write_health(health, first)
+            try:
+                write_health(health, first)
+            except (ScoringError, OSError) as err:  # the refusal matters more than its rows
+                _log.warning("run %s refused; its run_health rows were not written: %s",
+                             first.run_id, err)
             raise DriftRefusedError(
                 f"{first.table} {first.run_date} (run {first.run_id}, {plan.model}) not "
                 f"committed: {len(health.flagged)} distribution(s) drifted against the last "
@@ -142,9 +148,15 @@ class HealthCheck:
         return health
 
     def record(self, plan) -> None:
-        """Write a committed run's rows to ``run_health``."""
-        if getattr(plan, "health", None) is not None:
+        """Write a committed run's rows to ``run_health``; the run is committed whatever
+        happens here, and its record holds the same health, so a failure is only a warning."""
+        if getattr(plan, "health", None) is None:
+            return
+        try:
             write_health(plan.health, plan.pendings[0])
+        except (ScoringError, OSError) as err:
+            _log.warning("run %s committed, but its run_health rows were not written: %s",
+                         plan.health.run_id, err)
 
     def _decision(self, runs: tuple, drift: tuple[MeasureDrift, ...]) -> str:
         if not runs:

@@ -12,6 +12,7 @@ decision; ``value`` = distributions flagged).
 
 from __future__ import annotations
 
+import time
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from scoring.partition import (
 )
 
 HEALTH_TABLE = "run_health"
+#: Seconds a run waits for another table's run of the same date to finish its run_health rows.
+LOCK_WAIT_S = 10.0
+#: How scoring.staging ends the message of a partition another live run holds.
+_HELD = "not starting a second writer"
 _PARQUET = RuntimeOptions(table_format="parquet")
 _SHARES = pa.list_(pa.float64())
 RUN_HEALTH_SCHEMA = pa.schema([
@@ -99,9 +104,7 @@ def write_health(health, like: PendingPartition) -> None:
             for k, v in (like.schema.metadata or {}).items()
             if k.decode() in ("lensflow.model_name", "lensflow.model_version",
                               "lensflow.bundle_sha256")}
-    # Plain Parquet whatever the run's format: a small table read whole, rows of every table.
-    pending = open_partition(like.out, HEALTH_TABLE, like.run_date, RUN_HEALTH_SCHEMA, meta,
-                             run_id=like.run_id, options=_PARQUET)
+    pending = _open_when_free(like, meta)
     try:
         earlier = read_health(like.out, like.run_date)
         with pending.part_writer(0) as writer:
@@ -112,6 +115,23 @@ def write_health(health, like: PendingPartition) -> None:
     except BaseException:
         abort_partition(pending)
         raise
+
+
+def _open_when_free(like: PendingPartition, meta: dict[str, str]) -> PendingPartition:
+    """The date's ``run_health`` partition, opened once no other table's run of the date is
+    writing its rows (each holds it for a few tens of ms); at most LOCK_WAIT_S."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    wait = 0.02
+    while True:
+        try:
+            # Plain Parquet whatever the run's format: a small table read whole, every table's.
+            return open_partition(like.out, HEALTH_TABLE, like.run_date, RUN_HEALTH_SCHEMA, meta,
+                                  run_id=like.run_id, options=_PARQUET)
+        except PartitionError as err:
+            if not str(err).endswith(_HELD) or time.monotonic() + wait > deadline:
+                raise
+        time.sleep(wait)
+        wait = min(wait * 2, 1.0)
 
 
 def read_health(out: str | Path, run_date: date) -> pa.Table:

@@ -76,8 +76,9 @@ def flagged(summary) -> set[str]:
 def read_partition(out: Path, day: date) -> list[tuple]:
     """What downstream sees, read as downstream does (DuckDB, Hive partitions)."""
     glob = str(out / "image_predictions" / "*" / "*.parquet")
-    return duckdb.sql(f"SELECT path, pred_label, pred_score, run_date FROM read_parquet('{glob}', "
-                      f"hive_partitioning = true) WHERE run_date = '{day}' ORDER BY path").fetchall()
+    return duckdb.sql(f"SELECT path, pred_label, pred_score, run_date FROM read_parquet("
+                      f"'{glob}', hive_partitioning = true) WHERE run_date = '{day}' "
+                      f"ORDER BY path").fetchall()
 
 
 def test_a_constant_colour_night_is_refused_and_downstream_keeps_the_previous_partition(
@@ -165,3 +166,25 @@ def test_run_health_off_profiles_nothing_and_records_no_health(val, model, tmp_p
     record = json.loads((tmp_path / "out" / "_runs" / f"{summary.run_id}.json").read_text())
     assert "health" not in record
     assert not (tmp_path / "out" / HEALTH_TABLE).exists()
+
+
+def test_a_run_health_partition_held_by_another_run_never_fails_a_committed_run(
+        val, model, tmp_path, monkeypatch, caplog):
+    from scoring.partition import abort_partition, open_partition
+    from scoring.run_health import table
+    from scoring.run_health.table import RUN_HEALTH_SCHEMA
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(table, "LOCK_WAIT_S", 0.2)
+    held = open_partition(out, HEALTH_TABLE, DAY1, RUN_HEALTH_SCHEMA,
+                          {"model_name": "other", "model_version": "1", "bundle_sha256": "0"},
+                          run_id="another-tables-run")
+    try:
+        summary = score(val, model, out, DAY1)
+    finally:
+        abort_partition(held)
+    assert len(read_partition(out, DAY1)) == 153
+    record = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
+    assert record["health"]["decision"] == "no_baseline"  # the next run's baseline is intact
+    assert "run_health rows were not written" in caplog.text
+    assert "being written by run another-tables-run" in caplog.text
