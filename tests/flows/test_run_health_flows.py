@@ -64,6 +64,10 @@ def test_cli_refuses_a_drifted_night_in_one_line_and_report_prints_the_bars(
     code, stdout, _ = lensflow(monkeypatch, capsys, *score[:2], data["constant"], *score[2:],
                                "--run-date", DAY2, "--on-drift", "fail", "--accept-drift")
     assert code == 0 and "run health: accepted" in stdout
+    code, stdout, _ = lensflow(monkeypatch, capsys, "report", out, "--table",
+                               "image_predictions", "--date", DAY2, "--all")
+    assert code == 0
+    assert stdout.index("refused (fail)") < stdout.index("accepted (fail)")
     code, _, err = lensflow(monkeypatch, capsys, "report", out, "--table", "recommendations_topk",
                             "--date", DAY2)
     assert code == 2
