@@ -35,7 +35,6 @@ app = typer.Typer(add_completion=False, **_PLAIN,
 train_app = typer.Typer(**_PLAIN, help="Fine-tune a model.")
 app.add_typer(train_app, name="train")
 app.add_typer(score_app, name="score")
-app.command("report")(report_cmd)
 app.add_typer(keys_app, name="keys")
 app.add_typer(table_app, name="table")
 
@@ -320,6 +319,10 @@ def import_model_cmd(
     out.print(f"bundle: {result.export.bundle_path}\nsha256: {result.export.sha256}")
     if options.promote:
         out.print(f"promoted: {promote(result.export.bundle_path)}")
+
+
+# Registered after the commands above, so `lensflow --help` lists it beside them.
+app.command("report")(report_cmd)
 
 
 def main() -> None:
