@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from flow_test_data import artifacts_by_key, make_images, partition_rows_and_run_ids
 from paths import REPO
+from PIL import Image
 from plain_torch_model import (
     ARCH,
     CLASSES,
@@ -286,6 +287,49 @@ def test_nightly_run_writes_the_partition_of_the_night_it_was_scheduled_for(stac
     assert partition_rows_and_run_ids(images)[0] == 4
     topk = stack.out / "recommendations_topk" / f"run_date={expected}"
     assert partition_rows_and_run_ids(topk)[0] == 30 * 10
+    # Each job's subflow shows its run health: the recommender's first night has no baseline;
+    # the image model's is the on-demand run above, if it ran first.
+    with stack.client() as client:
+        health = {key: artifact for job in _subflow_runs(client, run.id)
+                  for key, artifact in artifacts_by_key(client, job).items()
+                  if key.endswith("-health")}
+    assert set(health) == {"score-image-folder-health", "score-recommendations-health"}
+    assert all("## Run health" in a.data for a in health.values())
+    assert "no baseline yet" in health["score-recommendations-health"].data
+    assert re.search(r"(no_baseline|ok|warned) \(warn\), (no baseline yet|against the last 1 run)",
+                     health["score-image-folder-health"].data)
+
+
+def _subflow_runs(client, parent_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))]
+
+
+def test_a_constant_colour_night_fails_its_deployment_run_before_commit(stack, tmp_path):
+    good = make_images(tmp_path / "good", 40, seed=3)
+    constant = tmp_path / "constant"
+    constant.mkdir()
+    for src in sorted(good.glob("*.png")):
+        Image.new("RGB", (40, 40), (20, 20, 20)).save(constant / src.name)
+    params = {"out": str(tmp_path / "out"), "on_drift": "fail", "workers": 0}
+    done, output, _ = stack.run_deployment("score-image-folder/on-demand", folder=str(good),
+                                           run_date="2026-02-01", **params)
+    assert done == 0, output + stack.log_tail("worker")
+
+    done, output, run_id = stack.run_deployment("score-image-folder/on-demand",
+                                                folder=str(constant), run_date="2026-02-02",
+                                                **params)
+    assert done != 0
+    state = _state_of(stack, run_id)
+    assert state.is_failed()
+    assert "\n" not in state.message and "not committed" in state.message
+    assert "inputs.content" in state.message and "--accept-drift" in state.message
+    assert not (tmp_path / "out" / "image_predictions" / "run_date=2026-02-02").exists()
+    with stack.client() as client:
+        text = artifacts_by_key(client, run_id)["score-image-folder-health"].data
+    assert "refused (fail)" in text and "near_constant" in text
 
 
 def test_bad_parameters_end_the_run_with_a_readable_message(stack, tmp_path):
