@@ -24,9 +24,10 @@ what automatic LR costs), one row per ``--variant`` (option overrides, e.g.
 cycles of 1, 2, 4, ... epochs where both stages end a cycle that way, else one-epoch cycles), and
 ``fastai`` when ``--fastai-python`` names an interpreter that imports fastai 2.8
 (``benchmarks/fastai_peer.py`` runs there: ``vision_learner`` on timm ``tf_efficientnet_lite0``
-with the same packaged weights, ``fine_tune(epochs, freeze_epochs)``, fastai's default LR, head,
+with the same packaged weights, ``fine_tune`` with fastai's default frozen epoch, LR, head and
 augmentations; ``collab_learner`` with fastbook's settings for ratings). Images, split, backbone,
-input size, batch size and epochs are the same for both tools; ``--freeze-epochs`` /
+input size, batch size and the number of epochs in all are the same for both tools (lensflow's
+0 + 4 is fastai's 1 + 3: each tool splits the budget its own default way); ``--freeze-epochs`` /
 ``--epochs`` / ``--size`` override every row's epochs and input side for a quick run.
 
 Every image row notes the first key metric after every epoch (frozen epochs first; the best
@@ -81,6 +82,8 @@ TASKS = (*SINGLE_LABEL, "multilabel", "points", "ratings")
 PETS = "oxford-iiit-pet-sample"
 HEAD_CENTRES = f"{PETS}/derived/head_center.csv"
 PEER = Path(__file__).with_name("fastai_peer.py")
+#: ``fine_tune``'s own default: fastai trains the head alone for one epoch before unfreezing.
+FASTAI_FREEZE_EPOCHS = 1
 
 
 def shared_data() -> Path:
@@ -282,9 +285,11 @@ def image_task_rows(name: str, args, shared: Path, work: Path) -> list[Row]:
         rows.append(Row(name, "probe", probe, seconds, "—", note))
         print_row(rows[-1])
     if args.fastai_skip is None and name in args.peers:
+        total = options.freeze_epochs + options.epochs
+        frozen = min(FASTAI_FREEZE_EPOCHS, total - 1)
         spec = {"task": task.kind, "items": fastai_items(task, data), "size": options.size,
-                "bs": options.bs, "freeze_epochs": options.freeze_epochs,
-                "epochs": options.epochs, "seed": options.seed}
+                "bs": options.bs, "freeze_epochs": frozen, "epochs": total - frozen,
+                "seed": options.seed}
         start = time.perf_counter()
         result = run_peer(args.fastai_python, spec, args.threads)
         seconds = result.pop("seconds", time.perf_counter() - start)
