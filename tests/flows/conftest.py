@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from flows.dask_runner import DASK_ADDRESS_ENV
+
 
 @pytest.fixture(scope="module")
 def prefect_api():
@@ -13,6 +15,8 @@ def prefect_api():
     with pytest.MonkeyPatch.context() as mp:
         # Telemetry writes to the fresh database while it migrates ("database is locked").
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # Flows called here run their shards in this process, whatever the shell points at.
+        mp.delenv(DASK_ADDRESS_ENV, raising=False)
         with prefect_test_harness(server_startup_timeout=120):
             yield
 

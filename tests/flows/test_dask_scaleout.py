@@ -62,17 +62,6 @@ DAY = date(2026, 11, 22)
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.delenv(DASK_ADDRESS_ENV, raising=False)
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """An image folder (nested, one broken file), an image bundle and a recommender bundle."""
     root = tmp_path_factory.mktemp("scaleout")

@@ -15,7 +15,6 @@ from flow_test_data import artifacts_by_key, make_images
 from PIL import Image
 from tiny_image_bundle import make_image_bundle
 
-from flows.dask_runner import DASK_ADDRESS_ENV
 from scoring.image_scoring import score_image_folder
 from scoring.run_health.profile import RunProfile
 
@@ -73,17 +72,6 @@ def test_cli_refuses_a_drifted_night_in_one_line_and_report_prints_the_bars(
     assert code == 2
     assert_one_line(err, "no run health for table recommendations_topk on 2026-11-02",
                     "(it has image_predictions)")
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.delenv(DASK_ADDRESS_ENV, raising=False)
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
 
 
 def test_the_flow_publishes_the_health_artifact_and_fails_a_drifted_night_in_one_line(
