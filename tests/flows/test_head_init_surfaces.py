@@ -59,9 +59,11 @@ def test_the_head_starts_from_a_probe_toward_the_weights_files_classifier_with_p
     start = history["head_init"]
     assert start["kind"] == "probe" and start["prior"]["source_classes"] == 1000
     assert set(start["cv_loss_by_prior"]) == {"zero", "classifier"}  # both tried, one chosen
-    assert f"toward {start['toward']}:" in said
+    chosen = min(start["valid_loss_by_prior"].values())  # by the loss on the validation images
+    assert f"toward {start['toward']}: the lower validation loss" in said
     assert set(start["prior"]["top_source_classes"]) == {"blue", "red"}
     assert history["history"][0]["stage"] == "start"  # validated before any training step
+    assert history["history"][0]["valid_loss"] == pytest.approx(chosen, rel=1e-5)
     assert history["lr_choice"]["frozen"]["source"] == "finder"  # sweep on the shared features
     lineage = json.loads((tmp_path / "train" / "lineage.json").read_text())
     assert lineage["head_init"] == start and lineage["options"]["head_init"] == "auto"

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from training.errors import TrainingError
 from training.evaluation.metrics import accuracy
 from training.fit.early_stopping import EarlyStopping
-from training.fit.fine_tune import AUTO_RULE, fine_tune
+from training.fit.fine_tune import AUTO_RULE, StartedHead, fine_tune
 from training.fit.head_sweep import sweep_length
 from training.fit.learner import Learner
 from training.fit.lr_finder import SUGGESTERS
@@ -343,7 +343,7 @@ def test_a_start_that_beats_every_epoch_is_what_early_stopping_restores():
     def start_head():
         learner.model.head.load_state_dict(head.state_dict())
         started.update(state(learner.model))
-        return 0.1
+        return StartedHead(0.1)
 
     result = fine_tune(learner, epochs=2, freeze_epochs=0, base_lr=10.0, start_head=start_head,
                        early_stopping=EarlyStopping(patience=2))  # an LR that wrecks the body
@@ -353,3 +353,25 @@ def test_a_start_that_beats_every_epoch_is_what_early_stopping_restores():
     assert result.best_epoch == 0 and result.best_metrics["valid_loss"] == start.valid_loss
     for name, value in state(learner.model).items():
         assert torch.equal(value, started[name]), name
+
+
+def test_a_start_with_its_validation_outputs_is_recorded_from_them_without_a_pass():
+    learner = make_learner()
+    x, y = learner.valid_loader.dataset.tensors
+    with torch.no_grad():
+        outputs = learner.model.eval()(x)
+    passed = learner.record_start("start")
+    given = learner.record_start("start", 0.3, valid_outputs=(outputs, y))
+    assert given.valid_loss == pytest.approx(passed.valid_loss, rel=1e-6)
+    assert given.metrics == pytest.approx(passed.metrics) and given.train_loss == 0.3
+
+    # fine_tune records what start_head reports: outputs no validation pass would give.
+    constant = torch.zeros(len(y), 3)
+    constant[:, 0] = 5.0
+    other = make_learner()
+    fine_tune(other, epochs=1, freeze_epochs=0, base_lr=1e-3,
+              start_head=lambda: StartedHead(None, (constant, y)))
+    start = other.history[0]
+    assert start.stage == "start" and start.train_loss != start.train_loss  # NaN: not measured
+    assert start.valid_loss == pytest.approx(float(nn.functional.cross_entropy(constant, y)))
+    assert start.metrics["accuracy"] == pytest.approx(float((y == 0).float().mean()))

@@ -83,3 +83,36 @@ def test_the_probe_start_goes_toward_the_classifier_only_where_that_cross_valida
     assert "prior" not in alone and set(alone["cv_loss_by_prior"]) == {"zero"}
     with pytest.raises(Exception, match="last layer"):
         start.apply(torch.nn.Linear(16, 2))
+
+
+def test_the_validation_loss_chooses_between_the_probes_and_without_one_cross_validation_does():
+    x, y, centres = blobs(6, dims=16, spread=2.0)
+    right = SourceClassifier(torch.cat([centres, -centres]), torch.cat([
+        -0.5 * centres.pow(2).sum(1), torch.full((3,), -50.0)]))
+    by_cv = probe_init(right, x, y, ["a", "b", "c"])
+    assert by_cv.toward_prior and by_cv.valid_loss == {}  # no validation samples: CV decides
+    # The same two fits probe_init makes; validation samples each one fits better than the other.
+    zero = fit_linear_probe(x, y, 3)
+    toward = fit_linear_probe(x, y, 3, prior=(by_cv.prior.weight, by_cv.prior.bias))
+    val_y = torch.arange(3).repeat_interleave(20)  # fresh samples of the same blobs
+    val_x = centres[val_y] + 2.0 * torch.randn(60, 16, generator=torch.Generator().manual_seed(5))
+    per_sample = {name: torch.nn.functional.cross_entropy(fit.predict(val_x), val_y,
+                                                          reduction="none")
+                  for name, fit in (("zero", zero), ("classifier", toward))}
+    zero_better = per_sample["zero"] < per_sample["classifier"]
+    assert 0 < int(zero_better.sum()) < len(val_y)
+
+    chosen = probe_init(right, x, y, ["a", "b", "c"], valid=(val_x[zero_better],
+                                                             val_y[zero_better]))
+    assert not chosen.toward_prior and torch.equal(chosen.fit.weight, zero.weight)
+    assert chosen.valid_loss["zero"] < chosen.valid_loss["classifier"]
+    record = chosen.to_dict()
+    assert "toward zero: the lower validation loss" in record["why"]
+    assert set(record["valid_loss_by_prior"]) == {"zero", "classifier"}
+    kept = probe_init(right, x, y, ["a", "b", "c"], valid=(val_x[~zero_better],
+                                                           val_y[~zero_better]))
+    assert kept.toward_prior and torch.equal(kept.fit.weight, toward.weight)
+    assert torch.allclose(kept.predict(val_x), toward.predict(val_x))
+    # Without a pretrained classifier there is one probe: nothing for validation to choose.
+    alone = probe_init(None, x, y, ["a", "b", "c"], valid=(val_x, val_y))
+    assert alone.valid_loss == {} and not alone.toward_prior

@@ -28,6 +28,9 @@ def test_brain_mri_with_no_tuning_flags_learns_from_a_validated_probe_start(shar
     start = history["head_init"]
     assert start["kind"] == "probe" and set(start["cv_loss_by_prior"]) == {"zero", "classifier"}
     epochs = history["history"]
+    # The probe of lower validation loss is the start, and epoch 0 is that loss.
+    assert epochs[0]["valid_loss"] == pytest.approx(min(start["valid_loss_by_prior"].values()),
+                                                    rel=1e-5)
     assert [e["stage"] for e in epochs] == ["start"] + ["unfrozen"] * (len(epochs) - 1)
     assert len(epochs) >= 3  # the start and at least two epochs before patience could stop
     assert lineage["options"]["bn_stats"] == "auto" and lineage["options"]["freeze_epochs"] == 0

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from training.errors import TrainingError
@@ -84,6 +85,16 @@ class LRChoice:
             return (f"finder: {self.rule}{mult} of {sweep} ({self.sweep_iterations} iterations)"
                     f"{factor} = {self.lr:.3g}")
         return f"frozen stage's LR x {self.factor:g} = {self.lr:.3g}"
+
+
+@dataclass(frozen=True)
+class StartedHead:
+    """What ``start_head`` reports of the start it set: its training loss (None: not measured)
+    and, when it has them already, its validation outputs and targets (a head applied to cached
+    validation features: the start's validation then needs no pass through the body)."""
+
+    train_loss: float | None = None
+    valid_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,12 +189,12 @@ class _Run:
                                          rule_mult=frozen.rule_mult)
         return lr * factor
 
-    def start(self, start_head: Callable[[], float | None]) -> None:
+    def start(self, start_head: Callable[[], StartedHead | None]) -> None:
         """Set the head's start, and validate it as an epoch of its own (stage ``start``, no
         training step) that early stopping may keep: a fitted start can beat every epoch of
         fine-tuning on a small or far-from-ImageNet set, and is then what the run returns."""
-        train_loss = start_head()
-        record = self.learner.record_start(STARTED, train_loss)
+        started = start_head() or StartedHead()
+        record = self.learner.record_start(STARTED, started.train_loss, started.valid_outputs)
         self.records.append(record)
         if self.early_stopping is not None:
             self.early_stopping.update(record, self.learner.model, judge=False)
@@ -242,7 +253,7 @@ def fine_tune(
     auto_mult: float = 1.0,
     unfrozen_factor: float = UNFROZEN_FACTOR,
     head_features: tuple | None = None,
-    start_head: Callable[[], float | None] | None = None,
+    start_head: Callable[[], StartedHead | None] | None = None,
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
@@ -264,8 +275,8 @@ def fine_tune(
     sweep reuses them instead of another body pass. start_head: sets the head's starting
     weights (``training.models.head_init``); called once the first stage's LR is chosen, just
     before that stage trains, because the finder rules were chosen on sweeps of a fresh head: a
-    head that starts near its optimum has no descent for a sweep to find. It returns the start's
-    training loss (or None); the start is then validated as an epoch of stage ``start`` that
+    head that starts near its optimum has no descent for a sweep to find. It returns a
+    ``StartedHead`` (or None); the start is then validated as an epoch of stage ``start`` that
     early stopping may restore.
     """
     auto = base_lr == "auto"

@@ -92,6 +92,17 @@ def train_features(learner: Learner, train_loader) -> tuple[torch.Tensor, torch.
     return compute_features(learner, _subset_loader(train_loader, subset))
 
 
+def valid_features(learner: Learner) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Body features and targets of every validation sample (one body pass, body in eval mode),
+    or None when there are none or more than ``MAX_CACHED``: the cache is then a sample, and
+    whatever needs the whole set's outputs gets them from a validation pass instead."""
+    loader = learner.valid_loader
+    n = None if loader is None else dataset_size(loader)
+    if not n or cached_subset(n) is not None:
+        return None
+    return compute_features(learner, loader)
+
+
 def lr_find_head(
     learner: Learner,
     train_loader=None,

@@ -359,15 +359,29 @@ class Learner:
         if self.valid_loader is None:
             return float("nan"), {}
         preds, targets, loss = self._outputs(self.valid_loader, self.train_module)
-        if preds.numel() == 0:
-            return loss, {}
-        return loss, {name: float(fn(preds, targets)) for name, fn in self.metrics.items()}
+        return loss, self._metrics_of(preds, targets)
 
-    def record_start(self, stage: str, train_loss: float | None = None) -> EpochRecord:
+    def _metrics_of(self, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        if preds.numel() == 0:
+            return {}
+        return {name: float(fn(preds, targets)) for name, fn in self.metrics.items()}
+
+    def record_start(self, stage: str, train_loss: float | None = None,
+                     valid_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> EpochRecord:
         """Validate the model as it starts, before any training step, as an epoch of ``stage``
-        in the history (``train_loss``: what the start's own fit measured, else NaN)."""
+        in the history (``train_loss``: what the start's own fit measured, else NaN).
+        ``valid_outputs``: the model's validation outputs and targets when the caller has them
+        already (a head applied to cached validation features), instead of a validation pass."""
         start = time.perf_counter()
-        valid_loss, metrics = self.validate()
+        if valid_outputs is None:
+            valid_loss, metrics = self.validate()
+        else:
+            preds, targets = valid_outputs
+            with torch.no_grad():
+                valid_loss = float(self.loss_fn(preds, targets)) if len(targets) \
+                    else float("nan")
+            metrics = self._metrics_of(preds, targets)
         record = EpochRecord(epoch=len(self.history), stage=stage, lrs=(),
                              train_loss=float("nan") if train_loss is None else train_loss,
                              valid_loss=valid_loss, metrics=metrics,

@@ -18,7 +18,7 @@ trained on the same features tops out at 144-146.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -67,6 +67,9 @@ class HeadInit:
     source_classes: int
     samples: int
 
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return features.float().flatten(1) @ self.weight.T + self.bias
+
     def apply(self, head: nn.Module) -> None:
         """Copy the start into ``head``'s last Linear layer (on whatever device it is)."""
         set_last_linear(head, self.weight, self.bias)
@@ -96,50 +99,74 @@ def set_last_linear(head: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
 @dataclass(frozen=True, eq=False)
 class ProbeInit:
     """A head fitted on the training features (``training.models.probe``): L2 toward the
-    pretrained classifier's start (``prior``) or toward zero, whichever cross-validates better
-    (``cv_loss``: each one's least k-fold log loss)."""
+    pretrained classifier's start (``prior``) or toward zero. Each is fitted with the strength
+    its k-fold log loss on the training samples chooses (``cv_loss``); between the two, the
+    lower loss on the validation samples decides (``valid_loss``, the measure early stopping
+    restores epochs by), else the lower ``cv_loss``."""
 
     fit: ProbeFit
     prior: HeadInit | None
     toward_prior: bool
     cv_loss: dict[str, float]
     samples: int
+    valid_loss: dict[str, float] = field(default_factory=dict)
 
     @property
     def train_loss(self) -> float:
         return self.fit.train_loss
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fit.predict(features)
 
     def apply(self, head: nn.Module) -> None:
         set_last_linear(head, self.fit.weight, self.fit.bias)
 
     def to_dict(self) -> dict:
         toward = "the pretrained classifier's start" if self.toward_prior else "zero"
-        losses = ", ".join(f"{k} {v:.3g}" for k, v in self.cv_loss.items())
+        cv = ", ".join(f"{k} {v:.3g}" for k, v in self.cv_loss.items())
+        if self.valid_loss:
+            valid = ", ".join(f"{k} {v:.3g}" for k, v in self.valid_loss.items())
+            because = (f"the lower validation loss of the {len(self.valid_loss)} probes "
+                       f"({valid}; cross-validated on the training images: {cv})")
+        else:
+            because = f"the least cross-validated loss on the training images ({cv})"
         out = {"kind": "probe", "samples": self.samples, "toward": toward,
-               "cv_loss_by_prior": dict(self.cv_loss), **self.fit.to_dict(),
+               "cv_loss_by_prior": dict(self.cv_loss),
+               "valid_loss_by_prior": dict(self.valid_loss), **self.fit.to_dict(),
                "why": (f"a linear probe on the frozen body's features, L2 {self.fit.l2:.0e} "
-                       f"toward {toward}: the least cross-validated loss on the training "
-                       f"images ({losses}); train loss {self.fit.train_loss:.3g}")}
+                       f"toward {toward}: {because}; train loss {self.fit.train_loss:.3g}")}
         if self.prior is not None:
             out["prior"] = {k: v for k, v in self.prior.to_dict().items() if k != "why"}
         return out
 
 
 def probe_init(source: SourceClassifier | None, features: torch.Tensor, targets: torch.Tensor,
-               classes: list[str] | tuple[str, ...]) -> ProbeInit:
+               classes: list[str] | tuple[str, ...],
+               valid: tuple[torch.Tensor, torch.Tensor] | None = None) -> ProbeInit:
     """The probe start of a single-label head over ``classes``: logistic regression on the
     training samples' pooled ``features``, regularised toward ``classifier_init``'s start (when
-    the body came with a ``source`` classifier) or toward zero, whichever has the lower
-    cross-validated loss; with too few samples to cross-validate, toward the classifier."""
+    the body came with a ``source`` classifier) and toward zero. With ``valid`` (the validation
+    samples' pooled features and class indices) the fit of lower validation loss is the start,
+    as early stopping keeps the epoch of lower validation loss; without, or on a tie, the one
+    of lower cross-validated loss (with too few samples to cross-validate: the classifier's)."""
     fits = {"zero": fit_linear_probe(features, targets, len(classes))}
     prior = None if source is None else classifier_init(source, features, targets, classes)
     if prior is not None:
         fits["classifier"] = fit_linear_probe(features, targets, len(classes),
                                               prior=(prior.weight, prior.bias))
     cv = {name: fit.cv_loss[fit.l2] for name, fit in fits.items()}
-    toward_prior = prior is not None and not cv["classifier"] > cv["zero"]  # NaN: the prior
-    chosen = fits["classifier" if toward_prior else "zero"]
-    return ProbeInit(chosen, prior, toward_prior, cv, int(len(targets)))
+    # NaN (too few samples to cross-validate): the prior
+    by_cv = "classifier" if prior is not None and not cv["classifier"] > cv["zero"] else "zero"
+    valid_loss = {}
+    if valid is not None and len(valid[1]) and len(fits) > 1:
+        x, y = valid[0].float().flatten(1), valid[1].long()
+        with torch.no_grad():
+            valid_loss = {name: float(nn.functional.cross_entropy(fit.predict(x), y))
+                          for name, fit in fits.items()}
+    chosen = min(valid_loss, key=lambda name: (valid_loss[name], name != by_cv)) \
+        if valid_loss else by_cv
+    return ProbeInit(fits[chosen], prior, chosen == "classifier", cv, int(len(targets)),
+                     valid_loss)
 
 
 def random_init(why: str) -> dict:

@@ -33,8 +33,8 @@ from training.evaluation import metrics
 from training.evaluation.plots import plot_confusion_matrix
 from training.evaluation.tta import tta_predict, with_and_without_tta
 from training.fit.early_stopping import EarlyStopping
-from training.fit.fine_tune import fine_tune
-from training.fit.head_sweep import train_features
+from training.fit.fine_tune import StartedHead, fine_tune
+from training.fit.head_sweep import train_features, valid_features
 from training.fit.learner import Learner
 from training.models.backbones import create_model
 from training.models.checkpoint import ImageModelSpec, load_image_model, save_image_model
@@ -185,7 +185,8 @@ def _head_start(task: ImageTask, model, learner: Learner, train_plain,
     picks for a single-label linear head), the pretrained classifier's start (``classifier``),
     or as initialised. What ``history.json`` records of the start, the training features it
     read (the auto LR's head sweep reuses them), and the call that sets the head's weights,
-    which ``fine_tune`` makes once the first stage's LR is chosen."""
+    which ``fine_tune`` makes once the first stage's LR is chosen. The validation features
+    (one body pass) choose between the probes and validate the start as epoch 0."""
     wanted = options.head_init
     if wanted == "random":
         return random_init("head_init random"), None, None
@@ -202,15 +203,17 @@ def _head_start(task: ImageTask, model, learner: Learner, train_plain,
             raise TrainingError(f"head_init {wanted}: {why_not}; use head_init random or auto")
         return random_init(f"head_init auto: {why_not}"), None, None
     features = train_features(learner, train_plain)
+    valid = valid_features(learner)
     if wanted == "classifier":
         start = classifier_init(model.source_classifier, *features, task.classes)
     else:
-        start = probe_init(model.source_classifier, *features, task.classes)
+        start = probe_init(model.source_classifier, *features, task.classes, valid=valid)
 
-    def apply() -> float:
+    def apply() -> StartedHead:
         start.apply(model.head)
         learner.emit(event="head_init", **start.to_dict())
-        return start.train_loss
+        outputs = None if valid is None else (start.predict(valid[0]), valid[1])
+        return StartedHead(start.train_loss, outputs)
 
     return start.to_dict(), features, apply
 
