@@ -120,7 +120,8 @@ class TrainingProgress(ProgressArtifact):
     """The training loop's ``progress(event)``: one log line per stage and epoch, and a progress
     artifact over all planned epochs (early stopping jumps it to 100 %).
 
-    Understands the Learner's events: ``fit_start``, ``batch``, ``epoch_end``, ``early_stop``.
+    Understands the Learner's events: ``fit_start``, ``batch``, ``epoch_end``, ``early_stop``,
+    ``time_budget``.
     """
 
     def __init__(self, *, key: str, description: str, total_epochs: int, log,
@@ -157,6 +158,8 @@ class TrainingProgress(ProgressArtifact):
         elif kind == "early_stop":
             self.log.info("early stop after epoch %s; best epoch %s restored",
                           event.get("epoch"), event.get("best_epoch"))
+        elif kind == "time_budget":
+            self.log.info("%s", event.get("why"))
         elif kind == "end":
             self.done = self.total
             self._send(force=True)

@@ -72,6 +72,9 @@ class TrainingProgress:
         elif kind == "epoch_end":
             self._stop()
             self.console.print(epoch_line(event))
+        elif kind == "time_budget":
+            self._stop()
+            self.console.print(event.get("why"))
         elif kind == "end":
             self._stop()
 

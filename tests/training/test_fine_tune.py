@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from training.errors import TrainingError
 from training.evaluation.metrics import accuracy
-from training.fit.early_stopping import EarlyStopping
+from training.fit.early_stopping import EarlyStopping, TimeBudget
 from training.fit.fine_tune import AUTO_RULE, StartedHead, fine_tune
 from training.fit.head_sweep import sweep_length
 from training.fit.learner import Learner
@@ -375,3 +375,47 @@ def test_a_start_with_its_validation_outputs_is_recorded_from_them_without_a_pas
     assert start.stage == "start" and start.train_loss != start.train_loss  # NaN: not measured
     assert start.valid_loss == pytest.approx(float(nn.functional.cross_entropy(constant, y)))
     assert start.metrics["accuracy"] == pytest.approx(float((y == 0).float().mean()))
+
+
+def _ticking(seconds_per_epoch: float):
+    """A fake clock that a progress sink advances by ``seconds_per_epoch`` over each epoch's
+    batches: epoch lengths without sleeping."""
+    clock = [0.0]
+
+    def progress(event):
+        if event.get("event") == "batch":
+            clock[0] += seconds_per_epoch / event["batches"]
+
+    return (lambda: clock[0]), progress
+
+
+def test_a_time_budget_stops_after_the_epoch_past_which_another_would_not_fit():
+    clock, progress = _ticking(10.0)
+    learner = make_learner(progress=progress)
+    budget = TimeBudget(35, clock=clock)
+    result = fine_tune(learner, epochs=5, freeze_epochs=0, base_lr=1e-2, time_budget=budget,
+                       early_stopping=EarlyStopping(patience=5))
+    trained = [r for r in learner.history if r.lrs]
+    assert len(trained) == 3  # ends at 10, 20, 30 s: 5 s left is less than another 10 s epoch
+    assert result.time_budget["stopped"] and result.time_budget["stopped_epoch"] == \
+        trained[-1].epoch
+    assert "time budget of 35 s: stopped after epoch 2 with 5 s left" in \
+        result.time_budget["why"]
+    assert result.stopped_early and result.to_dict()["time_budget"] == result.time_budget
+    best = min(learner.history, key=lambda r: r.valid_loss)
+    assert result.best_epoch == best.epoch  # the best epoch is restored as after any stop
+
+    unlimited = make_learner()
+    fine_tune(unlimited, epochs=5, freeze_epochs=0, base_lr=1e-2)
+    assert len(unlimited.history) == 5
+
+
+def test_a_stage_starts_only_while_an_epoch_as_long_as_the_last_fits():
+    clock, progress = _ticking(10.0)
+    learner = make_learner(progress=progress)
+    result = fine_tune(learner, epochs=3, freeze_epochs=1, base_lr=1e-2,
+                       time_budget=TimeBudget(15, clock=clock))
+    assert [r.stage for r in learner.history] == ["frozen"]  # 5 s left after it: no unfrozen
+    assert result.time_budget["stopped_epoch"] == 0
+    with pytest.raises(TrainingError, match="time budget must be positive"):
+        TimeBudget(0)

@@ -8,11 +8,17 @@ restored model is bit-identical to the winning epoch's.
 Under SGDR (``Learner.fit_sgdr``) every epoch may still win the snapshot, but patience is judged
 only at cycle ends: a cycle whose epochs all failed to improve on the best counts one, so the
 loss jump after a warm restart never stops a run, and ``patience`` counts cycles there.
+
+``TimeBudget`` is the other way a fit ends early: wall time. After each epoch, training stops
+when another epoch as long as that one would end past the budget; early stopping's best
+snapshot (when there is one) is then restored as after any stop.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,3 +131,58 @@ class EarlyStopping:
             "stopped_early": self.stopped_early,
             "stopped_epoch": self.stopped_epoch,
         }
+
+
+class TimeBudget:
+    """``seconds`` of wall time from the budget's creation, on ``clock`` (``time.monotonic``).
+
+    The learner brackets each epoch with ``epoch_began`` and ``epoch_ended``;
+    ``allows_another()``: an epoch as long as the last one still ends within the budget (before
+    any epoch: some time is left). ``stop(epoch)`` records where it ended training; ``to_dict``
+    goes into ``history.json``.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not seconds > 0:
+            raise TrainingError(f"the time budget must be positive, got {seconds} s")
+        self.seconds = float(seconds)
+        self._clock = clock
+        self.started = clock()
+        self._began = self.started
+        self.last_epoch = 0.0
+        self.stopped_epoch: int | None = None
+        self.left_at_stop: float | None = None
+
+    def left(self) -> float:
+        return self.started + self.seconds - self._clock()
+
+    def epoch_began(self) -> None:
+        self._began = self._clock()
+
+    def epoch_ended(self) -> None:
+        self.last_epoch = self._clock() - self._began
+
+    def allows_another(self) -> bool:
+        left = self.left()
+        return left > 0 and left >= self.last_epoch
+
+    def stop(self, epoch: int | None) -> None:
+        self.stopped_epoch = epoch
+        self.left_at_stop = self.left()
+
+    @property
+    def stopped(self) -> bool:
+        return self.left_at_stop is not None
+
+    def to_dict(self) -> dict:
+        out = {"seconds": self.seconds, "stopped": self.stopped,
+               "stopped_epoch": self.stopped_epoch}
+        if self.stopped:
+            out["why"] = (f"time budget of {_seconds(self.seconds)}: stopped after epoch "
+                          f"{self.stopped_epoch} with {_seconds(max(self.left_at_stop, 0))} "
+                          f"left, less than the last epoch's {_seconds(self.last_epoch)}")
+        return out
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 or value == 0 else f"{value:.2g} s"

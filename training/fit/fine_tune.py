@@ -33,7 +33,7 @@ from torch import nn
 
 from training.errors import TrainingError
 from training.evaluation.plots import plot_learning_curve, plot_lr_find, plot_lr_schedule
-from training.fit.early_stopping import EarlyStopping
+from training.fit.early_stopping import EarlyStopping, TimeBudget
 from training.fit.head_sweep import lr_find_head
 from training.fit.learner import EpochRecord, Learner
 from training.fit.lr_finder import SUGGESTERS, LRFinderResult, lr_find
@@ -114,6 +114,7 @@ class FineTuneResult:
     plots: dict[str, str]
     lr_choice: dict[str, LRChoice] = field(default_factory=dict)
     schedule: Sgdr | None = None
+    time_budget: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -127,6 +128,7 @@ class FineTuneResult:
             "lr_choice": {stage: c.to_dict() for stage, c in self.lr_choice.items()},
             "schedule": self.schedule.to_dict() if self.schedule else {"schedule": "one_cycle"},
             "cycles": cycle_spans(self.history),
+            "time_budget": self.time_budget,
         }
 
 
@@ -138,6 +140,7 @@ class _Run:
     early_stopping: EarlyStopping | None
     plots_dir: Path | None
     schedule: Sgdr | None = None
+    budget: TimeBudget | None = None
     records: list[EpochRecord] = field(default_factory=list)
     lr_finds: dict[str, LRFinderResult] = field(default_factory=dict)
     stage_lrs: dict[str, list[float]] = field(default_factory=dict)
@@ -146,7 +149,18 @@ class _Run:
 
     @property
     def stopped(self) -> bool:
-        return self.early_stopping is not None and self.early_stopping.stopped_early
+        return (self.early_stopping is not None and self.early_stopping.stopped_early) or \
+            (self.budget is not None and self.budget.stopped)
+
+    def budget_allows_stage(self) -> bool:
+        """Whether another stage may start: always without a budget; with one, when an epoch
+        as long as the last trained one still fits (before the first: when any time is left)."""
+        if self.budget is None or self.budget.allows_another():
+            return True
+        self.budget.stop(self.records[-1].epoch if self.records else None)
+        self.learner.emit(event="time_budget", epoch=self.budget.stopped_epoch,
+                          **self.budget.to_dict())
+        return False
 
     def find_lr(self, stage: str, rule: str, *, head_only: bool = False,
                 train_plain=None, rule_mult: float = 1.0, features=None) -> float:
@@ -204,10 +218,12 @@ class _Run:
         self.stage_lrs[stage] = lrs_per_group(lrs, len(layer_groups_of(self.learner.model)))
         if self.schedule is not None:
             self.records += self.learner.fit_sgdr(
-                epochs, lrs, self.schedule, early_stopping=self.early_stopping, stage=stage)
+                epochs, lrs, self.schedule, early_stopping=self.early_stopping, stage=stage,
+                budget=self.budget)
             return
         self.records += self.learner.fit_one_cycle(
-            epochs, lrs, early_stopping=self.early_stopping, stage=stage, **one_cycle
+            epochs, lrs, early_stopping=self.early_stopping, stage=stage, budget=self.budget,
+            **one_cycle
         )
 
     def result(self) -> FineTuneResult:
@@ -230,6 +246,7 @@ class _Run:
             plots=self.plots,
             lr_choice=self.lr_choice,
             schedule=self.schedule,
+            time_budget=None if self.budget is None else self.budget.to_dict(),
         )
 
 
@@ -254,6 +271,7 @@ def fine_tune(
     unfrozen_factor: float = UNFROZEN_FACTOR,
     head_features: tuple | None = None,
     start_head: Callable[[], StartedHead | None] | None = None,
+    time_budget: TimeBudget | None = None,
 ) -> FineTuneResult:
     """Train the head on a frozen body, then the whole model with discriminative LRs.
 
@@ -277,7 +295,9 @@ def fine_tune(
     before that stage trains, because the finder rules were chosen on sweeps of a fresh head: a
     head that starts near its optimum has no descent for a sweep to find. It returns a
     ``StartedHead`` (or None); the start is then validated as an epoch of stage ``start`` that
-    early stopping may restore.
+    early stopping may restore. time_budget: training stops after the epoch past which another
+    would overrun it, and a stage starts only while an epoch as long as the last one fits; the
+    best epoch is restored as after early stopping.
     """
     auto = base_lr == "auto"
     if auto and auto_rule not in SUGGESTERS:
@@ -296,7 +316,7 @@ def fine_tune(
         for n in (freeze_epochs, epochs):
             if n:
                 schedule.cycle_lengths(n)
-    run = _Run(learner, early_stopping, plots_dir, schedule)
+    run = _Run(learner, early_stopping, plots_dir, schedule, time_budget)
     lr = None if rule else float(base_lr)
     head_only = auto and _has_body_and_head(learner.model)
 
@@ -311,7 +331,8 @@ def fine_tune(
                 run.start(start_head)
                 start_head = None
             # slice(lr): the head at lr, BatchNorm layers left trainable in the body at lr / 10.
-            run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
+            if run.budget_allows_stage():
+                run.fit(FROZEN, freeze_epochs, slice(lr), pct_start=freeze_pct_start)
 
     learner.unfreeze()
     if epochs and not run.stopped:
@@ -327,7 +348,8 @@ def fine_tune(
             lr = run.from_frozen(UNFROZEN, lr, unfrozen_factor)
         if start_head is not None:  # no frozen stage: the start comes after this stage's sweep
             run.start(start_head)
-        run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
+        if run.budget_allows_stage():
+            run.fit(UNFROZEN, epochs, slice(lr / lr_mult, lr), pct_start=pct_start, div=div)
     return run.result()
 
 

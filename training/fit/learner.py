@@ -26,7 +26,7 @@ from training.fit.device import (
     resolve_device,
     seed_everything,
 )
-from training.fit.early_stopping import EarlyStopping
+from training.fit.early_stopping import EarlyStopping, TimeBudget
 from training.fit.schedule import (
     LrSpec,
     Sgdr,
@@ -219,11 +219,13 @@ class Learner:
         moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
         early_stopping: EarlyStopping | None = None,
         stage: str = "",
+        budget: TimeBudget | None = None,
     ) -> list[EpochRecord]:
         """Train ``epochs`` epochs under the 1cycle policy; append to and return the history.
 
         lr_max: a float for every layer group, ``slice(lo, hi)`` spread geometrically from the
-        first group to the head, or one value per group.
+        first group to the head, or one value per group. budget: stop after the epoch past which
+        another would overrun it.
         """
         if epochs < 1:
             raise TrainingError(f"epochs must be >= 1, got {epochs}")
@@ -234,7 +236,7 @@ class Learner:
         self.scheduler = one_cycle(
             self.opt, total, pct_start=pct_start, div=div, div_final=div_final, moms=moms
         )
-        return self._fit(epochs, lrs, [None] * epochs, early_stopping, stage)
+        return self._fit(epochs, lrs, [None] * epochs, early_stopping, stage, budget)
 
     def fit_sgdr(
         self,
@@ -245,6 +247,7 @@ class Learner:
         wd: float | None = None,
         early_stopping: EarlyStopping | None = None,
         stage: str = "",
+        budget: TimeBudget | None = None,
     ) -> list[EpochRecord]:
         """Train ``epochs`` epochs (a whole number of cycles) under SGDR; append to and return
         the history, each record naming its cycle.
@@ -260,17 +263,22 @@ class Learner:
         lrs = lrs_per_group(lr_max, len(layer_groups_of(module)))
         self.opt = make_optimizer(module, lrs, self.wd if wd is None else wd)
         self.scheduler = sgdr(self.opt, len(self.train_loader), schedule)
-        return self._fit(epochs, lrs, cycles, early_stopping, stage)
+        return self._fit(epochs, lrs, cycles, early_stopping, stage, budget)
 
     def _fit(self, epochs: int, lrs: list[float], cycles: list[int | None],
-             early_stopping: EarlyStopping | None, stage: str) -> list[EpochRecord]:
+             early_stopping: EarlyStopping | None, stage: str,
+             budget: TimeBudget | None = None) -> list[EpochRecord]:
         """The epochs of one scheduled fit; ``cycles``: each epoch's SGDR cycle or None."""
         self.emit(event="fit_start", stage=stage, epochs=epochs,
                   batches=len(self.train_loader), lr_max=lrs)
         records = []
         try:
             for i, cycle in enumerate(cycles):
+                if budget is not None:
+                    budget.epoch_began()
                 record = self._fit_epoch(len(self.history), stage, cycle)
+                if budget is not None:
+                    budget.epoch_ended()
                 self.history.append(record)
                 records.append(record)
                 self.emit(event="epoch_end", **record.to_dict())
@@ -280,6 +288,12 @@ class Learner:
                                                                         judge=judged):
                     self.emit(event="early_stop", epoch=record.epoch,
                               best_epoch=early_stopping.best_epoch)
+                    break
+                if budget is not None and i + 1 < len(cycles) and not budget.allows_another():
+                    budget.stop(record.epoch)
+                    self.emit(event="time_budget", epoch=record.epoch, **budget.to_dict(),
+                              best_epoch=None if early_stopping is None
+                              else early_stopping.best_epoch)
                     break
         except NonFiniteLossError as err:
             restored = early_stopping.restore_best(self.model) if early_stopping else None

@@ -32,7 +32,7 @@ from export.storage import is_url, local_copy, ref_text
 from training.data.ratings import RatingsData, build_rating_loaders, load_ratings
 from training.errors import TrainingError
 from training.evaluation.plots import plot_learning_curve, plot_lr_find, plot_lr_schedule
-from training.fit.early_stopping import EarlyStopping
+from training.fit.early_stopping import EarlyStopping, TimeBudget
 from training.fit.learner import Learner
 from training.fit.lr_finder import LRFinderResult, lr_find
 from training.fit.schedule import cycle_spans
@@ -121,6 +121,7 @@ def train_recommender(
         overrides["y_range"] = y_range_text(overrides["y_range"])
     options = with_overrides(RecommenderOptions, options, overrides)
     start = time.perf_counter()
+    budget = None if options.time_budget is None else TimeBudget(options.time_budget * 60)
     out_dir = Path(out_dir)
     source = ref_text(data_path) if is_url(data_path) else None
     if source:  # read whole anyway: one download, then fingerprinted and read here
@@ -136,7 +137,7 @@ def train_recommender(
                           resolve_rating_range(data, options.y_range), options.use_nn)
     with _cpu_threads(TRAIN_THREADS):
         learner = _collab_learner(data, config, options, progress)
-        finder, lr_max = _fit(learner, options)
+        finder, lr_max = _fit(learner, options, budget)
         metrics = evaluate(learner)
     model = learner.model.cpu().eval()
     interpretation = _interpret(model, data)
@@ -144,6 +145,8 @@ def train_recommender(
     cycles = cycle_spans(learner.history)
     plots = _plots(out_dir / "plots", finder, learner)
     params = options.model_dump() | {"lr_used": lr_max, "y_range": list(config.y_range)}
+    if budget is not None:
+        params["time_budget_used"] = budget.to_dict()
     save_collab_output(out_dir, model, data, metrics=metrics, history=list(history),
                        params=params, interpretation=interpretation, lr_find=finder,
                        cycles=cycles)
@@ -152,8 +155,10 @@ def train_recommender(
                              interpretation, data.to_dict(), time.perf_counter() - start, plots)
 
 
-def _fit(learner: Learner, options: RecommenderOptions) -> tuple[LRFinderResult, float]:
-    """LR finder, then the one-cycle (or SGDR) fit at the finder's LR or ``options.lr``."""
+def _fit(learner: Learner, options: RecommenderOptions,
+         budget: TimeBudget | None = None) -> tuple[LRFinderResult, float]:
+    """LR finder, then the one-cycle (or SGDR) fit at the finder's LR or ``options.lr``, within
+    ``budget`` when given."""
     finder = lr_find(learner, num_it=FINDER_STEPS, suggestion=FINDER_SUGGESTION)
     learner.emit(event="lr_found", stage="collab", suggestions=finder.suggestions,
                  lr=finder.suggestion)
@@ -162,10 +167,10 @@ def _fit(learner: Learner, options: RecommenderOptions) -> tuple[LRFinderResult,
                if options.patience else None)
     if options.sgdr() is not None:
         learner.fit_sgdr(options.epochs, lr_max, options.sgdr(), wd=options.wd,
-                         early_stopping=stopper, stage="collab")
+                         early_stopping=stopper, stage="collab", budget=budget)
     else:
         learner.fit_one_cycle(options.epochs, lr_max, wd=options.wd, early_stopping=stopper,
-                              stage="collab")
+                              stage="collab", budget=budget)
     return finder, lr_max
 
 

@@ -32,7 +32,7 @@ from training.errors import TrainingError
 from training.evaluation import metrics
 from training.evaluation.plots import plot_confusion_matrix
 from training.evaluation.tta import tta_predict, with_and_without_tta
-from training.fit.early_stopping import EarlyStopping
+from training.fit.early_stopping import EarlyStopping, TimeBudget
 from training.fit.fine_tune import StartedHead, fine_tune
 from training.fit.head_sweep import train_features, valid_features
 from training.fit.learner import Learner
@@ -134,6 +134,7 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     """Fine-tune ``options.arch`` for ``task`` on ``data`` (an ``ImageData``, ``MultiLabelData``
     or ``RegressionData``): LR finder, frozen head, unfrozen body, best epoch restored; then
     write the training output that ``export_image_model`` reads."""
+    budget = None if options.time_budget is None else TimeBudget(options.time_budget * 60)
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     torch.manual_seed(options.seed)
@@ -157,7 +158,7 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
                        train_plain=train_plain, schedule=options.sgdr(),
                        auto_rule=options.lr_rule, auto_mult=options.lr_rule_mult,
                        unfrozen_factor=options.unfrozen_lr_factor, head_features=features,
-                       start_head=start_head)
+                       start_head=start_head, time_budget=budget)
 
     final, outputs = _evaluate_with_tta(task, learner, prep, plots_dir)
     spec = ImageModelSpec(arch=options.arch, task=task.name, n_out=len(task.classes),

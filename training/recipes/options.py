@@ -30,7 +30,8 @@ LearningRate = Literal["auto"] | PositiveFloat
 
 
 class ScheduleOptions(Options):
-    """The LR schedule of every fit: one-cycle, or SGDR's cosine annealing with warm restarts.
+    """The LR schedule of every fit: one-cycle, or SGDR's cosine annealing with warm restarts;
+    and the wall time a run may take.
 
     Under SGDR each stage (``freeze_epochs``, ``epochs``) must end a cycle; ``cycles``, when
     given, is checked against ``epochs`` so a fastai-style ``--cycles 3 --cycle-mult 2`` says
@@ -44,6 +45,10 @@ class ScheduleOptions(Options):
     cycle_len: PositiveInt = Field(1, description="sgdr: epochs of the first cycle")
     cycle_mult: PositiveInt = Field(1, description="sgdr: each next cycle this many times "
                                     "longer")
+    time_budget: PositiveFloat | None = Field(
+        None, description="minutes the run may train, from reading the data on (LR finder and "
+        "head start included): training stops after the epoch past which another would not "
+        "fit, and the best epoch is restored; default: no limit")
 
     @model_validator(mode="after")
     def _stages_end_cycles(self):
@@ -88,9 +93,9 @@ class ImageTrainOptions(ScheduleOptions):
         "pool, BN, dropout, linear, ReLU, BN, dropout, linear)")
     head_init: Literal[HEAD_INITS] = Field(  # type: ignore[valid-type]
         "auto", description="where a linear head starts: probe (logistic regression on the "
-        "frozen features, toward the pretrained classifier or zero, whichever cross-validates "
-        "better) | classifier (from the pretrained classifier's classes its training images "
-        "resemble) | random | auto (probe where the task is single-label, else random)")
+        "frozen features, toward the pretrained classifier or zero, whichever has the lower "
+        "validation loss) | classifier (from the pretrained classifier's classes its training "
+        "images resemble) | random | auto (probe where the task is single-label, else random)")
     size: PositiveInt = Field(224, description="side of the square input in pixels")
     crop_pct: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="validation and scoring: resize the shorter side to size / crop_pct, "
