@@ -167,19 +167,23 @@ def test_torchscript_runtime_writes_the_same_top_k(bundle, tmp_path):
 
 @pytest.mark.slow
 def test_memory_per_block_stays_flat_as_users_grow(tmp_path):
-    """Cheap proxy for the RSS benchmark: Python-tracked peak while scoring 1× vs 8× users."""
+    """Cheap proxy for the RSS benchmark: Python-tracked peak while scoring 1× vs 8× users.
+
+    The 1× peak is the larger of two runs: one run's peak can miss a one-off allocation the
+    other sees (a full run once measured 1.6 MB for 64 users against the usual 2.4 MB), and
+    flat is judged against what a small run really takes."""
     path, _ = make_bundle(tmp_path, n_users=512, n_items=1000, name="wide")
     user_ids = [3 * u + 100 for u in range(512)]
     score_recommendations(path, tmp_path / "warm", top_k=5, full_table=True, run_date=DAY,
                           block_size=16, users=user_ids[:16])
     peaks = {}
-    for n_users in (64, 512):
+    for run, n_users in enumerate((64, 64, 512)):
         tracemalloc.start()
-        score_recommendations(path, tmp_path / f"o{n_users}", top_k=5, full_table=True,
+        score_recommendations(path, tmp_path / f"o{run}", top_k=5, full_table=True,
                               run_date=DAY, block_size=16, users=user_ids[:n_users])
-        peaks[n_users] = tracemalloc.get_traced_memory()[1]
+        peaks[n_users] = max(peaks.get(n_users, 0), tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-        rows = ds.dataset(tmp_path / f"o{n_users}" / FULL_TABLE).count_rows()
+        rows = ds.dataset(tmp_path / f"o{run}" / FULL_TABLE).count_rows()
         assert rows == n_users * 1000
     assert peaks[512] < 1.2 * peaks[64], peaks  # unblocked, 512 users peak at ~5×
 
