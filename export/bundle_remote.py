@@ -22,6 +22,7 @@ the same model deletes them once they are :data:`~export.storage.ORPHAN_GRACE_S`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -191,17 +192,57 @@ def fetch_bundle(url: str, verify: Callable[[Path], object]) -> Path:
     _check_pin(url, digest)
     version = basename(url)
     cached = cache_dir() / digest
-    if (cached / version / MANIFEST).is_file():
-        problem = _cached_copy_problem(cached / version, digest, verify)
-        if problem is None:
-            return cached / version
-        # Whoever can write the cache must not choose what runs: drop the copy, fetch again.
-        _log.warning("warning: bundle %s: the cached copy %s is not the bundle (%s); fetching "
-                     "it again", url, cached, problem)
-        _discard(url, cached, problem)
-    files = _listed(url, raw)
+    copy = _checked_copy(url, cached / version, digest, verify)
+    if copy is not None:
+        return copy
     cache_dir().mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=cache_dir()))
+    # Worker processes of one machine that start together wait for the first one's download
+    # instead of each fetching the same bundle; the others then check that copy like any other.
+    with _download_lock(cache_dir() / f".{digest[:16]}.lock"):
+        copy = _checked_copy(url, cached / version, digest, verify)
+        if copy is not None:
+            return copy
+        return _download(url, raw, cached, version, verify)
+
+
+def _checked_copy(url: str, copy: Path, digest: str, verify: Callable[[Path], object]
+                  ) -> Path | None:
+    """``copy`` when the cache holds it and it checks out; None when it must be fetched (a bad
+    copy is discarded first)."""
+    if not (copy / MANIFEST).is_file():
+        return None
+    problem = _cached_copy_problem(copy, digest, verify)
+    if problem is None:
+        return copy
+    # Whoever can write the cache must not choose what runs: drop the copy, fetch again.
+    _log.warning("warning: bundle %s: the cached copy %s is not the bundle (%s); fetching "
+                 "it again", url, copy.parent, problem)
+    _discard(url, copy.parent, problem)
+    return None
+
+
+@contextlib.contextmanager
+def _download_lock(path: Path):
+    """An exclusive lock on ``path`` between the processes of this machine (none where the
+    platform has no ``fcntl``: concurrent fetches then each download, and one copy wins)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download(url: str, raw: bytes, cached: Path, version: str,
+              verify: Callable[[Path], object]) -> Path:
+    """Fetch the bundle into a staging folder, verify it, and rename it into ``cached``."""
+    files = _listed(url, raw)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cached.name[:16]}-", dir=cache_dir()))
     try:
         local = staging / version
         local.mkdir()

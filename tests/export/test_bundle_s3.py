@@ -189,3 +189,38 @@ def test_signed_registry_on_s3_refuses_substitution_and_rollback(s3_bucket, cach
     code, err = score(f"{registry}/tiny")
     assert code == 2
     assert_one_line(err, f"{registry}/tiny/current: promotion #", "a rollback")
+
+
+def test_two_processes_fetching_the_same_bundle_at_once_download_it_once(s3_bucket, cache,
+                                                                          monkeypatch):
+    import fcntl
+    import threading
+
+    url = make_image_bundle(f"{s3_bucket}/registry", promoted=False)
+    before = bundle_remote.downloads[url]
+    second_waits = threading.Event()
+    real_flock, real_download = fcntl.flock, bundle_remote._download
+
+    def flock(handle, op):
+        if op == fcntl.LOCK_EX and threading.current_thread().name == "second":
+            second_waits.set()
+        return real_flock(handle, op)
+
+    def download(*args, **kwargs):
+        # The second fetch starts while the first one downloads, and reaches the lock.
+        second = threading.Thread(target=lambda: loaded.append(load_bundle(url)),
+                                  name="second")
+        second.start()
+        assert second_waits.wait(timeout=60), "the second fetch never asked for the lock"
+        started.append(second)
+        return real_download(*args, **kwargs)
+
+    started, loaded = [], []
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(bundle_remote, "_download", download)
+    first = load_bundle(url)
+    started[0].join(timeout=60)
+    assert not started[0].is_alive()
+    # flock locks per open file, so two threads stand in for two worker processes here.
+    assert bundle_remote.downloads[url] - before == 1
+    assert [b.path for b in loaded] == [first.path]  # the second served the first's copy
