@@ -59,11 +59,14 @@ def test_the_head_starts_from_a_probe_toward_the_weights_files_classifier_with_p
     start = history["head_init"]
     assert start["kind"] == "probe" and start["prior"]["source_classes"] == 1000
     assert set(start["cv_loss_by_prior"]) == {"zero", "classifier"}  # both tried, one chosen
-    chosen = min(start["valid_loss_by_prior"].values())  # by the loss on the validation images
-    assert f"toward {start['toward']}: the lower validation loss" in said
+    # Chosen on the validation images: more right answers, then the lower loss.
+    chosen = min(start["valid_loss_by_prior"], key=lambda k: (
+        -start["valid_accuracy_by_prior"][k], start["valid_loss_by_prior"][k]))
+    assert f"toward {start['toward']}: the better validation accuracy" in said
     assert set(start["prior"]["top_source_classes"]) == {"blue", "red"}
     assert history["history"][0]["stage"] == "start"  # validated before any training step
-    assert history["history"][0]["valid_loss"] == pytest.approx(chosen, rel=1e-5)
+    assert history["history"][0]["valid_loss"] == pytest.approx(
+        start["valid_loss_by_prior"][chosen], rel=1e-5)
     assert history["lr_choice"]["frozen"]["source"] == "finder"  # sweep on the shared features
     lineage = json.loads((tmp_path / "train" / "lineage.json").read_text())
     assert lineage["head_init"] == start and lineage["options"]["head_init"] == "auto"

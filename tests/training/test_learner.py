@@ -315,3 +315,36 @@ def test_cuda_request_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(TrainingError, match="no GPU"):
         make_learner(device="cuda")
+
+
+def test_the_loss_says_when_to_stop_and_the_kept_metric_which_epoch_is_restored():
+    from training.fit.learner import EpochRecord
+
+    model = nn.Linear(2, 2)
+    stopper = EarlyStopping(monitor="valid_loss", patience=2, keep="accuracy")
+
+    def epoch(i, loss, acc):
+        with torch.no_grad():
+            model.weight.fill_(float(i))  # each epoch's weights tell it apart
+        record = EpochRecord(i, "unfrozen", (1e-3,), 1.0, loss, {"accuracy": acc})
+        return stopper.update(record, model)
+
+    assert not epoch(0, 0.50, 0.85)  # the start
+    assert not epoch(1, 0.45, 0.80)  # lower loss, fewer right: patience resets, not kept
+    assert not epoch(2, 0.40, 0.85)  # as accurate as the start, lower loss: kept
+    assert not epoch(3, 0.42, 0.85)  # a tie with a higher loss: not kept
+    assert epoch(4, 0.41, 0.95)  # kept, and two epochs without a lower loss: stop
+    assert stopper.best_epoch == 4 and stopper.stopped_epoch == 4
+    assert torch.all(stopper.best_state["weight"] == 4.0)
+    assert stopper.to_dict()["keep"] == "accuracy"
+
+    kept = EarlyStopping(monitor="valid_loss", patience=5, keep="accuracy")
+    for i, (loss, acc) in enumerate([(0.5, 0.85), (0.45, 0.8), (0.4, 0.85), (0.42, 0.85)]):
+        kept.update(EpochRecord(i, "unfrozen", (1e-3,), 1.0, loss, {"accuracy": acc}),
+                    model)
+    assert kept.best_epoch == 2 and kept.best_record.valid_loss == 0.40
+    plain = EarlyStopping(monitor="valid_loss", patience=5)
+    for i, (loss, acc) in enumerate([(0.5, 0.85), (0.45, 0.80)]):
+        plain.update(EpochRecord(i, "unfrozen", (1e-3,), 1.0, loss, {"accuracy": acc}),
+                     model)
+    assert plain.best_epoch == 1  # without keep, the monitor chooses as before

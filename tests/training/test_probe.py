@@ -85,34 +85,48 @@ def test_the_probe_start_goes_toward_the_classifier_only_where_that_cross_valida
         start.apply(torch.nn.Linear(16, 2))
 
 
-def test_the_validation_loss_chooses_between_the_probes_and_without_one_cross_validation_does():
+def test_validation_accuracy_then_loss_chooses_between_the_probes_else_cross_validation():
     x, y, centres = blobs(6, dims=16, spread=2.0)
     right = SourceClassifier(torch.cat([centres, -centres]), torch.cat([
         -0.5 * centres.pow(2).sum(1), torch.full((3,), -50.0)]))
     by_cv = probe_init(right, x, y, ["a", "b", "c"])
     assert by_cv.toward_prior and by_cv.valid_loss == {}  # no validation samples: CV decides
-    # The same two fits probe_init makes; validation samples each one fits better than the other.
-    zero = fit_linear_probe(x, y, 3)
-    toward = fit_linear_probe(x, y, 3, prior=(by_cv.prior.weight, by_cv.prior.bias))
-    val_y = torch.arange(3).repeat_interleave(20)  # fresh samples of the same blobs
-    val_x = centres[val_y] + 2.0 * torch.randn(60, 16, generator=torch.Generator().manual_seed(5))
-    per_sample = {name: torch.nn.functional.cross_entropy(fit.predict(val_x), val_y,
-                                                          reduction="none")
-                  for name, fit in (("zero", zero), ("classifier", toward))}
-    zero_better = per_sample["zero"] < per_sample["classifier"]
-    assert 0 < int(zero_better.sum()) < len(val_y)
-
-    chosen = probe_init(right, x, y, ["a", "b", "c"], valid=(val_x[zero_better],
-                                                             val_y[zero_better]))
-    assert not chosen.toward_prior and torch.equal(chosen.fit.weight, zero.weight)
+    # The same two fits probe_init makes, and fresh samples of the same blobs.
+    fits = {"zero": fit_linear_probe(x, y, 3),
+            "classifier": fit_linear_probe(x, y, 3, prior=(by_cv.prior.weight,
+                                                           by_cv.prior.bias))}
+    val_y = torch.arange(3).repeat_interleave(40)
+    # Twice the training noise, so the two fits disagree on some samples.
+    val_x = centres[val_y] + 4.0 * torch.randn(120, 16,
+                                               generator=torch.Generator().manual_seed(5))
+    right_by = {name: fit.predict(val_x).argmax(1) == val_y for name, fit in fits.items()}
+    loss_by = {name: torch.nn.functional.cross_entropy(fit.predict(val_x), val_y,
+                                                       reduction="none")
+               for name, fit in fits.items()}
+    only_classifier = right_by["classifier"] & ~right_by["zero"]
+    both = right_by["zero"] & right_by["classifier"]
+    assert only_classifier.any() and both.sum() > 1
+    # The zero probe's nearest miss that the classifier's gets right, among answers both get
+    # right where the zero probe is the more confident: more right answers beat a lower loss.
+    zero_surer = both & (loss_by["zero"] < loss_by["classifier"])
+    near_miss = torch.where(only_classifier, loss_by["zero"], torch.inf).argmin()
+    mixed = zero_surer.clone()
+    mixed[near_miss] = True
+    chosen = probe_init(right, x, y, ["a", "b", "c"], valid=(val_x[mixed], val_y[mixed]))
+    assert chosen.valid_accuracy["classifier"] > chosen.valid_accuracy["zero"]
     assert chosen.valid_loss["zero"] < chosen.valid_loss["classifier"]
+    assert chosen.toward_prior and torch.equal(chosen.fit.weight, fits["classifier"].weight)
     record = chosen.to_dict()
-    assert "toward zero: the lower validation loss" in record["why"]
-    assert set(record["valid_loss_by_prior"]) == {"zero", "classifier"}
-    kept = probe_init(right, x, y, ["a", "b", "c"], valid=(val_x[~zero_better],
-                                                           val_y[~zero_better]))
-    assert kept.toward_prior and torch.equal(kept.fit.weight, toward.weight)
-    assert torch.allclose(kept.predict(val_x), toward.predict(val_x))
+    assert "toward the pretrained classifier's start: the better validation accuracy of the 2 " \
+        "probes, then loss" in record["why"]
+    assert set(record["valid_loss_by_prior"]) == set(record["valid_accuracy_by_prior"]) == \
+        {"zero", "classifier"}
+    # Equally accurate: the lower validation loss wins.
+    tied = probe_init(right, x, y, ["a", "b", "c"], valid=(val_x[both], val_y[both]))
+    lower = min(tied.valid_loss, key=tied.valid_loss.get)
+    assert tied.valid_accuracy == {"zero": 1.0, "classifier": 1.0}
+    assert tied.toward_prior == (lower == "classifier")
+    assert torch.allclose(tied.predict(val_x), fits[lower].predict(val_x))
     # Without a pretrained classifier there is one probe: nothing for validation to choose.
     alone = probe_init(None, x, y, ["a", "b", "c"], valid=(val_x, val_y))
     assert alone.valid_loss == {} and not alone.toward_prior

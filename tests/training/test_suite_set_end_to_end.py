@@ -28,14 +28,18 @@ def test_brain_mri_with_no_tuning_flags_learns_from_a_validated_probe_start(shar
     start = history["head_init"]
     assert start["kind"] == "probe" and set(start["cv_loss_by_prior"]) == {"zero", "classifier"}
     epochs = history["history"]
-    # The probe of lower validation loss is the start, and epoch 0 is that loss.
-    assert epochs[0]["valid_loss"] == pytest.approx(min(start["valid_loss_by_prior"].values()),
+    # The probe with more right answers on validation (then lower loss) is the start.
+    chosen = min(start["valid_loss_by_prior"], key=lambda k: (
+        -start["valid_accuracy_by_prior"][k], start["valid_loss_by_prior"][k]))
+    assert epochs[0]["valid_loss"] == pytest.approx(start["valid_loss_by_prior"][chosen],
                                                     rel=1e-5)
+    assert epochs[0]["metrics"]["accuracy"] == start["valid_accuracy_by_prior"][chosen]
     assert [e["stage"] for e in epochs] == ["start"] + ["unfrozen"] * (len(epochs) - 1)
     assert len(epochs) >= 3  # the start and at least two epochs before patience could stop
     assert lineage["options"]["bn_stats"] == "auto" and lineage["options"]["freeze_epochs"] == 0
     # 25 of the 40 validation scans show a tumour: always answering "yes" scores 0.625.
     assert metrics["accuracy"] >= 0.75
-    best = min(epochs, key=lambda e: e["valid_loss"])
+    # The loss says when to stop; the most accurate epoch (lower loss breaking ties) is kept.
+    best = min(epochs, key=lambda e: (-e["metrics"]["accuracy"], e["valid_loss"]))
     assert history["best_epoch"] == best["epoch"]
     assert metrics["accuracy"] == pytest.approx(best["metrics"]["accuracy"])

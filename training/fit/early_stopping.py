@@ -42,10 +42,32 @@ def monitored_value(record: EpochRecord, monitor: str) -> float:
     raise TrainingError(f"early stopping monitor {monitor!r} is not one of {known}")
 
 
+def _mode_of(name: str) -> str:
+    return "min" if any(w in name.lower() for w in MINIMISED_WORDS) else "max"
+
+
+def keeps_over(record: EpochRecord, best: EpochRecord | None, keep: str) -> bool:
+    """Whether ``record`` is better than ``best`` by ``keep`` (maximised or minimised by its
+    name), a tie going to the lower ``valid_loss``; a non-finite value never wins."""
+    value = monitored_value(record, keep)
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    other = monitored_value(best, keep)
+    if value != other:
+        return value > other if _mode_of(keep) == "max" else value < other
+    return record.valid_loss < best.valid_loss
+
+
 class EarlyStopping:
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
 
     mode: ``min``, ``max``, or ``auto`` (min when the name says loss/error, else max).
+    keep: what chooses the snapshot that is restored, when it is not ``monitor``: a metric
+    (maximised or minimised by its name, as ``auto``), ties broken by the lower ``valid_loss``.
+    The smooth loss then says when training has stalled, and the measure users judge the model
+    by says which epoch they get (Keras's and Lightning's EarlyStopping beside ModelCheckpoint).
     """
 
     def __init__(
@@ -54,9 +76,10 @@ class EarlyStopping:
         mode: str = "auto",
         min_delta: float = 0.0,
         patience: int = 2,
+        keep: str | None = None,
     ) -> None:
         if mode == "auto":
-            mode = "min" if any(w in monitor.lower() for w in MINIMISED_WORDS) else "max"
+            mode = _mode_of(monitor)
         if mode not in ("min", "max"):
             raise TrainingError(f"early stopping mode must be auto, min or max, got {mode!r}")
         if patience < 0 or min_delta < 0:
@@ -65,6 +88,7 @@ class EarlyStopping:
         self.mode = mode
         self.min_delta = float(min_delta)
         self.patience = int(patience)
+        self.keep = None if keep == monitor else keep
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.best_record: EpochRecord | None = None
@@ -86,6 +110,10 @@ class EarlyStopping:
             return value < self.best_value - self.min_delta
         return value > self.best_value + self.min_delta
 
+    def _kept_over_best(self, record: EpochRecord) -> bool:
+        """Whether ``record`` beats the kept snapshot by ``keep`` (ties: lower valid_loss)."""
+        return keeps_over(record, self.best_record, self.keep)
+
     def update(self, record: EpochRecord, model: nn.Module, *, judge: bool = True) -> bool:
         """Account for one finished epoch; snapshot ``model`` if it is the best. True = stop.
 
@@ -93,14 +121,16 @@ class EarlyStopping:
         unjudged epoch can win the snapshot but never counts against patience.
         """
         value = monitored_value(record, self.monitor)
-        if self._improves(value):
+        improved = self._improves(value)
+        if improved:
             self.best_value = value
+            self._improved_since_judged = True
+        if improved if self.keep is None else self._kept_over_best(record):
             self.best_epoch = record.epoch
             self.best_record = record
             self.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
             }
-            self._improved_since_judged = True
         if not judge:
             return False
         improved, self._improved_since_judged = self._improved_since_judged, False
@@ -123,6 +153,7 @@ class EarlyStopping:
     def to_dict(self) -> dict:
         return {
             "monitor": self.monitor,
+            "keep": self.keep or self.monitor,
             "mode": self.mode,
             "min_delta": self.min_delta,
             "patience": self.patience,

@@ -101,8 +101,9 @@ class ProbeInit:
     """A head fitted on the training features (``training.models.probe``): L2 toward the
     pretrained classifier's start (``prior``) or toward zero. Each is fitted with the strength
     its k-fold log loss on the training samples chooses (``cv_loss``); between the two, the
-    lower loss on the validation samples decides (``valid_loss``, the measure early stopping
-    restores epochs by), else the lower ``cv_loss``."""
+    higher accuracy on the validation samples decides, then the lower loss there
+    (``valid_accuracy``, ``valid_loss``: how early stopping chooses the epoch it keeps), else
+    the lower ``cv_loss``."""
 
     fit: ProbeFit
     prior: HeadInit | None
@@ -110,6 +111,7 @@ class ProbeInit:
     cv_loss: dict[str, float]
     samples: int
     valid_loss: dict[str, float] = field(default_factory=dict)
+    valid_accuracy: dict[str, float] = field(default_factory=dict)
 
     @property
     def train_loss(self) -> float:
@@ -125,14 +127,17 @@ class ProbeInit:
         toward = "the pretrained classifier's start" if self.toward_prior else "zero"
         cv = ", ".join(f"{k} {v:.3g}" for k, v in self.cv_loss.items())
         if self.valid_loss:
-            valid = ", ".join(f"{k} {v:.3g}" for k, v in self.valid_loss.items())
-            because = (f"the lower validation loss of the {len(self.valid_loss)} probes "
-                       f"({valid}; cross-validated on the training images: {cv})")
+            valid = ", ".join(f"{k} {self.valid_accuracy[k]:.3g} / {v:.3g}"
+                              for k, v in self.valid_loss.items())
+            because = (f"the better validation accuracy of the {len(self.valid_loss)} probes, "
+                       f"then loss (accuracy / loss: {valid}; cross-validated loss on the "
+                       f"training images: {cv})")
         else:
             because = f"the least cross-validated loss on the training images ({cv})"
         out = {"kind": "probe", "samples": self.samples, "toward": toward,
                "cv_loss_by_prior": dict(self.cv_loss),
-               "valid_loss_by_prior": dict(self.valid_loss), **self.fit.to_dict(),
+               "valid_loss_by_prior": dict(self.valid_loss),
+               "valid_accuracy_by_prior": dict(self.valid_accuracy), **self.fit.to_dict(),
                "why": (f"a linear probe on the frozen body's features, L2 {self.fit.l2:.0e} "
                        f"toward {toward}: {because}; train loss {self.fit.train_loss:.3g}")}
         if self.prior is not None:
@@ -146,9 +151,10 @@ def probe_init(source: SourceClassifier | None, features: torch.Tensor, targets:
     """The probe start of a single-label head over ``classes``: logistic regression on the
     training samples' pooled ``features``, regularised toward ``classifier_init``'s start (when
     the body came with a ``source`` classifier) and toward zero. With ``valid`` (the validation
-    samples' pooled features and class indices) the fit of lower validation loss is the start,
-    as early stopping keeps the epoch of lower validation loss; without, or on a tie, the one
-    of lower cross-validated loss (with too few samples to cross-validate: the classifier's)."""
+    samples' pooled features and class indices) the fit of higher validation accuracy is the
+    start, then of lower validation loss, as early stopping keeps its epoch; without, or on a
+    tie, the one of lower cross-validated loss (with too few samples to cross-validate: the
+    classifier's)."""
     fits = {"zero": fit_linear_probe(features, targets, len(classes))}
     prior = None if source is None else classifier_init(source, features, targets, classes)
     if prior is not None:
@@ -157,16 +163,18 @@ def probe_init(source: SourceClassifier | None, features: torch.Tensor, targets:
     cv = {name: fit.cv_loss[fit.l2] for name, fit in fits.items()}
     # NaN (too few samples to cross-validate): the prior
     by_cv = "classifier" if prior is not None and not cv["classifier"] > cv["zero"] else "zero"
-    valid_loss = {}
+    valid_loss, valid_accuracy = {}, {}
     if valid is not None and len(valid[1]) and len(fits) > 1:
         x, y = valid[0].float().flatten(1), valid[1].long()
         with torch.no_grad():
-            valid_loss = {name: float(nn.functional.cross_entropy(fit.predict(x), y))
-                          for name, fit in fits.items()}
-    chosen = min(valid_loss, key=lambda name: (valid_loss[name], name != by_cv)) \
-        if valid_loss else by_cv
+            for name, fit in fits.items():
+                logits = fit.predict(x)
+                valid_loss[name] = float(nn.functional.cross_entropy(logits, y))
+                valid_accuracy[name] = float((logits.argmax(1) == y).float().mean())
+    chosen = min(valid_loss, key=lambda name: (-valid_accuracy[name], valid_loss[name],
+                                               name != by_cv)) if valid_loss else by_cv
     return ProbeInit(fits[chosen], prior, chosen == "classifier", cv, int(len(targets)),
-                     valid_loss)
+                     valid_loss, valid_accuracy)
 
 
 def random_init(why: str) -> dict:

@@ -106,6 +106,9 @@ class ImageTask:
     flip: bool = True
     points: bool = False
     classifier_init: bool = False
+    #: What chooses the epoch early stopping restores (None: ``valid_loss``, which also says
+    #: when to stop); single-label keeps the most accurate epoch, lower loss breaking ties.
+    keep: str | None = None
 
 
 def train_image_model(
@@ -125,7 +128,8 @@ def train_image_model(
         "single_label", tuple(data.classes), nn.CrossEntropyLoss(),
         {"accuracy": metrics.accuracy, "error_rate": metrics.error_rate},
         lambda preds, targets, prep, plots_dir: (
-            _evaluate(preds, targets, data.classes, plots_dir), {}), classifier_init=True)
+            _evaluate(preds, targets, data.classes, plots_dir), {}), classifier_init=True,
+        keep="accuracy")
     return train_image_task(task, data, out_dir, options, progress=progress)
 
 
@@ -150,7 +154,7 @@ def train_image_task(task: ImageTask, data, out_dir: str | Path, options: ImageT
     learner.keep_bn_stats = options.bn_stats == "keep" or (
         options.bn_stats == "auto" and start_head is not None)
     plots_dir.mkdir(parents=True, exist_ok=True)  # after the last refusal: no empty output
-    stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience)
+    stopper = (EarlyStopping(monitor="valid_loss", patience=options.patience, keep=task.keep)
                if options.patience else None)
     result = fine_tune(learner, options.epochs, base_lr=options.lr,
                        freeze_epochs=options.freeze_epochs, early_stopping=stopper,
