@@ -31,7 +31,8 @@ input size, batch size and the number of epochs in all are the same for both too
 ``--epochs`` / ``--size`` override every row's epochs and input side for a quick run.
 
 Every image row notes the first key metric after every epoch (frozen epochs first; the best
-epoch restored is the early-stopping winner, lowest ``valid_loss``, else the last) and shows its
+epoch restored is the early-stopping winner: single-label's most accurate, others' lowest
+``valid_loss``; else the last) and shows its
 metrics without and with test-time augmentation (``metrics.json``'s ``tta`` block: the centre
 crop and its mirror, what a ``--tta`` bundle averages; the fastai peer reports none), and the
 summary gives per task SGDR ÷ one-cycle and TTA ÷ plain of the first key metric. Figures only:

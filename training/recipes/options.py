@@ -93,9 +93,10 @@ class ImageTrainOptions(ScheduleOptions):
         "pool, BN, dropout, linear, ReLU, BN, dropout, linear)")
     head_init: Literal[HEAD_INITS] = Field(  # type: ignore[valid-type]
         "auto", description="where a linear head starts: probe (logistic regression on the "
-        "frozen features, toward the pretrained classifier or zero, whichever has the lower "
-        "validation loss) | classifier (from the pretrained classifier's classes its training "
-        "images resemble) | random | auto (probe where the task is single-label, else random)")
+        "frozen features, toward the pretrained classifier or zero, whichever is the more "
+        "accurate on the validation images) | classifier (from the pretrained classifier's "
+        "classes its training images resemble) | random | auto (probe where the task is "
+        "single-label, else random)")
     size: PositiveInt = Field(224, description="side of the square input in pixels")
     crop_pct: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="validation and scoring: resize the shorter side to size / crop_pct, "
