@@ -110,10 +110,6 @@ class EarlyStopping:
             return value < self.best_value - self.min_delta
         return value > self.best_value + self.min_delta
 
-    def _kept_over_best(self, record: EpochRecord) -> bool:
-        """Whether ``record`` beats the kept snapshot by ``keep`` (ties: lower valid_loss)."""
-        return keeps_over(record, self.best_record, self.keep)
-
     def update(self, record: EpochRecord, model: nn.Module, *, judge: bool = True) -> bool:
         """Account for one finished epoch; snapshot ``model`` if it is the best. True = stop.
 
@@ -125,7 +121,8 @@ class EarlyStopping:
         if improved:
             self.best_value = value
             self._improved_since_judged = True
-        if improved if self.keep is None else self._kept_over_best(record):
+        kept = improved if self.keep is None else keeps_over(record, self.best_record, self.keep)
+        if kept:
             self.best_epoch = record.epoch
             self.best_record = record
             self.best_state = {

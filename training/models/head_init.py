@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from training.errors import TrainingError
-from training.models.probe import ProbeFit, fit_linear_probe
+from training.evaluation.metrics import accuracy
+from training.models.probe import ProbeFit, fit_linear_probe, linear_logits
 
 #: Temperatures the fit tries (log-spaced): from a near-uniform start to 100x sharper logits.
 TEMPERATURES = torch.logspace(-3, 2, 251)
@@ -68,7 +69,7 @@ class HeadInit:
     samples: int
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return features.float().flatten(1) @ self.weight.T + self.bias
+        return linear_logits(features, self.weight, self.bias)
 
     def apply(self, head: nn.Module) -> None:
         """Copy the start into ``head``'s last Linear layer (on whatever device it is)."""
@@ -170,7 +171,7 @@ def probe_init(source: SourceClassifier | None, features: torch.Tensor, targets:
             for name, fit in fits.items():
                 logits = fit.predict(x)
                 valid_loss[name] = float(nn.functional.cross_entropy(logits, y))
-                valid_accuracy[name] = float((logits.argmax(1) == y).float().mean())
+                valid_accuracy[name] = accuracy(logits, y)
     chosen = min(valid_loss, key=lambda name: (-valid_accuracy[name], valid_loss[name],
                                                name != by_cv)) if valid_loss else by_cv
     return ProbeInit(fits[chosen], prior, chosen == "classifier", cv, int(len(targets)),

@@ -42,12 +42,18 @@ class ProbeFit:
     train_loss: float
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return features.float().flatten(1) @ self.weight.T + self.bias
+        return linear_logits(features, self.weight, self.bias)
 
     def to_dict(self) -> dict:
         return {"l2": self.l2, "cv_loss": {f"{k:.0e}": round(v, 5)
                                            for k, v in self.cv_loss.items()},
                 "train_loss": self.train_loss}
+
+
+def linear_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                  ) -> torch.Tensor:
+    """A linear head's logits for pooled ``features`` (N, F): ``features @ weight.T + bias``."""
+    return features.float().flatten(1) @ weight.T + bias
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, l2: float, w0: torch.Tensor, b0: torch.Tensor,
